@@ -1,0 +1,250 @@
+//! Settings: the one place that reads flags and environment variables.
+//!
+//! `Args` is what the user typed (clap, every flag also readable from an environment variable);
+//! `Settings` is the validated result the rest of the relay receives. Nothing else in the crate
+//! reads the environment. Every limit the relay enforces is a field here with a default.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use clap::Parser;
+
+/// The token the relay accepts when none is configured. Good for a laptop, never for production;
+/// the relay logs a warning when it is in use.
+pub const DEV_TOKEN: &str = "dev-token";
+
+/// Raw command-line / environment input, before validation.
+#[derive(Debug, Parser)]
+#[command(
+    name = "roomcast",
+    version,
+    about = "roomcast: a WebSocket edge relay for real-time rooms"
+)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+    /// Port to listen on (0 picks a free port; the chosen one is printed at start).
+    #[arg(long, env = "PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// Shared token a client must present as `token=` in the upgrade URL.
+    #[arg(long, env = "CHAT_TOKEN", default_value = DEV_TOKEN, hide_default_value = true)]
+    pub chat_token: String,
+    /// Comma-separated Origin allow-list [default: http://localhost:PORT,http://127.0.0.1:PORT].
+    #[arg(long, env = "ALLOWED_ORIGINS")]
+    pub allowed_origins: Option<String>,
+    /// Messages a connection may publish per rate window.
+    #[arg(long, env = "RATE_LIMIT", default_value_t = 20)]
+    pub rate_limit: u32,
+    /// Length of the rate window in milliseconds.
+    #[arg(long, env = "RATE_WINDOW_MS", default_value_t = 10_000)]
+    pub rate_window_ms: u64,
+    /// Messages of history kept per room (sent to joiners, used for resume and de-duplication).
+    #[arg(long, env = "HISTORY_LIMIT", default_value_t = 50)]
+    pub history_limit: usize,
+    /// Longest message text, in characters.
+    #[arg(long, env = "MAX_TEXT_CHARS", default_value_t = 500)]
+    pub max_text_chars: usize,
+    /// Largest inbound WebSocket message, in bytes; larger frames are closed with 1009.
+    #[arg(long, env = "MAX_PAYLOAD_BYTES", default_value_t = 2048)]
+    pub max_payload_bytes: usize,
+    /// Heartbeat ping interval in milliseconds; a peer silent for a whole interval is dropped.
+    #[arg(long, env = "HEARTBEAT_MS", default_value_t = 30_000)]
+    pub heartbeat_ms: u64,
+    /// Most WebSocket connections held at once [default: open-file limit - 100]; past it: HTTP 503.
+    #[arg(long, env = "MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Error events a connection may cause per abuse window before it is closed with 1008.
+    #[arg(long, env = "ABUSE_LIMIT", default_value_t = 30)]
+    pub abuse_limit: u32,
+    /// Length of the abuse window in milliseconds.
+    #[arg(long, env = "ABUSE_WINDOW_MS", default_value_t = 10_000)]
+    pub abuse_window_ms: u64,
+    /// Outbound bytes queued per connection before it is closed as a slow consumer (1013).
+    #[arg(long, env = "OUTBOX_MAX_BYTES", default_value_t = 256 * 1024)]
+    pub outbox_max_bytes: usize,
+    /// Presence events per room are coalesced to at most one per this many milliseconds.
+    #[arg(long, env = "PRESENCE_INTERVAL_MS", default_value_t = 150)]
+    pub presence_interval_ms: u64,
+    /// Rooms kept in memory (with their history); past it, empty rooms are evicted, else 503.
+    #[arg(long, env = "MAX_ROOMS", default_value_t = 10_000)]
+    pub max_rooms: usize,
+    /// Longest time shutdown waits for connections to close before exiting, in milliseconds.
+    #[arg(long, env = "SHUTDOWN_DRAIN_MS", default_value_t = 5_000)]
+    pub shutdown_drain_ms: u64,
+    /// Time a new TCP connection has to send its HTTP request head, in milliseconds.
+    #[arg(long, env = "HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub handshake_timeout_ms: u64,
+    /// Time a closing connection has to take its close frame, in milliseconds.
+    #[arg(long, env = "CLOSE_TIMEOUT_MS", default_value_t = 2_000)]
+    pub close_timeout_ms: u64,
+}
+
+/// Why settings were refused at start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
+    #[error("MAX_PAYLOAD_BYTES must be between 125 and 1048576, got {0}")]
+    PayloadOutOfRange(usize),
+    #[error("CHAT_TOKEN must not be empty")]
+    EmptyToken,
+    #[error("ALLOWED_ORIGINS must list at least one origin")]
+    NoOrigins,
+}
+
+/// Validated settings. Built by [`Settings::from_args`]; tests may build one from
+/// [`Settings::default`] and override fields.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen_addr: SocketAddr,
+    pub chat_token: String,
+    pub allowed_origins: Vec<String>,
+    pub rate_limit: u32,
+    pub rate_window: Duration,
+    pub history_limit: usize,
+    pub max_text_chars: usize,
+    pub max_payload_bytes: usize,
+    pub heartbeat_interval: Duration,
+    /// `None` means "derive from the open-file limit at start".
+    pub max_connections: Option<usize>,
+    pub abuse_limit: u32,
+    pub abuse_window: Duration,
+    pub outbox_max_bytes: usize,
+    pub presence_interval: Duration,
+    pub max_rooms: usize,
+    pub shutdown_drain: Duration,
+    pub handshake_timeout: Duration,
+    pub close_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings::from_args(Args::parse_from(["roomcast"])).expect("defaults are valid")
+    }
+}
+
+impl Settings {
+    pub fn from_args(args: Args) -> Result<Settings, ConfigError> {
+        let nonzero = |v: u64, name: &'static str| {
+            if v == 0 {
+                Err(ConfigError::Zero(name))
+            } else {
+                Ok(v)
+            }
+        };
+        nonzero(args.rate_limit.into(), "RATE_LIMIT")?;
+        nonzero(args.rate_window_ms, "RATE_WINDOW_MS")?;
+        nonzero(args.heartbeat_ms, "HEARTBEAT_MS")?;
+        nonzero(args.abuse_limit.into(), "ABUSE_LIMIT")?;
+        nonzero(args.abuse_window_ms, "ABUSE_WINDOW_MS")?;
+        nonzero(args.outbox_max_bytes as u64, "OUTBOX_MAX_BYTES")?;
+        nonzero(args.presence_interval_ms, "PRESENCE_INTERVAL_MS")?;
+        nonzero(args.max_rooms as u64, "MAX_ROOMS")?;
+        nonzero(args.max_text_chars as u64, "MAX_TEXT_CHARS")?;
+        if let Some(max) = args.max_connections {
+            nonzero(max as u64, "MAX_CONNECTIONS")?;
+        }
+        if !(125..=1 << 20).contains(&args.max_payload_bytes) {
+            return Err(ConfigError::PayloadOutOfRange(args.max_payload_bytes));
+        }
+        if args.chat_token.is_empty() {
+            return Err(ConfigError::EmptyToken);
+        }
+        let allowed_origins: Vec<String> = match &args.allowed_origins {
+            Some(list) => list
+                .split(',')
+                .map(|o| o.trim().trim_end_matches('/').to_string())
+                .filter(|o| !o.is_empty())
+                .collect(),
+            None => vec![
+                format!("http://localhost:{}", args.port),
+                format!("http://127.0.0.1:{}", args.port),
+            ],
+        };
+        if allowed_origins.is_empty() {
+            return Err(ConfigError::NoOrigins);
+        }
+        Ok(Settings {
+            listen_addr: SocketAddr::new(args.host, args.port),
+            chat_token: args.chat_token,
+            allowed_origins,
+            rate_limit: args.rate_limit,
+            rate_window: Duration::from_millis(args.rate_window_ms),
+            history_limit: args.history_limit,
+            max_text_chars: args.max_text_chars,
+            max_payload_bytes: args.max_payload_bytes,
+            heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
+            max_connections: args.max_connections,
+            abuse_limit: args.abuse_limit,
+            abuse_window: Duration::from_millis(args.abuse_window_ms),
+            outbox_max_bytes: args.outbox_max_bytes,
+            presence_interval: Duration::from_millis(args.presence_interval_ms),
+            max_rooms: args.max_rooms,
+            shutdown_drain: Duration::from_millis(args.shutdown_drain_ms),
+            handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
+            close_timeout: Duration::from_millis(args.close_timeout_ms),
+        })
+    }
+
+    /// True when the relay runs with the published development token.
+    pub fn uses_dev_token(&self) -> bool {
+        self.chat_token == DEV_TOKEN
+    }
+
+    /// When the listening port is chosen by the OS (port 0), the default allow-list must follow
+    /// the real port. Called once the listener is bound; explicit lists are left alone.
+    pub fn fix_default_origins(&mut self, args_had_origins: bool, bound_port: u16) {
+        if !args_had_origins {
+            self.allowed_origins = vec![
+                format!("http://localhost:{bound_port}"),
+                format!("http://127.0.0.1:{bound_port}"),
+            ];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_compatible_contract() {
+        let s = Settings::default();
+        assert_eq!(s.listen_addr.port(), 8080);
+        assert_eq!(s.chat_token, "dev-token");
+        assert_eq!(
+            s.allowed_origins,
+            ["http://localhost:8080", "http://127.0.0.1:8080"]
+        );
+        assert_eq!((s.rate_limit, s.rate_window), (20, Duration::from_secs(10)));
+        assert_eq!(
+            (s.history_limit, s.max_text_chars, s.max_payload_bytes),
+            (50, 500, 2048)
+        );
+        assert_eq!(s.heartbeat_interval, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn zero_limits_are_refused() {
+        let args = Args::parse_from(["roomcast", "--rate-limit", "0"]);
+        assert!(matches!(
+            Settings::from_args(args),
+            Err(ConfigError::Zero("RATE_LIMIT"))
+        ));
+    }
+
+    #[test]
+    fn origin_list_is_trimmed() {
+        let args = Args::parse_from([
+            "roomcast",
+            "--allowed-origins",
+            " https://a.example/ ,https://b.example",
+        ]);
+        let s = Settings::from_args(args).unwrap();
+        assert_eq!(
+            s.allowed_origins,
+            ["https://a.example", "https://b.example"]
+        );
+    }
+}

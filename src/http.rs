@@ -1,0 +1,238 @@
+//! HTTP: routing, the upgrade checks, and the small plain endpoints.
+//!
+//! Every check on a WebSocket upgrade happens here, before the handshake, and every refusal is a
+//! plain HTTP response with a counted reason — never a 101 followed by a close. Order: path (404),
+//! Origin (403), token (401), capacity (503). Query strings carry the token, so nothing here logs
+//! a URI.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, ORIGIN};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use subtle::ConstantTimeEq;
+use tokio::net::TcpStream;
+
+use crate::connection::{self, Identity};
+use crate::hub::Resume;
+use crate::metrics::Rejection;
+use crate::protocol;
+use crate::server::Relay;
+
+type Body = Full<Bytes>;
+
+const INDEX_HTML: &str = include_str!("web/index.html");
+const CLIENT_JS: &str = include_str!("web/roomcast-client.js");
+const APP_JS: &str = include_str!("web/app.js");
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    respond(status, "text/plain; charset=utf-8", body)
+}
+
+fn json(status: StatusCode, body: String) -> Response<Body> {
+    respond(status, "application/json", body)
+}
+
+/// Route one request.
+pub(crate) async fn handle(
+    relay: Arc<Relay>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let is_upgrade = fastwebsockets::upgrade::is_upgrade_request(&req);
+    if req.uri().path() == "/chat" {
+        return Ok(chat(&relay, req, is_upgrade));
+    }
+    if is_upgrade {
+        relay.metrics.rejected(Rejection::NotFound);
+        return Ok(text(
+            StatusCode::NOT_FOUND,
+            "not found: WebSocket connections go to /chat\n",
+        ));
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"));
+    }
+    Ok(match req.uri().path() {
+        "/" | "/index.html" => respond(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML),
+        "/roomcast-client.js" => {
+            respond(StatusCode::OK, "text/javascript; charset=utf-8", CLIENT_JS)
+        }
+        "/app.js" => respond(StatusCode::OK, "text/javascript; charset=utf-8", APP_JS),
+        "/healthz" => json(
+            StatusCode::OK,
+            format!("{{\"ok\":true,\"clients\":{}}}", relay.connection_count()),
+        ),
+        "/readyz" if relay.is_shutting_down() => {
+            json(StatusCode::SERVICE_UNAVAILABLE, "{\"ready\":false}".into())
+        }
+        "/readyz" => json(StatusCode::OK, "{\"ready\":true}".into()),
+        "/metrics" => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            relay.render_metrics(),
+        ),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    })
+}
+
+/// The query parameters of `/chat`.
+#[derive(Default)]
+struct ChatQuery {
+    token: Option<String>,
+    name: Option<String>,
+    room: Option<String>,
+    since: Option<u64>,
+    epoch: Option<String>,
+}
+
+fn parse_query(query: &str) -> ChatQuery {
+    let mut q = ChatQuery::default();
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "token" => q.token = Some(v.into_owned()),
+            "name" => q.name = Some(v.into_owned()),
+            "room" => q.room = Some(v.into_owned()),
+            "since" => q.since = v.parse().ok(),
+            "epoch" if v.len() <= 64 => q.epoch = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    q
+}
+
+fn origin_allowed(relay: &Relay, origin: &[u8]) -> bool {
+    relay
+        .settings
+        .allowed_origins
+        .iter()
+        .any(|o| o == "*" || o.as_bytes() == origin)
+}
+
+/// `/chat`: the upgrade checks, then the handshake. A plain GET runs the same checks and answers
+/// 426 when they pass, so a browser (which only ever sees close 1006 for a refused upgrade) can
+/// learn why it was refused.
+fn chat(relay: &Arc<Relay>, mut req: Request<Incoming>, is_upgrade: bool) -> Response<Body> {
+    let refuse = |why: Rejection, status: StatusCode, body: &'static str| {
+        if is_upgrade {
+            relay.metrics.rejected(why);
+        }
+        text(status, body)
+    };
+    if relay.is_shutting_down() {
+        return refuse(
+            Rejection::ShuttingDown,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down\n",
+        );
+    }
+    match req.headers().get(ORIGIN) {
+        Some(o) if origin_allowed(relay, o.as_bytes()) => {}
+        None if !is_upgrade => {} // same-origin fetches carry no Origin; the probe still checks the token
+        _ => {
+            return refuse(
+                Rejection::ForbiddenOrigin,
+                StatusCode::FORBIDDEN,
+                "forbidden: origin not allowed\n",
+            )
+        }
+    }
+    let query = parse_query(req.uri().query().unwrap_or(""));
+    let token_ok = query
+        .token
+        .as_deref()
+        .is_some_and(|t| bool::from(t.as_bytes().ct_eq(relay.settings.chat_token.as_bytes())));
+    if !token_ok {
+        return refuse(
+            Rejection::Unauthorized,
+            StatusCode::UNAUTHORIZED,
+            "unauthorized: token missing or wrong\n",
+        );
+    }
+    if !is_upgrade {
+        let mut r = text(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade required: credentials accepted, connect with WebSocket\n",
+        );
+        r.headers_mut().insert(
+            hyper::header::UPGRADE,
+            HeaderValue::from_static("websocket"),
+        );
+        return r;
+    }
+    let Some(permit) = relay.try_acquire() else {
+        return refuse(
+            Rejection::Full,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "relay full: try again later\n",
+        );
+    };
+    let room = protocol::sanitize_room(query.room.as_deref());
+    if relay.hub.room(&room).is_err() {
+        return refuse(
+            Rejection::RoomsFull,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "room limit reached: try again later\n",
+        );
+    }
+    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(pair) => pair,
+        Err(_) => {
+            return refuse(
+                Rejection::BadHandshake,
+                StatusCode::BAD_REQUEST,
+                "bad WebSocket handshake\n",
+            )
+        }
+    };
+    let who = Identity {
+        name: protocol::sanitize_name(query.name.as_deref()),
+        room,
+        resume: query.since.map(|since| Resume {
+            since,
+            epoch: query.epoch,
+        }),
+    };
+    let task_relay = relay.clone();
+    relay.tracker.spawn(async move {
+        // fastwebsockets wraps the upgraded stream in a `WebSocket` with its own read buffer; we
+        // unwrap it at once and take back the bare TCP stream (see frame.rs for why).
+        let Ok(ws) = upgrade.await else { return };
+        let upgraded = ws.into_inner().into_inner();
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                connection::serve(
+                    task_relay,
+                    parts.io.into_inner(),
+                    parts.read_buf,
+                    who,
+                    permit,
+                )
+                .await
+            }
+            Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
+        }
+    });
+    let (mut parts, _) = response.into_parts();
+    parts
+        .headers
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Response::from_parts(parts, Full::new(Bytes::new()))
+}

@@ -1,0 +1,18 @@
+//! roomcast: a WebSocket edge relay for real-time rooms.
+//!
+//! Start at `server::run`; ARCHITECTURE.md has the map. Module per concept:
+//! `config` (settings), `http` (routes and upgrade checks), `connection` (one socket's task),
+//! `frame` (RFC 6455 codec), `protocol` (JSON), `outbox` (per-connection queue), `hub` (rooms,
+//! history, presence), `broker` (the publish seam), `metrics`, `limits`.
+
+pub mod broker;
+pub mod config;
+pub mod connection;
+pub mod frame;
+pub mod http;
+pub mod hub;
+pub mod limits;
+pub mod metrics;
+pub mod outbox;
+pub mod protocol;
+pub mod server;

@@ -1,0 +1,314 @@
+//! Every metric the relay exports: names, help texts, buckets, and cached handles.
+//!
+//! All names live here so the Grafana dashboard and the code cannot drift apart silently
+//! (a test checks the dashboard against a live exposition). Handles are resolved once at start,
+//! so recording is an atomic add, never a registry lookup. Fan-out is counted once per publish
+//! (`increment(recipients)`), never once per recipient. Labels are bounded enums: close codes and
+//! reasons, never room or user ids.
+
+use std::sync::Arc;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const CONNECTIONS: &str = "roomcast_connections";
+pub const MAX_CONNECTIONS: &str = "roomcast_max_connections";
+pub const CONNECTIONS_OPENED: &str = "roomcast_connections_opened_total";
+pub const CONNECTIONS_CLOSED: &str = "roomcast_connections_closed_total";
+pub const UPGRADE_REJECTIONS: &str = "roomcast_upgrade_rejections_total";
+pub const MESSAGES_RECEIVED: &str = "roomcast_messages_received_total";
+pub const FRAMES_DELIVERED: &str = "roomcast_frames_delivered_total";
+pub const BYTES_SENT: &str = "roomcast_bytes_sent_total";
+pub const SOCKET_WRITES: &str = "roomcast_socket_writes_total";
+pub const RATE_LIMITED: &str = "roomcast_rate_limited_total";
+pub const INVALID_MESSAGES: &str = "roomcast_invalid_messages_total";
+pub const HEARTBEAT_TERMINATIONS: &str = "roomcast_heartbeat_terminations_total";
+pub const SLOW_CONSUMER_CLOSES: &str = "roomcast_slow_consumer_closes_total";
+pub const ROOMS: &str = "roomcast_rooms";
+pub const PUBLISH_RECIPIENTS: &str = "roomcast_publish_recipients";
+pub const PUBLISH_TO_WRITE_SECONDS: &str = "roomcast_publish_to_write_seconds";
+pub const OUTBOX_QUEUED_BYTES: &str = "roomcast_outbox_queued_bytes";
+
+/// Close codes that get their own label value; anything else is counted as `other`.
+pub const CLOSE_CODES: [u16; 11] = [
+    1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 1013,
+];
+
+/// Why an upgrade was answered with a plain HTTP status instead of 101.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    NotFound,
+    ForbiddenOrigin,
+    Unauthorized,
+    Full,
+    BadHandshake,
+    ShuttingDown,
+    RoomsFull,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 7] = [
+        Rejection::NotFound,
+        Rejection::ForbiddenOrigin,
+        Rejection::Unauthorized,
+        Rejection::Full,
+        Rejection::BadHandshake,
+        Rejection::ShuttingDown,
+        Rejection::RoomsFull,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::NotFound => "not_found",
+            Rejection::ForbiddenOrigin => "forbidden_origin",
+            Rejection::Unauthorized => "unauthorized",
+            Rejection::Full => "full",
+            Rejection::BadHandshake => "bad_handshake",
+            Rejection::ShuttingDown => "shutting_down",
+            Rejection::RoomsFull => "rooms_full",
+        }
+    }
+}
+
+/// The error codes a client can be sent; `rate_limited` has its own counter as well.
+pub const INVALID_CODES: [&str; 4] = ["too_large", "bad_json", "bad_type", "empty"];
+
+/// Cached handles for everything recorded on a hot or warm path.
+#[derive(Clone)]
+pub struct Metrics {
+    pub connections: Gauge,
+    pub connections_opened: Counter,
+    closed_by_code: Arc<[Counter; CLOSE_CODES.len()]>,
+    closed_other: Counter,
+    rejections: Arc<[Counter; Rejection::ALL.len()]>,
+    pub messages_received: Counter,
+    pub frames_delivered: Counter,
+    pub bytes_sent: Counter,
+    pub socket_writes: Counter,
+    pub rate_limited: Counter,
+    invalid: Arc<[Counter; INVALID_CODES.len()]>,
+    pub heartbeat_terminations: Counter,
+    pub slow_consumer_closes: Counter,
+    pub rooms: Gauge,
+    pub publish_recipients: Histogram,
+    pub publish_to_write_seconds: Histogram,
+    pub outbox_queued_bytes: Gauge,
+}
+
+impl Metrics {
+    /// Resolve every handle against the installed recorder (or the no-op one when none is
+    /// installed, as in unit tests). Every labelled series is created up front so dashboards and
+    /// alerts see a zero rather than a missing series.
+    pub fn new() -> Metrics {
+        describe();
+        Metrics {
+            connections: metrics::gauge!(CONNECTIONS),
+            connections_opened: metrics::counter!(CONNECTIONS_OPENED),
+            closed_by_code: Arc::new(
+                CLOSE_CODES.map(|c| metrics::counter!(CONNECTIONS_CLOSED, "code" => c.to_string())),
+            ),
+            closed_other: metrics::counter!(CONNECTIONS_CLOSED, "code" => "other"),
+            rejections: Arc::new(
+                Rejection::ALL
+                    .map(|r| metrics::counter!(UPGRADE_REJECTIONS, "reason" => r.label())),
+            ),
+            messages_received: metrics::counter!(MESSAGES_RECEIVED),
+            frames_delivered: metrics::counter!(FRAMES_DELIVERED),
+            bytes_sent: metrics::counter!(BYTES_SENT),
+            socket_writes: metrics::counter!(SOCKET_WRITES),
+            rate_limited: metrics::counter!(RATE_LIMITED),
+            invalid: Arc::new(
+                INVALID_CODES.map(|c| metrics::counter!(INVALID_MESSAGES, "code" => c)),
+            ),
+            heartbeat_terminations: metrics::counter!(HEARTBEAT_TERMINATIONS),
+            slow_consumer_closes: metrics::counter!(SLOW_CONSUMER_CLOSES),
+            rooms: metrics::gauge!(ROOMS),
+            publish_recipients: metrics::histogram!(PUBLISH_RECIPIENTS),
+            publish_to_write_seconds: metrics::histogram!(PUBLISH_TO_WRITE_SECONDS),
+            outbox_queued_bytes: metrics::gauge!(OUTBOX_QUEUED_BYTES),
+        }
+    }
+
+    pub fn connection_closed(&self, code: u16) {
+        match CLOSE_CODES.iter().position(|&c| c == code) {
+            Some(i) => self.closed_by_code[i].increment(1),
+            None => self.closed_other.increment(1),
+        }
+    }
+
+    pub fn rejected(&self, why: Rejection) {
+        let i = Rejection::ALL
+            .iter()
+            .position(|&r| r == why)
+            .expect("ALL lists every variant");
+        self.rejections[i].increment(1);
+    }
+
+    pub fn invalid_message(&self, code: &str) {
+        if let Some(i) = INVALID_CODES.iter().position(|&c| c == code) {
+            self.invalid[i].increment(1);
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn describe() {
+    describe_gauge!(CONNECTIONS, "WebSocket connections currently open.");
+    describe_gauge!(
+        MAX_CONNECTIONS,
+        "Most WebSocket connections this relay accepts before answering 503."
+    );
+    describe_counter!(
+        CONNECTIONS_OPENED,
+        "WebSocket connections opened (upgrades completed)."
+    );
+    describe_counter!(
+        CONNECTIONS_CLOSED,
+        "WebSocket connections closed, by close code (1006: dropped without a close frame)."
+    );
+    describe_counter!(
+        UPGRADE_REJECTIONS,
+        "Upgrade requests answered with an HTTP error instead of 101, by reason."
+    );
+    describe_counter!(
+        MESSAGES_RECEIVED,
+        "Text messages received from clients (valid or not)."
+    );
+    describe_counter!(
+        FRAMES_DELIVERED,
+        "Frames queued to connections (one per recipient of each event)."
+    );
+    describe_counter!(BYTES_SENT, "Bytes queued to connections.");
+    describe_counter!(
+        SOCKET_WRITES,
+        "Write system calls on WebSocket sockets (frames per write = frames delivered / writes)."
+    );
+    describe_counter!(RATE_LIMITED, "Messages refused with rate_limited.");
+    describe_counter!(
+        INVALID_MESSAGES,
+        "Messages refused as invalid, by error code."
+    );
+    describe_counter!(
+        HEARTBEAT_TERMINATIONS,
+        "Connections dropped because they stayed silent for a heartbeat interval."
+    );
+    describe_counter!(
+        SLOW_CONSUMER_CLOSES,
+        "Connections closed with 1013 because their outbound queue passed OUTBOX_MAX_BYTES."
+    );
+    describe_gauge!(ROOMS, "Rooms held in memory (with members or history).");
+    describe_histogram!(PUBLISH_RECIPIENTS, "Recipients per published message.");
+    describe_histogram!(
+        PUBLISH_TO_WRITE_SECONDS,
+        "Time from a frame being queued to the write that sent it (oldest frame of each write)."
+    );
+    describe_gauge!(
+        OUTBOX_QUEUED_BYTES,
+        "Outbound bytes queued and not yet written, across all connections."
+    );
+}
+
+/// Install the Prometheus recorder for this process and return the handle that renders it.
+/// Call once, from the binary; tests that run the relay in-process share one recorder.
+pub fn install_recorder() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(PUBLISH_RECIPIENTS.to_string()),
+            &[
+                1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
+                10000.0,
+            ],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(PUBLISH_TO_WRITE_SECONDS.to_string()),
+            &[
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0,
+            ],
+        )?
+        .install_recorder()
+}
+
+/// The Prometheus process collector's standard series, read from /proc at scrape time.
+/// metrics' counters are integers, so these are rendered as text and appended to the exposition.
+pub fn render_process_metrics(out: &mut String) {
+    use std::fmt::Write;
+    let page = 4096.0; // sysconf(_SC_PAGESIZE) on every Linux this relay targets
+    let ticks = 100.0; // USER_HZ
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime is field 14, stime 15, starttime 22,
+    // vsize 23, rss 24 (1-based, as in proc(5)).
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let field = |n: usize| {
+        f.get(n - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let cpu = (field(14) + field(15)) / ticks;
+    let vsize = field(23);
+    let rss = field(24) * page;
+    let boot_time = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("btime ")
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+        })
+        .unwrap_or(0.0);
+    let start = boot_time + field(22) / ticks;
+    let open_fds = std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let max_fds = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(0);
+    let mut series = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
+    series(
+        "process_cpu_seconds_total",
+        "counter",
+        "Total user and system CPU time spent in seconds.",
+        cpu,
+    );
+    series(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size in bytes.",
+        rss,
+    );
+    series(
+        "process_virtual_memory_bytes",
+        "gauge",
+        "Virtual memory size in bytes.",
+        vsize,
+    );
+    series(
+        "process_open_fds",
+        "gauge",
+        "Number of open file descriptors.",
+        open_fds as f64,
+    );
+    series(
+        "process_max_fds",
+        "gauge",
+        "Maximum number of open file descriptors.",
+        max_fds as f64,
+    );
+    series(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since unix epoch in seconds.",
+        start,
+    );
+}

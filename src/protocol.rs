@@ -1,0 +1,420 @@
+//! The chat protocol: the only module that knows JSON.
+//!
+//! Inbound: a client text payload is parsed in place (borrowed strings, one pass on the happy
+//! path) into a [`ClientMessage`] or a [`ErrorCode`]. Outbound: every event is serialised once,
+//! straight into a [`FrameBuilder`], so the bytes on the wire are built exactly once per event.
+//! Name and room sanitising live here too, since they are part of the wire contract.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::frame::{FrameBuilder, OP_TEXT};
+
+pub const MAX_NAME_CHARS: usize = 24;
+pub const MAX_ROOM_CHARS: usize = 32;
+pub const MAX_REQUEST_ID_CHARS: usize = 64;
+pub const DEFAULT_NAME: &str = "guest";
+pub const DEFAULT_ROOM: &str = "lobby";
+
+/// The error codes of the compatible contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    RateLimited,
+    TooLarge,
+    BadJson,
+    BadType,
+    Empty,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::BadJson => "bad_json",
+            ErrorCode::BadType => "bad_type",
+            ErrorCode::Empty => "empty",
+        }
+    }
+
+    fn human(self) -> &'static str {
+        match self {
+            ErrorCode::RateLimited => "You are sending messages too fast; wait a few seconds.",
+            ErrorCode::TooLarge => "Message text is too long.",
+            ErrorCode::BadJson => "Message is not valid JSON.",
+            ErrorCode::BadType => "Expected {\"type\":\"message\",\"text\":\"...\"}.",
+            ErrorCode::Empty => "Message text is empty.",
+        }
+    }
+}
+
+/// A valid publish request from a client.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ClientMessage<'a> {
+    /// Trimmed text, at most `max_text_chars` characters.
+    pub text: Cow<'a, str>,
+    pub request_id: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Fields<'a> {
+    #[serde(rename = "type", borrow, default, deserialize_with = "present")]
+    kind: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    text: Option<&'a RawValue>,
+    #[serde(rename = "requestId", borrow, default, deserialize_with = "present")]
+    request_id: Option<&'a RawValue>,
+}
+
+/// `Some` for any field that is present, `null` included (plain `Option` would fold `null`
+/// into "missing", but `"text":null` is bad_type while a missing text is empty).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// A JSON string value, or `None` for any other JSON type (null, number, object, array, bool).
+/// Borrows from the payload unless the string has escapes.
+fn as_string(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let json = raw.get();
+    if !json.starts_with('"') {
+        return None;
+    }
+    match serde_json::from_str::<&str>(json) {
+        Ok(s) => Some(Cow::Borrowed(s)),
+        Err(_) => serde_json::from_str::<String>(json).ok().map(Cow::Owned),
+    }
+}
+
+/// Parse and validate one client text payload (already known to be UTF-8).
+pub fn parse_client_message(
+    payload: &str,
+    max_text_chars: usize,
+) -> Result<ClientMessage<'_>, ErrorCode> {
+    if !payload.trim_start().starts_with('{') {
+        // Arrays would otherwise deserialize positionally into the struct; anything that is not
+        // an object is bad_type when it is JSON at all, bad_json otherwise.
+        return Err(
+            match serde_json::from_str::<serde::de::IgnoredAny>(payload) {
+                Ok(_) => ErrorCode::BadType,
+                Err(_) => ErrorCode::BadJson,
+            },
+        );
+    }
+    let fields: Fields<'_> = serde_json::from_str(payload).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ErrorCode::BadType,
+        _ => ErrorCode::BadJson,
+    })?;
+    let kind = fields.kind.and_then(as_string).ok_or(ErrorCode::BadType)?;
+    if kind != "message" {
+        return Err(ErrorCode::BadType);
+    }
+    let request_id = match fields.request_id {
+        None => None,
+        Some(raw) => {
+            let id = as_string(raw).ok_or(ErrorCode::BadType)?;
+            let chars = id.chars().count();
+            if chars == 0 || chars > MAX_REQUEST_ID_CHARS {
+                return Err(ErrorCode::BadType);
+            }
+            Some(id)
+        }
+    };
+    let text = match fields.text {
+        None => return Err(ErrorCode::Empty),
+        Some(raw) => as_string(raw).ok_or(ErrorCode::BadType)?,
+    };
+    let text = match text {
+        Cow::Borrowed(s) => Cow::Borrowed(s.trim()),
+        Cow::Owned(s) if s.trim().len() == s.len() => Cow::Owned(s),
+        Cow::Owned(s) => Cow::Owned(s.trim().to_string()),
+    };
+    if text.is_empty() {
+        return Err(ErrorCode::Empty);
+    }
+    if text.chars().count() > max_text_chars {
+        return Err(ErrorCode::TooLarge);
+    }
+    Ok(ClientMessage { text, request_id })
+}
+
+/// `name`: trimmed, 1..=24 characters of ASCII letters, digits, `_`, space, `-`; else `guest`.
+pub fn sanitize_name(raw: Option<&str>) -> String {
+    let name = raw.unwrap_or("").trim();
+    let ok = !name.is_empty()
+        && name.chars().count() <= MAX_NAME_CHARS
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ' ' | '-'));
+    if ok {
+        name.to_string()
+    } else {
+        DEFAULT_NAME.to_string()
+    }
+}
+
+/// `room`: trimmed, 1..=32 characters of `[A-Za-z0-9_-]`; else `lobby`.
+pub fn sanitize_room(raw: Option<&str>) -> String {
+    let room = raw.unwrap_or("").trim();
+    let ok = !room.is_empty()
+        && room.len() <= MAX_ROOM_CHARS
+        && room
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
+    if ok {
+        room.to_string()
+    } else {
+        DEFAULT_ROOM.to_string()
+    }
+}
+
+fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(out, s).expect("writing a string to a Vec cannot fail");
+}
+
+fn text_frame(build: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+    let mut b = FrameBuilder::with_capacity(128);
+    build(b.payload());
+    b.finish(OP_TEXT).0
+}
+
+/// `{"type":"system","message":"connected as NAME","clientId":ID}`
+pub fn system_connected(name: &str, client_id: u64) -> Bytes {
+    text_frame(|out| {
+        out.extend_from_slice(b"{\"type\":\"system\",\"message\":");
+        write_json_str(out, &format!("connected as {name}"));
+        out.extend_from_slice(b",\"clientId\":");
+        out.extend_from_slice(client_id.to_string().as_bytes());
+        out.push(b'}');
+    })
+}
+
+/// `{"type":"error","code":C,"message":HUMAN}`
+pub fn error_event(code: ErrorCode) -> Bytes {
+    text_frame(|out| {
+        out.extend_from_slice(b"{\"type\":\"error\",\"code\":\"");
+        out.extend_from_slice(code.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"message\":");
+        write_json_str(out, code.human());
+        out.push(b'}');
+    })
+}
+
+/// `{"type":"ack","requestId":..,"id":..,"seq":..[,"duplicate":true]}`
+pub fn ack_event(request_id: &str, id: &uuid::Uuid, seq: u64, duplicate: bool) -> Bytes {
+    text_frame(|out| {
+        out.extend_from_slice(b"{\"type\":\"ack\",\"requestId\":");
+        write_json_str(out, request_id);
+        out.extend_from_slice(b",\"id\":\"");
+        out.extend_from_slice(
+            id.hyphenated()
+                .encode_lower(&mut uuid::Uuid::encode_buffer())
+                .as_bytes(),
+        );
+        out.extend_from_slice(b"\",\"seq\":");
+        out.extend_from_slice(seq.to_string().as_bytes());
+        if duplicate {
+            out.extend_from_slice(b",\"duplicate\":true");
+        }
+        out.push(b'}');
+    })
+}
+
+/// One chat message, as published.
+pub struct MessageFields<'a> {
+    pub id: &'a uuid::Uuid,
+    pub room: &'a str,
+    pub from: &'a str,
+    pub text: &'a str,
+    pub sent_at: &'a str,
+    pub seq: u64,
+}
+
+/// The broadcast frame `{"type":"message","message":{...}}`, and the same inner `{...}` object
+/// as a slice of that frame (kept in history without a second copy).
+pub fn message_event(m: &MessageFields<'_>) -> (Bytes, Bytes) {
+    let mut b = FrameBuilder::with_capacity(160 + m.text.len());
+    let out = b.payload();
+    out.extend_from_slice(b"{\"type\":\"message\",\"message\":");
+    let inner_start = b.payload_len();
+    let out = b.payload();
+    out.extend_from_slice(b"{\"id\":\"");
+    out.extend_from_slice(
+        m.id.hyphenated()
+            .encode_lower(&mut uuid::Uuid::encode_buffer())
+            .as_bytes(),
+    );
+    out.extend_from_slice(b"\",\"room\":");
+    write_json_str(out, m.room);
+    out.extend_from_slice(b",\"from\":");
+    write_json_str(out, m.from);
+    out.extend_from_slice(b",\"text\":");
+    write_json_str(out, m.text);
+    out.extend_from_slice(b",\"sentAt\":\"");
+    out.extend_from_slice(m.sent_at.as_bytes());
+    out.extend_from_slice(b"\",\"seq\":");
+    out.extend_from_slice(m.seq.to_string().as_bytes());
+    out.push(b'}');
+    let inner_end = b.payload_len();
+    b.payload().push(b'}');
+    let (frame, header_len) = b.finish(OP_TEXT);
+    let inner = frame.slice(header_len + inner_start..header_len + inner_end);
+    (frame, inner)
+}
+
+/// `{"type":"history","room":R,"epoch":E,"complete":B,"messages":[...]}` from stored inner
+/// message objects, oldest first.
+pub fn history_event<'a>(
+    room: &str,
+    epoch: &str,
+    complete: bool,
+    messages: impl Iterator<Item = &'a Bytes> + Clone,
+) -> Bytes {
+    let size: usize = messages.clone().map(|m| m.len() + 1).sum();
+    let mut b = FrameBuilder::with_capacity(80 + room.len() + epoch.len() + size);
+    let out = b.payload();
+    out.extend_from_slice(b"{\"type\":\"history\",\"room\":");
+    write_json_str(out, room);
+    out.extend_from_slice(b",\"epoch\":");
+    write_json_str(out, epoch);
+    out.extend_from_slice(if complete {
+        b",\"complete\":true"
+    } else {
+        b",\"complete\":false"
+    });
+    out.extend_from_slice(b",\"messages\":[");
+    for (i, m) in messages.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(m);
+    }
+    out.extend_from_slice(b"]}");
+    b.finish(OP_TEXT).0
+}
+
+/// `{"type":"presence","message":M,"online":N,"joined":[..],"left":[..]}`
+pub fn presence_event(
+    message: &str,
+    online: usize,
+    joined: &[std::sync::Arc<str>],
+    left: &[std::sync::Arc<str>],
+) -> Bytes {
+    text_frame(|out| {
+        out.extend_from_slice(b"{\"type\":\"presence\",\"message\":");
+        write_json_str(out, message);
+        out.extend_from_slice(b",\"online\":");
+        out.extend_from_slice(online.to_string().as_bytes());
+        for (key, names) in [(&b",\"joined\":["[..], joined), (&b",\"left\":["[..], left)] {
+            out.extend_from_slice(key);
+            for (i, n) in names.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_json_str(out, n);
+            }
+            out.push(b']');
+        }
+        out.push(b'}');
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<ClientMessage<'_>, ErrorCode> {
+        parse_client_message(s, 500)
+    }
+
+    /// The payload of a server frame (servers never mask).
+    fn payload(frame: &Bytes) -> &[u8] {
+        match frame[1] {
+            126 => &frame[4..],
+            127 => &frame[10..],
+            _ => &frame[2..],
+        }
+    }
+
+    #[test]
+    fn valid_messages_borrow_their_text() {
+        let m = parse(r#"{"type":"message","text":"  hi  ","from":"mallory","room":"x"}"#).unwrap();
+        assert!(matches!(m.text, Cow::Borrowed("hi")));
+        assert_eq!(m.request_id, None);
+        let m = parse(r#"{"type":"message","text":"a\nb","requestId":"r1"}"#).unwrap();
+        assert_eq!(
+            (m.text.as_ref(), m.request_id.as_deref()),
+            ("a\nb", Some("r1"))
+        );
+    }
+
+    #[test]
+    fn every_error_code_is_reachable() {
+        assert_eq!(parse("nope"), Err(ErrorCode::BadJson));
+        assert_eq!(parse("{\"type\":"), Err(ErrorCode::BadJson));
+        assert_eq!(parse("{} trailing"), Err(ErrorCode::BadJson));
+        for bad_type in [
+            "null",
+            "[1,2]",
+            "[\"message\",\"hi\"]",
+            "42",
+            "\"text\"",
+            r#"{"text":"hi"}"#,
+            r#"{"type":"chat","text":"hi"}"#,
+            r#"{"type":null,"text":"hi"}"#,
+            r#"{"type":"message","text":null}"#,
+            r#"{"type":"message","text":42}"#,
+            r#"{"type":"message","text":{"a":1}}"#,
+            r#"{"type":"message","text":["a"]}"#,
+            r#"{"type":"message","text":"hi","requestId":7}"#,
+            r#"{"type":"message","type":"message","text":"hi"}"#,
+        ] {
+            assert_eq!(parse(bad_type), Err(ErrorCode::BadType), "{bad_type}");
+        }
+        assert_eq!(parse(r#"{"type":"message"}"#), Err(ErrorCode::Empty));
+        assert_eq!(
+            parse(r#"{"type":"message","text":"   "}"#),
+            Err(ErrorCode::Empty)
+        );
+        let long = format!(r#"{{"type":"message","text":"{}"}}"#, "é".repeat(501));
+        assert_eq!(parse(&long), Err(ErrorCode::TooLarge));
+        let ok = format!(r#"{{"type":"message","text":"{}"}}"#, "é".repeat(500));
+        assert!(parse(&ok).is_ok());
+    }
+
+    #[test]
+    fn names_and_rooms_are_sanitised() {
+        assert_eq!(sanitize_name(Some("  Ada L-1_ ")), "Ada L-1_");
+        assert_eq!(sanitize_name(Some("<script>")), "guest");
+        assert_eq!(sanitize_name(Some(&"a".repeat(25))), "guest");
+        assert_eq!(sanitize_name(None), "guest");
+        assert_eq!(sanitize_room(Some(" ops-1 ")), "ops-1");
+        assert_eq!(sanitize_room(Some("a room")), "lobby");
+        assert_eq!(sanitize_room(Some(&"r".repeat(33))), "lobby");
+    }
+
+    #[test]
+    fn message_event_shares_its_inner_object_with_history() {
+        let id = uuid::Uuid::new_v4();
+        let m = MessageFields {
+            id: &id,
+            room: "r",
+            from: "a\"b",
+            text: "<b>",
+            sent_at: "2026-01-01T00:00:00.000Z",
+            seq: 7,
+        };
+        let (frame, inner) = message_event(&m);
+        let v: serde_json::Value = serde_json::from_slice(payload(&frame)).unwrap();
+        assert_eq!(v["message"]["from"], "a\"b");
+        assert_eq!(v["message"]["seq"], 7);
+        let inner_v: serde_json::Value = serde_json::from_slice(&inner).unwrap();
+        assert_eq!(inner_v, v["message"]);
+        let h = history_event("r", "e1", false, [inner.clone(), inner].iter());
+        let hv: serde_json::Value = serde_json::from_slice(payload(&h)).unwrap();
+        assert_eq!(hv["messages"].as_array().unwrap().len(), 2);
+        assert_eq!(hv["complete"], false);
+    }
+}
