@@ -109,11 +109,13 @@ client.on('status', (s) => {
       wasOpen = true;
       break;
     case 'reconnecting': {
-      const why = s.probeStatus === 503 ? 'the relay is full or restarting'
-        : s.probeStatus === 0 && s.code === 1006 ? 'relay unreachable'
-        : describeClose(s.code);
+      // probeStatus is only set when the socket never opened (see roomcast-client.js).
+      const why = s.probeStatus === undefined ? `Connection lost: ${describeClose(s.code)}`
+        : s.probeStatus === 0 ? 'The relay is unreachable'
+        : s.probeStatus === 503 ? 'The relay is full or restarting'
+        : 'The connection could not be opened';
       const secs = (s.delayMs / 1000).toFixed(1);
-      setStatus('reconnecting', `Connection lost (${why}). Reconnecting in ${secs} s (attempt ${s.attempt})…`);
+      setStatus('reconnecting', `${why}. Reconnecting in ${secs} s (attempt ${s.attempt})…`);
       if (wasOpen) {
         addNotice('outage', `Connection lost (${describeClose(s.code)}). Reconnecting automatically; messages you send are kept until it is back.`);
         wasOpen = false; // one notice per outage

@@ -14,6 +14,8 @@
 // - A browser cannot see why an upgrade was refused (it only gets close 1006), so after a socket
 //   that never opened it asks the relay with a plain GET of the same /chat URL: 401 (token) and
 //   403 (origin) stop retrying and emit `refused`; 426 (credentials fine) and 503 (full) retry.
+//   A same-origin GET carries no Origin header, so after a 426 it asks once more with a POST
+//   (which always carries Origin) to tell an origin refusal apart.
 // - Resumes exactly: remembers the last `seq` and the `epoch` per room and reconnects with
 //   `since=SEQ&epoch=E`; a message is never emitted twice; `complete:false` (or an epoch change)
 //   emits a `history_incomplete` notice.
@@ -265,22 +267,12 @@ export class RoomcastClient extends EventTarget {
   /** The socket closed without ever opening: ask the relay why with a plain GET. */
   async _probe(gen, info) {
     this._setState('connecting', { attempt: this._attempt, probing: true });
-    const fetchFn = this.options.fetch ?? globalThis.fetch?.bind(globalThis);
-    let status = 0;
-    if (fetchFn) {
-      const ctrl = typeof AbortController === 'function' ? new AbortController() : null;
-      const timer = setTimeout(() => ctrl?.abort(), this.options.probeTimeoutMs);
-      try {
-        const res = await fetchFn(this._url('http'), {
-          method: 'GET', cache: 'no-store', credentials: 'omit', redirect: 'manual', signal: ctrl?.signal,
-        });
-        status = res.status;
-        res.body?.cancel?.().catch?.(() => {});
-      } catch {
-        status = 0; // relay unreachable (or a cross-origin answer we may not read)
-      } finally {
-        clearTimeout(timer);
-      }
+    let status = await this._ask('GET');
+    if (status === 426 && gen === this._gen && !this._deliberate) {
+      // Browsers send no Origin header with a same-origin GET, so the relay could only judge the
+      // token. A POST always carries Origin: ask again to learn whether the origin is the problem.
+      const viaPost = await this._ask('POST');
+      if (viaPost === 403) status = 403;
     }
     if (gen !== this._gen || this._deliberate) return;
     const refusal = REFUSALS[status];
@@ -303,6 +295,25 @@ export class RoomcastClient extends EventTarget {
       floor = this.options.baseDelayMs; // full or shutting down: give it room
     }
     this._reconnectLater({ ...info, probeStatus: status }, floor);
+  }
+
+  /** Plain HTTP request to the /chat URL; resolves to the status, or 0 when there is no answer. */
+  async _ask(method) {
+    const fetchFn = this.options.fetch ?? globalThis.fetch?.bind(globalThis);
+    if (!fetchFn) return 0;
+    const ctrl = typeof AbortController === 'function' ? new AbortController() : null;
+    const timer = setTimeout(() => ctrl?.abort(), this.options.probeTimeoutMs);
+    try {
+      const res = await fetchFn(this._url('http'), {
+        method, cache: 'no-store', credentials: 'omit', redirect: 'manual', signal: ctrl?.signal,
+      });
+      res.body?.cancel?.().catch?.(() => {});
+      return res.status;
+    } catch {
+      return 0; // relay unreachable (or a cross-origin answer this page may not read)
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   _reconnectLater(info, floorMs = 0) {

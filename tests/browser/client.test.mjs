@@ -40,10 +40,10 @@ function setup(options = {}, { probeStatus = 426 } = {}) {
     room: 'r', name: 'ann', token: 't',
     baseDelayMs: 5, maxDelayMs: 40, stableAfterMs: 10_000, rateLimitPauseMs: 5,
     WebSocket: class extends FakeSocket { constructor(url) { super(url, sockets); } },
-    fetch: async (url) => {
-      probes.push(url);
+    fetch: async (url, init) => {
+      probes.push({ url, method: init.method });
       if (probeStatus instanceof Error) throw probeStatus;
-      return { status: typeof probeStatus === 'function' ? probeStatus() : probeStatus };
+      return { status: typeof probeStatus === 'function' ? probeStatus(init.method) : probeStatus };
     },
     ...options,
   });
@@ -190,11 +190,23 @@ test('a refused upgrade (probe 401/403) stops for good and says why', async () =
     h.last().drop(1006); // never opened
     await until(() => h.client.state === 'stopped', `stopped after ${status}`);
     assert.equal(h.of('refused')[0].status, status);
-    assert.equal(h.probes.length, 1);
-    assert.equal(new URL(h.probes[0]).protocol, 'http:');
+    assert.deepEqual(h.probes.map((p) => p.method), ['GET']);
+    const probe = new URL(h.probes[0].url);
+    assert.equal(probe.protocol, 'http:');
+    assert.equal(probe.pathname, '/chat');
+    assert.equal(probe.searchParams.get('token'), 't');
     await new Promise((r) => setTimeout(r, 100));
     assert.equal(h.sockets.length, 1, 'no further attempts');
   }
+});
+
+test('a GET answering 426 is followed by a POST (which carries Origin); its 403 is an origin refusal', async () => {
+  const h = setup({}, { probeStatus: (method) => (method === 'GET' ? 426 : 403) });
+  h.client.connect();
+  h.last().drop(1006);
+  await until(() => h.client.state === 'stopped', 'stopped');
+  assert.deepEqual(h.probes.map((p) => p.method), ['GET', 'POST']);
+  assert.equal(h.of('refused')[0].reason, 'forbidden_origin');
 });
 
 test('426 (credentials fine), 503 and an unreachable relay keep retrying', async () => {

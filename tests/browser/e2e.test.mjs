@@ -285,3 +285,21 @@ scenario('6. a wrong token shows a refusal and stops retrying', async (s) => {
   await say(mallory.page, 'right token now');
   await waitForText(mallory.page, 'right token now');
 });
+
+scenario('7. a page served from an origin the relay does not allow shows a refusal and stops retrying', async (s) => {
+  // The relay allows only http://127.0.0.1:PORT (see relay.mjs); the page is opened as localhost.
+  const relay = await s.relay();
+  const other = { origin: `http://localhost:${relay.port}` };
+  const eve = await s.tab(other, { room: 'lobby', name: 'eve', expectOpen: false });
+  await waitState(eve.page, 'stopped', 10_000);
+  const notice = await waitForNotice(eve.page, 'refused', 1_000);
+  assert.match(notice, /origin/i);
+  assert.match(notice, /403/);
+  const rejected = () => relay.metrics().then((m) => metricValue(m, 'roomcast_upgrade_rejections_total', { reason: 'forbidden_origin' }));
+  const first = await rejected();
+  assert.ok(first >= 1, `the relay counted the refused upgrade (${first})`);
+  const attempts = eve.sockets.length;
+  await sleep(3_000);
+  assert.equal(await rejected(), first, 'no further attempts reached the relay');
+  assert.equal(eve.sockets.length, attempts, 'the page opened no further WebSockets');
+});
