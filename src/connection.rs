@@ -13,18 +13,18 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::frame::{
-    self, FrameError, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT,
-};
+use crate::frame::{self, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT};
 use crate::hub::{Membership, Resume};
 use crate::outbox::{Outbox, Pushed};
 use crate::protocol::{self, ErrorCode};
+use crate::server::Registration;
 use crate::server::{ConnectionPermit, Relay};
 
 /// Per worker thread read buffer. Large enough to take many frames in one read; never held
@@ -59,24 +59,32 @@ enum Flow {
     Dropped,
 }
 
-/// Fixed-window counter for the rate limit and the abuse limit.
+/// What woke the connection's task.
+enum Ready {
+    Work,
+    Readable,
+    Writable,
+}
+
+/// Fixed-window counter for the rate limit and the abuse limit, in milliseconds since the
+/// relay started (8 bytes rather than an `Instant`'s 16; wrapping arithmetic keeps it right).
 struct Window {
-    start: Instant,
+    start_ms: u32,
     count: u32,
 }
 
 impl Window {
-    fn new(now: Instant) -> Window {
+    fn new(now_ms: u32) -> Window {
         Window {
-            start: now,
+            start_ms: now_ms,
             count: 0,
         }
     }
 
     /// Count one event; true when the window now holds more than `limit`.
-    fn over(&mut self, now: Instant, window: std::time::Duration, limit: u32) -> bool {
-        if now.duration_since(self.start) >= window {
-            self.start = now;
+    fn over(&mut self, now_ms: u32, window_ms: u32, limit: u32) -> bool {
+        if now_ms.wrapping_sub(self.start_ms) >= window_ms {
+            self.start_ms = now_ms;
             self.count = 0;
         }
         self.count = self.count.saturating_add(1);
@@ -84,34 +92,98 @@ impl Window {
     }
 }
 
+/// Inbound bytes kept between reads: an incomplete frame, or a fragmented message being
+/// reassembled. Allocated only while there is such a thing.
+#[derive(Default)]
+struct Inbound {
+    partial: Vec<u8>,
+    message: Vec<u8>,
+    fragmented: bool,
+}
+
+/// Frames taken from the outbox that the socket has not taken yet. Lives on the stack during a
+/// write; boxed into the connection only while the socket is not writable.
+#[derive(Default)]
+struct Pending {
+    frames: VecDeque<Bytes>,
+    /// The front frame is partly written; the close frame must not cut in before its end.
+    front_started: bool,
+    oldest: Option<Instant>,
+}
+
+impl Pending {
+    /// Write as much as the socket takes now, up to `IOV_MAX` frames per system call.
+    fn write_to(
+        &mut self,
+        stream: &TcpStream,
+        outbox: &Outbox,
+        metrics: &crate::metrics::Metrics,
+    ) -> io::Result<()> {
+        while !self.frames.is_empty() {
+            let mut slices = [IoSlice::new(&[]); IOV_MAX];
+            let count = self.frames.len().min(IOV_MAX);
+            for (slot, frame) in slices.iter_mut().zip(self.frames.iter()) {
+                *slot = IoSlice::new(frame);
+            }
+            let written = match stream.try_write_vectored(&slices[..count]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            metrics.socket_writes.increment(1);
+            let accounted = outbox.written(written);
+            metrics.outbox_queued_bytes.decrement(accounted as f64);
+            let mut left = written;
+            while left > 0 {
+                let front = self
+                    .frames
+                    .front_mut()
+                    .expect("written bytes belong to queued frames");
+                if front.len() <= left {
+                    left -= front.len();
+                    self.frames.pop_front();
+                    self.front_started = false;
+                } else {
+                    front.advance(left);
+                    left = 0;
+                    self.front_started = true;
+                }
+            }
+        }
+        if let Some(oldest) = self.oldest.take() {
+            metrics
+                .publish_to_write_seconds
+                .record(oldest.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+}
+
+/// One open WebSocket. This struct is the task's whole state while the connection is idle,
+/// so every field is here for a reason; ARCHITECTURE.md has the byte count.
 struct Connection {
     relay: Arc<Relay>,
     stream: TcpStream,
     outbox: Arc<Outbox>,
     name: Arc<str>,
     membership: Membership,
-    /// Bytes of an incomplete frame (empty, unallocated, while idle).
-    partial: Vec<u8>,
-    /// A fragmented text message being reassembled (empty while idle).
-    message: Vec<u8>,
-    fragmented: bool,
+    registration: Option<Registration>,
     rate: Window,
     abuse: Window,
-    /// Frames taken from the outbox and not yet (fully) written; the front one may be partly
-    /// written when `front_started` is set.
-    unwritten: VecDeque<Bytes>,
-    front_started: bool,
-    unwritten_oldest: Option<Instant>,
+    inbound: Option<Box<Inbound>>,
+    pending: Option<Box<Pending>>,
+    _permit: ConnectionPermit,
 }
 
-/// Run a connection until it closes. `early` holds bytes the client sent right behind its
-/// upgrade request. The permit is released when this returns.
-pub(crate) async fn serve(
+/// Open a connection after the upgrade and give it a task of its own. `early` holds bytes the
+/// client sent right behind its upgrade request.
+pub(crate) fn spawn(
     relay: Arc<Relay>,
     stream: TcpStream,
     early: Bytes,
     who: Identity,
-    _permit: ConnectionPermit,
+    permit: ConnectionPermit,
 ) {
     let outbox = Arc::new(Outbox::default());
     let name: Arc<str> = who.name.into();
@@ -122,73 +194,68 @@ pub(crate) async fn serve(
         Ok(m) => m,
         Err(_) => {
             // The room map filled between the upgrade check and now. Say so and close.
-            let mut stream = stream;
-            let _ = stream
-                .write_all(&frame::close_frame(1013, "room limit reached"))
-                .await;
             relay.metrics.connection_closed(1013);
+            relay.tracker.spawn(async move {
+                let mut stream = stream;
+                let _ = stream
+                    .write_all(&frame::close_frame(1013, "room limit reached"))
+                    .await;
+                drop(permit);
+            });
             return;
         }
     };
-    let registration = relay.registry.register(&outbox);
+    let registration = Some(relay.registry.register(&outbox));
     relay.metrics.connections_opened.increment(1);
-    let now = Instant::now();
+    let now_ms = relay.now_ms();
     let mut conn = Connection {
         relay: relay.clone(),
         stream,
         outbox,
         name,
         membership,
-        partial: Vec::new(),
-        message: Vec::new(),
-        fragmented: false,
-        rate: Window::new(now),
-        abuse: Window::new(now),
-        unwritten: VecDeque::new(),
-        front_started: false,
-        unwritten_oldest: None,
+        registration,
+        rate: Window::new(now_ms),
+        abuse: Window::new(now_ms),
+        inbound: None,
+        pending: None,
+        _permit: permit,
     };
-    tracing::debug!(client_id = conn.membership.client_id, room = %conn.membership.room.name, "connected");
-
-    let mut flow = if early.is_empty() {
+    tracing::debug!(client_id = conn.membership.client_id, "connected");
+    // `early` may be a slice of hyper's whole read buffer: copy what it holds and let the
+    // buffer go now, or every idle connection would pin it.
+    let flow = if early.is_empty() {
         Flow::Continue
     } else {
-        let mut early = early.to_vec();
-        conn.on_bytes(&mut early)
+        let mut bytes = early.to_vec();
+        conn.on_bytes(&mut bytes)
     };
-    if flow == Flow::Continue {
-        flow = conn.run().await;
-    }
-    conn.finish(flow).await;
-    relay.registry.unregister(registration);
-    relay.hub.leave(&conn.membership, &conn.name);
-    relay
-        .metrics
-        .outbox_queued_bytes
-        .decrement(conn.outbox.queued_bytes() as f64);
+    drop(early);
+    relay.tracker.spawn(conn.serve(flow));
 }
 
 impl Connection {
+    async fn serve(mut self, mut flow: Flow) {
+        if flow == Flow::Continue {
+            flow = self.run().await;
+        }
+        // Closing needs timers and a scratch buffer; boxing keeps them out of the idle task.
+        Box::pin(self.finish(flow)).await;
+    }
+
+    /// The connection's loop. It waits with `poll_fn` on the outbox's waker slot and the socket's
+    /// own readiness slots, so the task stores no futures while idle.
     async fn run(&mut self) -> Flow {
         loop {
-            let want_write = !self.unwritten.is_empty();
-            tokio::select! {
-                biased;
-                _ = self.outbox.woken() => {}
-                ready = self.stream.readable() => {
-                    if ready.is_err() {
-                        return Flow::Dropped;
-                    }
+            match std::future::poll_fn(|cx| self.poll_ready(cx)).await {
+                Err(_) => return Flow::Dropped,
+                Ok(Ready::Readable) => {
                     let flow = self.read_ready();
                     if flow != Flow::Continue {
                         return flow;
                     }
                 }
-                ready = self.stream.writable(), if want_write => {
-                    if ready.is_err() {
-                        return Flow::Dropped;
-                    }
-                }
+                Ok(Ready::Work | Ready::Writable) => {}
             }
             if self.outbox.is_dead() {
                 self.relay.metrics.heartbeat_terminations.increment(1);
@@ -203,6 +270,21 @@ impl Connection {
                 Err(_) => return Flow::Dropped,
             }
         }
+    }
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Ready>> {
+        if self.outbox.poll_work(cx).is_ready() {
+            return Poll::Ready(Ok(Ready::Work));
+        }
+        if let Poll::Ready(r) = self.stream.poll_read_ready(cx) {
+            return Poll::Ready(r.map(|()| Ready::Readable));
+        }
+        if self.pending.is_some() {
+            if let Poll::Ready(r) = self.stream.poll_write_ready(cx) {
+                return Poll::Ready(r.map(|()| Ready::Writable));
+            }
+        }
+        Poll::Pending
     }
 
     /// Read what the socket has (bounded per wake) and act on every complete frame.
@@ -229,23 +311,36 @@ impl Connection {
     /// Parse frames out of freshly read bytes, keeping an incomplete tail.
     fn on_bytes(&mut self, data: &mut [u8]) -> Flow {
         self.outbox.mark_alive();
-        if self.partial.is_empty() {
+        let carried = self
+            .inbound
+            .as_mut()
+            .map(|i| std::mem::take(&mut i.partial))
+            .unwrap_or_default();
+        let flow = if carried.is_empty() {
             let (used, flow) = self.on_frames(data);
             if flow == Flow::Continue && used < data.len() {
-                self.partial = data[used..].to_vec();
+                self.inbound.get_or_insert_with(Default::default).partial = data[used..].to_vec();
             }
             flow
         } else {
-            let mut buf = std::mem::take(&mut self.partial);
+            let mut buf = carried;
             buf.extend_from_slice(data);
             let (used, flow) = self.on_frames(&mut buf);
             if flow == Flow::Continue && used < buf.len() {
                 buf.drain(..used);
                 buf.shrink_to(self.relay.settings.max_payload_bytes + frame::MAX_HEADER + 4);
-                self.partial = buf;
+                self.inbound.get_or_insert_with(Default::default).partial = buf;
             }
             flow
+        };
+        if self
+            .inbound
+            .as_ref()
+            .is_some_and(|i| i.partial.is_empty() && !i.fragmented)
+        {
+            self.inbound = None;
         }
+        flow
     }
 
     /// Act on every complete frame at the front of `buf`; returns the bytes consumed.
@@ -274,28 +369,32 @@ impl Connection {
 
     fn on_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) -> Flow {
         let max = self.relay.settings.max_payload_bytes;
+        let fragmented = self.inbound.as_ref().is_some_and(|i| i.fragmented);
         match opcode {
-            OP_TEXT if self.fragmented => Flow::Close(
-                FrameError::Protocol("new message inside a fragmented one").close_code(),
-            ),
+            OP_TEXT if fragmented => Flow::Close(1002),
             OP_TEXT if fin => self.on_text(payload),
             OP_TEXT => {
-                self.fragmented = true;
-                self.message = payload.to_vec();
+                let inbound = self.inbound.get_or_insert_with(Default::default);
+                inbound.fragmented = true;
+                inbound.message = payload.to_vec();
                 Flow::Continue
             }
             OP_BINARY => Flow::Close(1003),
-            OP_CONTINUATION if !self.fragmented => Flow::Close(1002),
+            OP_CONTINUATION if !fragmented => Flow::Close(1002),
             OP_CONTINUATION => {
-                if self.message.len() + payload.len() > max {
+                let inbound = self
+                    .inbound
+                    .as_mut()
+                    .expect("fragmented implies inbound state");
+                if inbound.message.len() + payload.len() > max {
                     return Flow::Close(1009);
                 }
-                self.message.extend_from_slice(payload);
+                inbound.message.extend_from_slice(payload);
                 if !fin {
                     return Flow::Continue;
                 }
-                self.fragmented = false;
-                let message = std::mem::take(&mut self.message);
+                inbound.fragmented = false;
+                let message = std::mem::take(&mut inbound.message);
                 self.on_text(&message)
             }
             OP_CLOSE => match frame::parse_close_payload(payload) {
@@ -317,13 +416,13 @@ impl Connection {
         let relay = self.relay.clone();
         let settings = &relay.settings;
         relay.metrics.messages_received.increment(1);
-        let now = Instant::now();
+        let now_ms = relay.now_ms();
         if self
             .rate
-            .over(now, settings.rate_window, settings.rate_limit)
+            .over(now_ms, millis(settings.rate_window), settings.rate_limit)
         {
             relay.metrics.rate_limited.increment(1);
-            return self.refuse(ErrorCode::RateLimited, now);
+            return self.refuse(ErrorCode::RateLimited, now_ms);
         }
         match protocol::parse_client_message(text, settings.max_text_chars) {
             Ok(message) => {
@@ -343,17 +442,17 @@ impl Connection {
             }
             Err(code) => {
                 relay.metrics.invalid_message(code.as_str());
-                self.refuse(code, now)
+                self.refuse(code, now_ms)
             }
         }
     }
 
     /// Send an error event; too many of them in the abuse window end the connection with 1008.
-    fn refuse(&mut self, code: ErrorCode, now: Instant) -> Flow {
+    fn refuse(&mut self, code: ErrorCode, now_ms: u32) -> Flow {
         let settings = &self.relay.settings;
         if self
             .abuse
-            .over(now, settings.abuse_window, settings.abuse_limit)
+            .over(now_ms, millis(settings.abuse_window), settings.abuse_limit)
         {
             return Flow::Close(1008);
         }
@@ -397,110 +496,94 @@ impl Connection {
     /// Move queued frames to the socket without waiting. Returns the close code once a close
     /// was requested through the outbox.
     fn flush(&mut self) -> io::Result<Option<u16>> {
-        let mut batch = self.outbox.take();
-        if !batch.frames.is_empty() {
-            self.unwritten.append(&mut batch.frames);
-            self.unwritten_oldest = self.unwritten_oldest.or(batch.oldest);
-        }
-        if let Some(code) = batch.closing {
-            return Ok(Some(code));
-        }
-        self.write_some()?;
-        Ok(None)
-    }
-
-    /// Write as much of `unwritten` as the socket takes now, several frames per system call.
-    fn write_some(&mut self) -> io::Result<()> {
-        let metrics = &self.relay.metrics;
-        while !self.unwritten.is_empty() {
-            let mut slices = [IoSlice::new(&[]); IOV_MAX];
-            let count = self.unwritten.len().min(IOV_MAX);
-            for (slot, frame) in slices.iter_mut().zip(self.unwritten.iter()) {
-                *slot = IoSlice::new(frame);
+        let batch = self.outbox.take();
+        let mut pending = match self.pending.take() {
+            Some(mut p) => {
+                p.frames.extend(batch.frames);
+                p.oldest = p.oldest.or(batch.oldest);
+                p
             }
-            let written = match self.stream.try_write_vectored(&slices[..count]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => return Err(e),
-            };
-            metrics.socket_writes.increment(1);
-            let accounted = self.outbox.written(written);
-            metrics.outbox_queued_bytes.decrement(accounted as f64);
-            let mut left = written;
-            while left > 0 {
-                let front = self
-                    .unwritten
-                    .front_mut()
-                    .expect("written bytes belong to queued frames");
-                if front.len() <= left {
-                    left -= front.len();
-                    self.unwritten.pop_front();
-                    self.front_started = false;
-                } else {
-                    front.advance(left);
-                    left = 0;
-                    self.front_started = true;
-                }
-            }
+            None if batch.frames.is_empty() => return Ok(batch.closing),
+            None => Box::new(Pending {
+                frames: batch.frames,
+                front_started: false,
+                oldest: batch.oldest,
+            }),
+        };
+        if batch.closing.is_none() {
+            pending.write_to(&self.stream, &self.outbox, &self.relay.metrics)?;
         }
-        if let Some(oldest) = self.unwritten_oldest.take() {
-            metrics
-                .publish_to_write_seconds
-                .record(oldest.elapsed().as_secs_f64());
+        if !pending.frames.is_empty() {
+            self.pending = Some(pending);
         }
-        // Give the deque's buffer back: an idle connection holds no queue memory.
-        self.unwritten = VecDeque::new();
-        Ok(())
+        Ok(batch.closing)
     }
 
     /// End the connection: send our close frame (or echo the peer's), then let the peer close,
-    /// all within CLOSE_TIMEOUT_MS. Counts the close code.
-    async fn finish(&mut self, flow: Flow) {
-        let metrics = self.relay.metrics.clone();
+    /// all within CLOSE_TIMEOUT_MS. Counts the close code, then leaves the room.
+    async fn finish(mut self, flow: Flow) {
+        let relay = self.relay.clone();
         let (code, send) = match flow {
             Flow::Continue => unreachable!("finish is only called with a terminal flow"),
             Flow::Dropped => (1006, None),
             Flow::PeerClosed(code) => (code, Some(if code == 1005 { 1000 } else { code })),
             Flow::Close(code) => (code, Some(code)),
         };
-        metrics.connection_closed(code);
+        relay.metrics.connection_closed(code);
         tracing::debug!(client_id = self.membership.client_id, code, "closing");
-        let Some(send) = send else { return };
-        if send == 1013 {
-            // A slow consumer's queue is dropped; only a partly written frame must be finished
-            // so the close frame starts on a frame boundary.
-            let keep = usize::from(self.front_started && !self.unwritten.is_empty());
-            self.unwritten.truncate(keep);
-        } else {
-            let batch = self.outbox.take();
-            self.unwritten.extend(batch.frames);
+        // Leave first: the room stops queueing to a connection that is on its way out.
+        if let Some(r) = self.registration.take() {
+            relay.registry.unregister(r);
         }
-        self.unwritten
-            .push_back(frame::close_frame(send, close_reason(send)));
-        let timeout = self.relay.settings.close_timeout;
-        let _ = tokio::time::timeout(timeout, async {
-            while !self.unwritten.is_empty() {
-                self.write_some()?;
-                if !self.unwritten.is_empty() {
-                    self.stream.writable().await?;
-                }
+        relay.hub.leave(&self.membership, &self.name);
+        if let Some(send) = send {
+            let mut pending = self.pending.take().map(|p| *p).unwrap_or_default();
+            if send == 1013 {
+                // A slow consumer's queue is dropped; only a partly written frame is finished,
+                // so the close frame starts on a frame boundary.
+                let keep = usize::from(pending.front_started && !pending.frames.is_empty());
+                pending.frames.truncate(keep);
+            } else {
+                pending.frames.extend(self.outbox.take().frames);
             }
-            self.stream.shutdown().await?;
-            // Wait for the peer's close or EOF, discarding what it still sends.
-            let mut scratch = [0u8; 512];
-            loop {
-                self.stream.readable().await?;
-                match self.stream.try_read(&mut scratch) {
-                    Ok(0) => return Ok::<(), io::Error>(()),
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        })
-        .await;
+            pending
+                .frames
+                .push_back(frame::close_frame(send, close_reason(send)));
+            let _ =
+                tokio::time::timeout(relay.settings.close_timeout, self.close_handshake(pending))
+                    .await;
+        }
+        relay
+            .metrics
+            .outbox_queued_bytes
+            .decrement(self.outbox.queued_bytes() as f64);
     }
+
+    /// Write the remaining frames and the close frame, shut our side, and wait for the peer to
+    /// close (discarding what it still sends).
+    async fn close_handshake(&mut self, mut pending: Pending) -> io::Result<()> {
+        while !pending.frames.is_empty() {
+            pending.write_to(&self.stream, &self.outbox, &self.relay.metrics)?;
+            if !pending.frames.is_empty() {
+                self.stream.writable().await?;
+            }
+        }
+        self.stream.shutdown().await?;
+        let mut scratch = [0u8; 512];
+        loop {
+            self.stream.readable().await?;
+            match self.stream.try_read(&mut scratch) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+fn millis(d: std::time::Duration) -> u32 {
+    d.as_millis().min(u32::MAX as u128 / 2) as u32
 }
 
 /// A server ping with an empty payload, shared by every connection.
@@ -523,17 +606,22 @@ fn close_reason(code: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn window_allows_the_limit_then_refuses_until_it_rolls() {
-        let t0 = Instant::now();
-        let mut w = Window::new(t0);
-        let win = Duration::from_secs(10);
+        let mut w = Window::new(0);
         for _ in 0..20 {
-            assert!(!w.over(t0, win, 20));
+            assert!(!w.over(0, 10_000, 20));
         }
-        assert!(w.over(t0 + Duration::from_secs(1), win, 20));
-        assert!(!w.over(t0 + Duration::from_secs(11), win, 20));
+        assert!(w.over(1_000, 10_000, 20));
+        assert!(!w.over(11_000, 10_000, 20));
+    }
+
+    #[test]
+    fn window_survives_the_millisecond_clock_wrapping() {
+        let mut w = Window::new(u32::MAX - 5);
+        assert!(!w.over(u32::MAX - 5, 10_000, 1));
+        assert!(w.over(3, 10_000, 1), "9 ms later, still the same window");
+        assert!(!w.over(10_000, 10_000, 1));
     }
 }

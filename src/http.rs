@@ -217,16 +217,13 @@ fn chat(relay: &Arc<Relay>, mut req: Request<Incoming>, is_upgrade: bool) -> Res
         let Ok(ws) = upgrade.await else { return };
         let upgraded = ws.into_inner().into_inner();
         match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => {
-                connection::serve(
-                    task_relay,
-                    parts.io.into_inner(),
-                    parts.read_buf,
-                    who,
-                    permit,
-                )
-                .await
-            }
+            Ok(parts) => connection::spawn(
+                task_relay,
+                parts.io.into_inner(),
+                parts.read_buf,
+                who,
+                permit,
+            ),
             Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
         }
     });

@@ -13,14 +13,18 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 use tokio::time::Instant;
 
-/// Flags shared with the heartbeat sweeper.
+/// Flags shared with publishers and the heartbeat sweeper.
 const ALIVE: u8 = 1;
 const PING_DUE: u8 = 2;
 const DEAD: u8 = 4;
+/// Something was pushed or requested since the connection's task last looked.
+const WORK: u8 = 8;
 
 /// What a push did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,10 +54,13 @@ pub struct Batch {
     pub closing: Option<u16>,
 }
 
+/// The wake-up is an `AtomicWaker` and a flag rather than a `tokio::sync::Notify`, because
+/// waiting on a `Notify` needs a `Notified` future stored in every connection's task (tens of
+/// bytes per idle connection); a waker slot is polled without storing anything.
 #[derive(Debug)]
 pub struct Outbox {
     queue: Mutex<Queue>,
-    wake: Notify,
+    waker: AtomicWaker,
     flags: AtomicU8,
 }
 
@@ -61,7 +68,7 @@ impl Default for Outbox {
     fn default() -> Self {
         Outbox {
             queue: Mutex::default(),
-            wake: Notify::new(),
+            waker: AtomicWaker::new(),
             flags: AtomicU8::new(ALIVE),
         }
     }
@@ -84,7 +91,7 @@ impl Outbox {
             q.closing = Some(1013);
             q.frames = VecDeque::new();
             drop(q);
-            self.wake.notify_one();
+            self.wake();
             return Pushed::SlowConsumer;
         }
         let was_idle = q.frames.is_empty();
@@ -95,7 +102,7 @@ impl Outbox {
         }
         drop(q);
         if was_idle {
-            self.wake.notify_one();
+            self.wake();
         }
         Pushed::Queued
     }
@@ -108,7 +115,12 @@ impl Outbox {
             q.closing = Some(code);
         }
         drop(q);
-        self.wake.notify_one();
+        self.wake();
+    }
+
+    fn wake(&self) {
+        self.flags.fetch_or(WORK, Ordering::Release);
+        self.waker.wake();
     }
 
     /// Take everything queued (the writer keeps it until written).
@@ -135,9 +147,17 @@ impl Outbox {
         self.lock().queued_bytes
     }
 
-    /// Wait until something was pushed, a close was requested or the heartbeat wants attention.
-    pub async fn woken(&self) {
-        self.wake.notified().await
+    /// Ready once something was pushed, a close was requested or the heartbeat wants attention
+    /// since the last time this returned ready. Only the connection's own task polls this.
+    pub fn poll_work(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.flags.load(Ordering::Acquire) & WORK == 0 {
+            self.waker.register(cx.waker());
+            if self.flags.load(Ordering::Acquire) & WORK == 0 {
+                return Poll::Pending;
+            }
+        }
+        self.flags.fetch_and(!WORK, Ordering::AcqRel);
+        Poll::Ready(())
     }
 
     // --- heartbeat ---------------------------------------------------------------------------
@@ -158,7 +178,7 @@ impl Outbox {
         } else {
             self.flags.fetch_or(PING_DUE, Ordering::Relaxed);
         }
-        self.wake.notify_one();
+        self.wake();
     }
 
     /// Whether the heartbeat declared this peer dead.

@@ -95,6 +95,7 @@ pub struct Relay {
     pub tracker: TaskTracker,
     max_connections: usize,
     connections: AtomicUsize,
+    started: tokio::time::Instant,
     shutting_down: AtomicBool,
     prometheus: Option<PrometheusHandle>,
 }
@@ -114,6 +115,11 @@ impl Drop for ConnectionPermit {
 impl Relay {
     pub fn connection_count(&self) -> usize {
         self.connections.load(Ordering::Acquire)
+    }
+
+    /// Milliseconds since the relay started: the clock of per-connection windows.
+    pub fn now_ms(&self) -> u32 {
+        self.started.elapsed().as_millis() as u32
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -182,6 +188,7 @@ pub async fn run(
         tracker: TaskTracker::new(),
         max_connections,
         connections: AtomicUsize::new(0),
+        started: tokio::time::Instant::now(),
         shutting_down: AtomicBool::new(false),
         prometheus,
         settings,
