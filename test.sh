@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs every test: unit and integration tests (real relay processes over real sockets, a real
+# Prometheus), then the browser end-to-end tests in real Chromium.
+# Installs what a fresh Debian/Ubuntu machine lacks first (needs root or sudo for apt).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+missing=()
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v prometheus >/dev/null || missing+=(prometheus)
+command -v promtool >/dev/null || missing+=(prometheus)
+command -v ss >/dev/null || missing+=(iproute2)
+command -v node >/dev/null || missing+=(nodejs npm)
+command -v cargo >/dev/null || { echo "test.sh: cargo not found; install Rust with https://rustup.rs first" >&2; exit 2; }
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "test.sh: installing ${missing[*]}" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+cargo build --bins
+cargo test --all-targets -- --test-threads=2
+ROOMCAST_BIN="$PWD/target/debug/roomcast" tests/browser/run.sh
+echo "test.sh: all tests passed"
