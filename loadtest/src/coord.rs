@@ -1,0 +1,321 @@
+//! The coordinating side: starts load worker processes (this same binary, `worker`), hands each
+//! its share of the connections, sends every worker the same command and gathers the replies,
+//! and merges what they measured.
+//!
+//! It owns no sockets to the relay itself: all load comes from workers, so one process or ten
+//! behave the same way.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::sync::mpsc;
+use std::process::{Child, ChildStdin, ChildStdout, Command as Process, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use hdrhistogram::Histogram;
+
+use crate::proto::*;
+use crate::relay::Target;
+use crate::sys;
+use crate::worker::new_histogram;
+
+/// Connections one worker process is given at most; below the 20,000 open files per process
+/// this machine allows, with room for the runtime's own descriptors.
+pub const MAX_CONNS_PER_WORKER: usize = 19_000;
+/// Source addresses each worker binds, round robin, so no source runs out of ports.
+pub const SOURCES_PER_WORKER: u32 = 4;
+
+/// Longest wait for one worker reply; a worker that says nothing for this long is stuck, and the
+/// run ends with an error instead of hanging.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(300);
+
+struct WorkerProc {
+    child: Child,
+    stdin: ChildStdin,
+    /// Reply lines, read by a thread so that waiting for them can time out.
+    replies: mpsc::Receiver<String>,
+}
+
+fn read_replies(stdout: ChildStdout) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+pub struct Workers {
+    procs: Vec<WorkerProc>,
+    pub conns_per_worker: Vec<usize>,
+}
+
+impl Workers {
+    /// Starts `procs` workers (0 = as many as the connection count needs) and splits `conns`
+    /// among them round robin.
+    pub fn start(target: &Target, conns: &[ConnSpec], procs: usize, slow_rcvbuf: Option<u32>) -> anyhow::Result<Self> {
+        let needed = conns.len().div_ceil(MAX_CONNS_PER_WORKER).max(1);
+        let procs = if procs == 0 { needed } else { procs.max(needed) };
+        let exe = std::env::current_exe().context("locating this executable")?;
+        let mut out = Workers { procs: Vec::new(), conns_per_worker: Vec::new() };
+        for w in 0..procs {
+            let mine: Vec<ConnSpec> = conns.iter().skip(w).step_by(procs).cloned().collect();
+            let sources = if target.addr.ip().is_loopback() && target.addr.is_ipv4() {
+                (0..SOURCES_PER_WORKER).map(|k| sys::source_address(w as u32 * SOURCES_PER_WORKER + k)).collect()
+            } else {
+                Vec::new()
+            };
+            let plan = WorkerPlan {
+                worker: w as u32,
+                addr: target.addr,
+                host_header: target.host_header.clone(),
+                path: target.path.clone(),
+                token: target.token.clone(),
+                origin: target.origin.clone(),
+                sources,
+                slow_rcvbuf,
+                conns: mine,
+            };
+            let mut child = Process::new(&exe)
+                .arg("worker")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("starting a load worker")?;
+            let mut stdin = child.stdin.take().expect("stdin was piped");
+            let replies = read_replies(child.stdout.take().expect("stdout was piped"));
+            writeln!(stdin, "{}", serde_json::to_string(&plan)?)?;
+            out.conns_per_worker.push(plan.conns.len());
+            out.procs.push(WorkerProc { child, stdin, replies });
+        }
+        Ok(out)
+    }
+
+    pub fn len(&self) -> usize {
+        self.procs.len()
+    }
+
+    /// Sends each worker its command (one per worker, in order) and returns their replies.
+    pub fn each(&mut self, cmds: &[Command]) -> anyhow::Result<Vec<Reply>> {
+        for (p, c) in self.procs.iter_mut().zip(cmds) {
+            writeln!(p.stdin, "{}", serde_json::to_string(c)?)?;
+            p.stdin.flush()?;
+        }
+        let mut replies = Vec::new();
+        let what = cmds.first().map(|c| format!("{c:?}")).unwrap_or_default();
+        let what: String = what.chars().take(60).collect();
+        for (i, p) in self.procs.iter_mut().enumerate() {
+            let line = match p.replies.recv_timeout(REPLY_TIMEOUT) {
+                Ok(l) => l,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    bail!("load worker {i} gave no reply to {what} within {} s", REPLY_TIMEOUT.as_secs())
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => bail!("load worker {i} exited unexpectedly during {what}"),
+            };
+            let r: Reply = serde_json::from_str(&line).with_context(|| format!("worker {i} said {line:?}"))?;
+            if let Reply::Failed { error } = &r {
+                bail!("load worker {i}: {error}");
+            }
+            replies.push(r);
+        }
+        Ok(replies)
+    }
+
+    /// Sends the same command to every worker.
+    pub fn all(&mut self, cmd: Command) -> anyhow::Result<Vec<Reply>> {
+        let cmds = vec![cmd; self.procs.len()];
+        self.each(&cmds)
+    }
+
+    pub fn connect(&mut self, roles: &[Role], total_rate: f64, max_in_flight: usize, timeout_ms: u64) -> anyhow::Result<Connected> {
+        let n = self.procs.len() as f64;
+        let replies = self.all(Command::Connect {
+            roles: roles.to_vec(),
+            rate_per_s: total_rate / n,
+            max_in_flight: (max_in_flight as f64 / n).ceil() as usize,
+            timeout_ms,
+        })?;
+        let mut c = Connected { ok: 0, failed: BTreeMap::new(), latency: new_histogram(), elapsed_us: 0 };
+        for r in replies {
+            let Reply::Connected(r) = r else { return Err(anyhow!("unexpected reply to connect")) };
+            c.ok += r.ok;
+            merge_counts(&mut c.failed, &r.failed);
+            merge_hist(&mut c.latency, &r.latency_us);
+            c.elapsed_us = c.elapsed_us.max(r.elapsed_us);
+        }
+        Ok(c)
+    }
+
+    pub fn report(&mut self) -> anyhow::Result<Stats> {
+        let mut s = Stats::default();
+        for r in self.all(Command::Report)? {
+            let Reply::Stats(r) = r else { return Err(anyhow!("unexpected reply to report")) };
+            s.add(&r);
+        }
+        Ok(s)
+    }
+
+    pub fn reset(&mut self) -> anyhow::Result<()> {
+        self.all(Command::Reset).map(|_| ())
+    }
+
+    /// Starts publishing: `total_rate` messages per second split by each worker's share of
+    /// publishers.
+    pub fn publish_start(&mut self, publishers_per_worker: &[usize], total_rate: f64, duration_ms: u64, text_bytes: usize) -> anyhow::Result<()> {
+        let total: usize = publishers_per_worker.iter().sum::<usize>().max(1);
+        let cmds: Vec<Command> = publishers_per_worker
+            .iter()
+            .map(|&p| Command::PublishStart { rate_per_s: total_rate * p as f64 / total as f64, duration_ms, text_bytes })
+            .collect();
+        self.each(&cmds).map(|_| ())
+    }
+
+    pub fn publish_wait(&mut self) -> anyhow::Result<Published> {
+        let mut p = Published { sent: 0, queued_sends: 0, lag: new_histogram(), elapsed_us: 0 };
+        for r in self.all(Command::PublishWait)? {
+            let Reply::Published(r) = r else { return Err(anyhow!("unexpected reply to publish")) };
+            p.sent += r.sent;
+            p.queued_sends += r.queued_sends;
+            merge_hist(&mut p.lag, &r.lag_us);
+            p.elapsed_us = p.elapsed_us.max(r.elapsed_us);
+        }
+        Ok(p)
+    }
+
+    pub fn close(&mut self, roles: &[Role], timeout_ms: u64) -> anyhow::Result<(u64, u64)> {
+        let mut t = (0, 0);
+        for r in self.all(Command::Close { roles: roles.to_vec(), timeout_ms })? {
+            if let Reply::Closed { closed, forced } = r {
+                t.0 += closed;
+                t.1 += forced;
+            }
+        }
+        Ok(t)
+    }
+
+    /// Polls until no frame has arrived for `quiet`, or `max` has passed; returns the last stats.
+    pub fn settle(&mut self, quiet: Duration, max: Duration) -> anyhow::Result<Stats> {
+        let t0 = Instant::now();
+        let mut last = self.report()?;
+        let mut still_since = Instant::now();
+        while t0.elapsed() < max {
+            std::thread::sleep(Duration::from_millis(250));
+            let s = self.report()?;
+            if s.frames != last.frames {
+                still_since = Instant::now();
+            } else if still_since.elapsed() >= quiet {
+                return Ok(s);
+            }
+            last = s;
+        }
+        Ok(last)
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            let _ = writeln!(p.stdin, "{}", serde_json::to_string(&Command::Exit).unwrap_or_default());
+            let _ = p.stdin.flush();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for p in &mut self.procs {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = p.child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if let Ok(None) = p.child.try_wait() {
+                let _ = p.child.kill();
+                let _ = p.child.wait();
+            }
+        }
+    }
+}
+
+pub struct Connected {
+    pub ok: u64,
+    pub failed: BTreeMap<String, u64>,
+    pub latency: Histogram<u64>,
+    pub elapsed_us: u64,
+}
+
+pub struct Published {
+    pub sent: u64,
+    pub queued_sends: u64,
+    pub lag: Histogram<u64>,
+    pub elapsed_us: u64,
+}
+
+/// Merged worker statistics.
+pub struct Stats {
+    pub deliveries: u64,
+    pub duplicates: u64,
+    pub gaps: u64,
+    pub late: u64,
+    pub presence: u64,
+    pub frames: u64,
+    pub bytes_in: u64,
+    pub reads: u64,
+    pub errors: BTreeMap<String, u64>,
+    pub ended: BTreeMap<String, u64>,
+    pub latency: Histogram<u64>,
+    pub open: u64,
+    pub cpu_us: u64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            deliveries: 0,
+            duplicates: 0,
+            gaps: 0,
+            late: 0,
+            presence: 0,
+            frames: 0,
+            bytes_in: 0,
+            reads: 0,
+            errors: BTreeMap::new(),
+            ended: BTreeMap::new(),
+            latency: new_histogram(),
+            open: 0,
+            cpu_us: 0,
+        }
+    }
+}
+
+impl Stats {
+    fn add(&mut self, r: &StatsReply) {
+        self.deliveries += r.deliveries;
+        self.duplicates += r.duplicates;
+        self.gaps += r.gaps;
+        self.late += r.late;
+        self.presence += r.presence;
+        self.frames += r.frames;
+        self.bytes_in += r.bytes_in;
+        self.reads += r.reads;
+        merge_counts(&mut self.errors, &r.errors);
+        merge_counts(&mut self.ended, &r.ended);
+        merge_hist(&mut self.latency, &r.latency_us);
+        self.open += r.open;
+        self.cpu_us += r.cpu_us;
+    }
+}
+
+pub fn merge_counts(into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>) {
+    for (k, v) in from {
+        *into.entry(k.clone()).or_default() += v;
+    }
+}
+
+pub fn merge_hist(into: &mut Histogram<u64>, pairs: &HistPairs) {
+    for &(v, c) in pairs {
+        let _ = into.record_n(v.min(into.high()), c);
+    }
+}

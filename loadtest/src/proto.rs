@@ -1,0 +1,145 @@
+//! What the coordinating process and its load workers say to each other: one JSON line per
+//! command on the worker's stdin, one JSON line per reply on its stdout.
+//!
+//! Workers are separate processes (the harness re-executes itself with `worker`) so that runs
+//! past one process's open-file limit work the same way as small ones, and so that client CPU is
+//! each worker's own rusage.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+
+/// What one connection does once it has joined its room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// Reads everything and counts message deliveries (loss, duplicates, latency).
+    Member,
+    /// Joins, then never reads again until told to drain (the `slow` scenario).
+    Slow,
+    /// Comes and goes in waves (the `churn` scenario); reads but counts nothing.
+    Churn,
+}
+
+/// One connection a worker is responsible for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConnSpec {
+    pub room: u32,
+    /// Globally unique; the connection's name is `u{id}`.
+    pub id: u32,
+    pub role: Role,
+    /// Publisher id if this connection publishes.
+    pub publisher: Option<u32>,
+}
+
+/// Everything a worker needs to know at start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerPlan {
+    pub worker: u32,
+    pub addr: SocketAddr,
+    pub host_header: String,
+    pub path: String,
+    pub token: String,
+    pub origin: String,
+    /// Source addresses to bind before connect, used round robin; empty for none.
+    pub sources: Vec<Ipv4Addr>,
+    /// Receive buffer for `Slow` connections, so they back up quickly.
+    pub slow_rcvbuf: Option<u32>,
+    pub conns: Vec<ConnSpec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Command {
+    /// Open every connection of these roles that is not open, at most `rate_per_s` new ones per
+    /// second and `max_in_flight` at once; reply when each has joined (history received) or failed.
+    Connect { roles: Vec<Role>, rate_per_s: f64, max_in_flight: usize, timeout_ms: u64 },
+    /// Zero the delivery counters and histograms.
+    Reset,
+    /// Start publishing from this worker's publishers: `rate_per_s` messages per second in total,
+    /// round robin, for `duration_ms`. Replies at once; `PublishWait` replies when done.
+    PublishStart { rate_per_s: f64, duration_ms: u64, text_bytes: usize },
+    PublishWait,
+    /// End a running publish early (the next `PublishWait` returns what was sent).
+    PublishStop,
+    /// Counters and histograms so far.
+    Report,
+    /// Send close 1000 on every open connection of these roles and wait (bounded) until closed.
+    Close { roles: Vec<Role>, timeout_ms: u64 },
+    /// Let `Slow` connections read again and tell how each one ended.
+    DrainSlow { timeout_ms: u64 },
+    /// Connect, wait for the first event, close; `count` times with `concurrency` at once.
+    Handshake { count: u64, concurrency: usize, timeout_ms: u64 },
+    Exit,
+}
+
+/// A histogram as (value, count) pairs, microseconds.
+pub type HistPairs = Vec<(u64, u64)>;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConnectReply {
+    pub ok: u64,
+    pub failed: BTreeMap<String, u64>,
+    pub latency_us: HistPairs,
+    pub elapsed_us: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PublishReply {
+    pub sent: u64,
+    /// Sends that could not be written at once and were queued behind earlier bytes.
+    pub queued_sends: u64,
+    /// How late sends were against their schedule (microseconds).
+    pub lag_us: HistPairs,
+    pub elapsed_us: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatsReply {
+    /// Message events received by `Member` connections that carried a load marker.
+    pub deliveries: u64,
+    pub duplicates: u64,
+    /// A counter that skipped ahead of the next expected one (lost or reordered messages).
+    pub gaps: u64,
+    /// A counter older than one already seen, not a duplicate of the last (reordering).
+    pub late: u64,
+    pub presence: u64,
+    pub other_events: u64,
+    pub frames: u64,
+    pub bytes_in: u64,
+    pub reads: u64,
+    pub errors: BTreeMap<String, u64>,
+    /// Connections the server ended, by how: `close_1013`, `eof`, `reset`, ...
+    pub ended: BTreeMap<String, u64>,
+    pub latency_us: HistPairs,
+    pub open: u64,
+    /// This worker's CPU time since it started (microseconds).
+    pub cpu_us: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DrainReply {
+    /// How each slow connection ended: `close_1013`, `eof`, `reset`, `open` (still open).
+    pub outcomes: BTreeMap<String, u64>,
+    pub bytes_drained: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HandshakeReply {
+    pub ok: u64,
+    pub failed: BTreeMap<String, u64>,
+    pub latency_us: HistPairs,
+    pub elapsed_us: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    Connected(ConnectReply),
+    Done,
+    Published(PublishReply),
+    Stats(StatsReply),
+    Closed { closed: u64, forced: u64 },
+    Drained(DrainReply),
+    Handshakes(HandshakeReply),
+    Failed { error: String },
+}

@@ -1,0 +1,872 @@
+//! A load worker: one process, one thread, many connections. It opens the connections of its
+//! plan, publishes on a schedule, and measures every delivery; the coordinator drives it with
+//! the commands in `proto`.
+//!
+//! Leanness on a 2-core machine is the design constraint. Everything runs on one tokio
+//! current-thread runtime; an idle connection holds only its socket and a few dozen bytes of
+//! state (no read buffer: every connection reads into one buffer owned by the thread and keeps
+//! only an incomplete frame's bytes); a read takes every frame queued on the socket at once; an
+//! event is classified from its first bytes and only message events are looked into.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, Write};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::task::{AbortHandle, JoinHandle};
+
+use crate::proto::*;
+use crate::sys;
+use crate::wire::{self, EventKind};
+
+/// The thread's shared read buffer. Large enough for a full history event (50 messages of 500
+/// characters, escaped) plus whatever else is queued behind it.
+const READ_BUFFER_BYTES: usize = 256 * 1024;
+
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 120_000_000, 3).expect("static histogram bounds are valid")
+}
+
+pub fn hist_pairs(h: &Histogram<u64>) -> HistPairs {
+    h.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect()
+}
+
+struct Stats {
+    deliveries: u64,
+    duplicates: u64,
+    gaps: u64,
+    late: u64,
+    presence: u64,
+    other_events: u64,
+    frames: u64,
+    bytes_in: u64,
+    reads: u64,
+    errors: BTreeMap<String, u64>,
+    ended: BTreeMap<String, u64>,
+    latency: Histogram<u64>,
+}
+
+impl Stats {
+    fn new() -> Self {
+        Stats {
+            deliveries: 0,
+            duplicates: 0,
+            gaps: 0,
+            late: 0,
+            presence: 0,
+            other_events: 0,
+            frames: 0,
+            bytes_in: 0,
+            reads: 0,
+            errors: BTreeMap::new(),
+            ended: BTreeMap::new(),
+            latency: new_histogram(),
+        }
+    }
+}
+
+/// One open connection, shared between its own task (which reads) and the publisher and
+/// command handlers (which queue bytes to write).
+struct Conn {
+    role: Role,
+    publisher: Option<u32>,
+    stream: TcpStream,
+    /// Bytes waiting to be written because the socket would not take them at once.
+    out: RefCell<Vec<u8>>,
+    /// The incomplete frame left over from the last read.
+    leftover: RefCell<Vec<u8>>,
+    /// A fragmented message being reassembled (never seen in practice; kept for correctness).
+    fragments: RefCell<Vec<u8>>,
+    /// Last counter seen per publisher, for loss / duplicate / reorder detection.
+    seen: RefCell<Vec<(u32, u32)>>,
+    wake: Notify,
+    closing: Cell<bool>,
+    draining: Cell<bool>,
+    mask_seed: Cell<u32>,
+    next_counter: Cell<u32>,
+}
+
+impl Conn {
+    /// Queues a frame; writes it at once when nothing is waiting ahead of it.
+    fn send(&self, frame: &[u8]) -> bool {
+        let mut out = self.out.borrow_mut();
+        if out.is_empty() {
+            match self.stream.try_write(frame) {
+                Ok(n) if n == frame.len() => return true,
+                Ok(n) => out.extend_from_slice(&frame[n..]),
+                Err(_) => out.extend_from_slice(frame),
+            }
+        } else {
+            out.extend_from_slice(frame);
+        }
+        drop(out);
+        self.wake.notify_one();
+        false
+    }
+
+    fn send_control(&self, opcode: u8, payload: &[u8]) {
+        let mut frame = Vec::with_capacity(payload.len() + 8);
+        let mut seed = self.mask_seed.get();
+        wire::push_client_frame(&mut frame, opcode, payload, &mut seed);
+        self.mask_seed.set(seed);
+        self.send(&frame);
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        let mut out = self.out.borrow_mut();
+        while !out.is_empty() {
+            match self.stream.try_write(&out) {
+                Ok(n) => {
+                    out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if out.is_empty() && out.capacity() > 64 * 1024 {
+            *out = Vec::new();
+        }
+        Ok(())
+    }
+}
+
+struct Worker {
+    plan: WorkerPlan,
+    stats: RefCell<Stats>,
+    conns: RefCell<Vec<Option<Rc<Conn>>>>,
+    tasks: RefCell<Vec<Option<AbortHandle>>>,
+    open: Cell<[u64; 3]>,
+    read_buf: RefCell<Vec<u8>>,
+    slow_outcomes: RefCell<BTreeMap<String, u64>>,
+    slow_bytes: Cell<u64>,
+    stop_publishing: Cell<bool>,
+    started_cpu_us: u64,
+}
+
+fn role_index(r: Role) -> usize {
+    match r {
+        Role::Member => 0,
+        Role::Slow => 1,
+        Role::Churn => 2,
+    }
+}
+
+impl Worker {
+    fn add_open(&self, role: Role, delta: i64) {
+        let mut o = self.open.get();
+        let i = role_index(role);
+        o[i] = (o[i] as i64 + delta).max(0) as u64;
+        self.open.set(o);
+    }
+
+    fn open_of(&self, roles: &[Role]) -> u64 {
+        let o = self.open.get();
+        roles.iter().map(|r| o[role_index(*r)]).sum()
+    }
+}
+
+/// How a connection ended.
+enum End {
+    /// We closed it (close handshake done or EOF after our close).
+    Ours,
+    /// The server closed it or the socket failed: `close_CODE`, `eof`, `reset`, `error`.
+    Server(String),
+    /// It never joined: reason.
+    JoinFailed(String),
+}
+
+/// Connects, upgrades, and returns the stream with any bytes that arrived after the head.
+async fn open_socket(
+    w: &Worker,
+    spec: &ConnSpec,
+    source_index: usize,
+) -> Result<(TcpStream, Vec<u8>), String> {
+    let plan = &w.plan;
+    let sock = match plan.addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(|e| format!("socket: {}", e.kind()))?;
+    if spec.role == Role::Slow {
+        if let Some(bytes) = plan.slow_rcvbuf {
+            let _ = sock.set_recv_buffer_size(bytes);
+        }
+    }
+    if !plan.sources.is_empty() && plan.addr.is_ipv4() {
+        sys::set_bind_address_no_port(&sock);
+        let src = plan.sources[source_index % plan.sources.len()];
+        sock.bind(SocketAddr::new(src.into(), 0)).map_err(|e| format!("bind: {}", e.kind()))?;
+    }
+    let mut stream = sock.connect(plan.addr).await.map_err(|e| match e.kind() {
+        io::ErrorKind::ConnectionRefused => "connect_refused".to_owned(),
+        io::ErrorKind::AddrNotAvailable => "no_source_port".to_owned(),
+        k => format!("connect_{k}").to_lowercase().replace(' ', "_"),
+    })?;
+    let _ = stream.set_nodelay(true);
+    let name = format!("u{}", spec.id);
+    let room = format!("r{}", spec.room);
+    let path = format!(
+        "{}?token={}&name={}&room={}",
+        plan.path,
+        wire::query_escape(&plan.token),
+        wire::query_escape(&name),
+        wire::query_escape(&room)
+    );
+    let request = wire::upgrade_request(&plan.host_header, &path, &plan.origin);
+    stream.write_all(&request).await.map_err(|_| "write_request".to_owned())?;
+    let mut head = Vec::with_capacity(512);
+    let mut chunk = [0u8; 2048];
+    loop {
+        let n = stream.read(&mut chunk).await.map_err(|_| "read_response".to_owned())?;
+        if n == 0 {
+            return Err("eof_before_response".to_owned());
+        }
+        head.extend_from_slice(&chunk[..n]);
+        if let Some(end) = wire::response_head_end(&head) {
+            match wire::response_status(&head[..end]) {
+                Some(101) => return Ok((stream, head.split_off(end))),
+                Some(code) => return Err(format!("http_{code}")),
+                None => return Err("bad_response".to_owned()),
+            }
+        }
+        if head.len() > 16 * 1024 {
+            return Err("response_head_too_long".to_owned());
+        }
+    }
+}
+
+/// Handles every complete frame at the start of `data`; returns bytes consumed and, if the
+/// connection must end, how.
+fn process_frames(
+    w: &Worker,
+    conn: &Conn,
+    data: &[u8],
+    now_ns: u64,
+    joined: &mut Option<(Instant, mpsc::UnboundedSender<(usize, Result<u64, String>)>, usize)>,
+) -> (usize, Option<End>) {
+    let mut used = 0;
+    let mut stats = w.stats.borrow_mut();
+    loop {
+        let parsed = match wire::parse_frame(&data[used..]) {
+            Ok(Some(p)) => p,
+            Ok(None) => return (used, None),
+            Err(e) => return (used, Some(End::Server(format!("protocol_{e:?}").to_lowercase()))),
+        };
+        let (frame, len) = parsed;
+        used += len;
+        stats.frames += 1;
+        let mut assembled;
+        let payload: &[u8] = match frame.opcode {
+            wire::OP_TEXT | wire::OP_CONT | wire::OP_BINARY if !frame.fin || frame.opcode == wire::OP_CONT => {
+                let mut f = conn.fragments.borrow_mut();
+                f.extend_from_slice(frame.payload);
+                if !frame.fin {
+                    continue;
+                }
+                assembled = std::mem::take(&mut *f);
+                assembled.shrink_to_fit();
+                &assembled
+            }
+            _ => frame.payload,
+        };
+        match frame.opcode {
+            wire::OP_TEXT | wire::OP_CONT => match wire::event_kind(payload) {
+                EventKind::Message => {
+                    if conn.role != Role::Member {
+                        continue;
+                    }
+                    let Some(m) = wire::parse_marker(payload) else {
+                        stats.other_events += 1;
+                        continue;
+                    };
+                    stats.deliveries += 1;
+                    let lat_us = now_ns.saturating_sub(m.sent_ns) / 1000;
+                    stats.latency.saturating_record(lat_us.max(1));
+                    let mut seen = conn.seen.borrow_mut();
+                    match seen.iter_mut().find(|(p, _)| *p == m.publisher) {
+                        Some((_, last)) => {
+                            if m.counter == *last {
+                                stats.duplicates += 1;
+                            } else if m.counter < *last {
+                                stats.late += 1;
+                            } else {
+                                if m.counter > *last + 1 {
+                                    stats.gaps += 1;
+                                }
+                                *last = m.counter;
+                            }
+                        }
+                        None => seen.push((m.publisher, m.counter)),
+                    }
+                }
+                EventKind::Presence => stats.presence += 1,
+                EventKind::History => {
+                    stats.other_events += 1;
+                    if let Some((t0, tx, idx)) = joined.take() {
+                        let _ = tx.send((idx, Ok(t0.elapsed().as_micros() as u64)));
+                    }
+                }
+                EventKind::Error => {
+                    *stats.errors.entry(wire::error_code(payload)).or_default() += 1;
+                }
+                _ => stats.other_events += 1,
+            },
+            wire::OP_PING => conn.send_control(wire::OP_PONG, payload),
+            wire::OP_CLOSE => {
+                let code = if payload.len() >= 2 { u16::from_be_bytes([payload[0], payload[1]]) } else { 1005 };
+                if conn.closing.get() {
+                    return (used, Some(End::Ours));
+                }
+                conn.send_control(wire::OP_CLOSE, &payload[..payload.len().min(2)]);
+                let _ = conn.flush();
+                return (used, Some(End::Server(format!("close_{code}"))));
+            }
+            wire::OP_PONG => {}
+            _ => stats.other_events += 1,
+        }
+    }
+}
+
+/// Reads everything queued on the socket and handles it. Returns Some(End) when the
+/// connection is over.
+fn on_readable(
+    w: &Worker,
+    conn: &Conn,
+    joined: &mut Option<(Instant, mpsc::UnboundedSender<(usize, Result<u64, String>)>, usize)>,
+) -> Option<End> {
+    let mut buf = w.read_buf.borrow_mut();
+    let mut filled = {
+        let mut lo = conn.leftover.borrow_mut();
+        let n = lo.len();
+        buf[..n].copy_from_slice(&lo);
+        lo.clear();
+        if lo.capacity() > 4096 {
+            *lo = Vec::new();
+        }
+        n
+    };
+    let mut end = None;
+    loop {
+        match conn.stream.try_read(&mut buf[filled..]) {
+            Ok(0) => {
+                end = Some(if conn.closing.get() { End::Ours } else { End::Server("eof".into()) });
+                break;
+            }
+            Ok(n) => {
+                let now_ns = sys::monotonic_ns();
+                {
+                    let mut s = w.stats.borrow_mut();
+                    s.reads += 1;
+                    s.bytes_in += n as u64;
+                }
+                if conn.role == Role::Slow {
+                    w.slow_bytes.set(w.slow_bytes.get() + n as u64);
+                }
+                filled += n;
+                let (used, e) = process_frames(w, conn, &buf[..filled], now_ns, joined);
+                if e.is_some() {
+                    end = e;
+                    filled = 0;
+                    break;
+                }
+                buf.copy_within(used..filled, 0);
+                filled -= used;
+                if filled == buf.len() {
+                    end = Some(End::Server("frame_too_large".into()));
+                    filled = 0;
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => {
+                end = Some(End::Server(match e.kind() {
+                    io::ErrorKind::ConnectionReset => "reset".into(),
+                    k => format!("error_{k:?}").to_lowercase(),
+                }));
+                break;
+            }
+        }
+    }
+    if filled > 0 {
+        conn.leftover.borrow_mut().extend_from_slice(&buf[..filled]);
+    }
+    let _ = conn.flush();
+    end
+}
+
+type JoinTx = mpsc::UnboundedSender<(usize, Result<u64, String>)>;
+
+async fn run_conn(w: Rc<Worker>, index: usize, join_deadline: Instant, tx: JoinTx) {
+    let spec = w.plan.conns[index].clone();
+    let t0 = Instant::now();
+    let opened = tokio::time::timeout_at(join_deadline.into(), open_socket(&w, &spec, index)).await;
+    let (stream, early) = match opened {
+        Ok(Ok(s)) => s,
+        Ok(Err(reason)) => {
+            let _ = tx.send((index, Err(reason)));
+            return;
+        }
+        Err(_) => {
+            let _ = tx.send((index, Err("timeout_handshake".into())));
+            return;
+        }
+    };
+    let conn = Rc::new(Conn {
+        role: spec.role,
+        publisher: spec.publisher,
+        stream,
+        out: RefCell::new(Vec::new()),
+        leftover: RefCell::new(early),
+        fragments: RefCell::new(Vec::new()),
+        seen: RefCell::new(Vec::new()),
+        wake: Notify::new(),
+        closing: Cell::new(false),
+        draining: Cell::new(false),
+        mask_seed: Cell::new(0x9e37_79b9 ^ (spec.id.wrapping_mul(2_654_435_761))),
+        next_counter: Cell::new(1),
+    });
+    w.conns.borrow_mut()[index] = Some(conn.clone());
+    w.add_open(spec.role, 1);
+    let mut joined = Some((t0, tx, index));
+    let has_early = !conn.leftover.borrow().is_empty();
+    let mut end = if has_early { process_early(&w, &conn, &mut joined) } else { None };
+
+    while end.is_none() {
+        if conn.role == Role::Slow && joined.is_none() && !conn.draining.get() {
+            conn.wake.notified().await;
+            continue;
+        }
+        let want_write = !conn.out.borrow().is_empty();
+        let interest = if want_write { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+        let ready = if joined.is_some() {
+            tokio::select! {
+                r = conn.stream.ready(interest) => r,
+                _ = conn.wake.notified() => continue,
+                _ = tokio::time::sleep_until(join_deadline.into()) => {
+                    end = Some(End::JoinFailed("timeout_join".into()));
+                    break;
+                }
+            }
+        } else {
+            tokio::select! {
+                r = conn.stream.ready(interest) => r,
+                _ = conn.wake.notified() => continue,
+            }
+        };
+        let ready = match ready {
+            Ok(r) => r,
+            Err(_) => {
+                end = Some(End::Server("error".into()));
+                break;
+            }
+        };
+        if ready.is_writable() && conn.flush().is_err() {
+            end = Some(End::Server("reset".into()));
+            break;
+        }
+        if ready.is_readable() || ready.is_read_closed() {
+            end = on_readable(&w, &conn, &mut joined);
+        }
+    }
+    w.conns.borrow_mut()[index] = None;
+    w.add_open(spec.role, -1);
+    let end = end.expect("loop exits only with an end");
+    if let Some((_, tx, idx)) = joined.take() {
+        let reason = match &end {
+            End::JoinFailed(r) | End::Server(r) => r.clone(),
+            End::Ours => "closed_before_join".into(),
+        };
+        let _ = tx.send((idx, Err(reason)));
+        return;
+    }
+    let outcome = match end {
+        End::Ours => return,
+        End::Server(r) | End::JoinFailed(r) => r,
+    };
+    if conn.role == Role::Slow {
+        *w.slow_outcomes.borrow_mut().entry(outcome.clone()).or_default() += 1;
+    }
+    *w.stats.borrow_mut().ended.entry(outcome).or_default() += 1;
+}
+
+/// Handles frames that arrived together with the upgrade response.
+fn process_early(
+    w: &Worker,
+    conn: &Conn,
+    joined: &mut Option<(Instant, JoinTx, usize)>,
+) -> Option<End> {
+    let data = std::mem::take(&mut *conn.leftover.borrow_mut());
+    let (used, end) = process_frames(w, conn, &data, sys::monotonic_ns(), joined);
+    if end.is_none() {
+        conn.leftover.borrow_mut().extend_from_slice(&data[used..]);
+    }
+    end
+}
+
+async fn connect(w: &Rc<Worker>, roles: &[Role], rate: f64, max_in_flight: usize, timeout_ms: u64) -> ConnectReply {
+    let t0 = Instant::now();
+    let todo: Vec<usize> = {
+        let conns = w.conns.borrow();
+        (0..w.plan.conns.len())
+            .filter(|&i| roles.contains(&w.plan.conns[i].role) && conns[i].is_none())
+            .collect()
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let permits = Rc::new(Semaphore::new(max_in_flight.max(1)));
+    let mut reply = ConnectReply::default();
+    let mut hist = new_histogram();
+    let interval = if rate > 0.0 { Duration::from_secs_f64(1.0 / rate) } else { Duration::ZERO };
+    let mut done = 0usize;
+    let record = |res: Result<u64, String>, reply: &mut ConnectReply, hist: &mut Histogram<u64>| match res {
+        Ok(us) => {
+            reply.ok += 1;
+            hist.saturating_record(us.max(1));
+        }
+        Err(reason) => *reply.failed.entry(reason).or_default() += 1,
+    };
+    for (k, &index) in todo.iter().enumerate() {
+        let due = t0 + interval.mul_f64(k as f64);
+        tokio::time::sleep_until(due.into()).await;
+        // Wait for an in-flight slot, collecting finished joins meanwhile.
+        loop {
+            while let Ok((_, res)) = rx.try_recv() {
+                done += 1;
+                permits.add_permits(1);
+                record(res, &mut reply, &mut hist);
+            }
+            if let Ok(p) = permits.try_acquire() {
+                p.forget();
+                break;
+            }
+            if let Some((_, res)) = rx.recv().await {
+                done += 1;
+                permits.add_permits(1);
+                record(res, &mut reply, &mut hist);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+        let handle = tokio::task::spawn_local(run_conn(w.clone(), index, deadline, tx.clone()));
+        w.tasks.borrow_mut()[index] = Some(handle.abort_handle());
+    }
+    drop(tx);
+    while done < todo.len() {
+        match rx.recv().await {
+            Some((_, res)) => {
+                done += 1;
+                record(res, &mut reply, &mut hist);
+            }
+            None => break,
+        }
+    }
+    reply.latency_us = hist_pairs(&hist);
+    reply.elapsed_us = t0.elapsed().as_micros() as u64;
+    reply
+}
+
+async fn publish(w: Rc<Worker>, rate: f64, duration_ms: u64, text_bytes: usize) -> PublishReply {
+    let publishers: Vec<Rc<Conn>> =
+        w.conns.borrow().iter().flatten().filter(|c| c.publisher.is_some()).cloned().collect();
+    let mut reply = PublishReply::default();
+    let t0 = Instant::now();
+    if publishers.is_empty() || rate <= 0.0 {
+        return reply;
+    }
+    let total = (rate * duration_ms as f64 / 1000.0).round() as u64;
+    let mut lag = new_histogram();
+    let mut frame = Vec::with_capacity(text_bytes + 64);
+    let mut since_yield = 0u32;
+    w.stop_publishing.set(false);
+    for k in 0..total {
+        if w.stop_publishing.get() {
+            break;
+        }
+        let due = t0 + Duration::from_secs_f64(k as f64 / rate);
+        let now = Instant::now();
+        if due > now {
+            tokio::time::sleep_until(due.into()).await;
+            since_yield = 0;
+        } else {
+            since_yield += 1;
+            if since_yield >= 64 {
+                tokio::task::yield_now().await;
+                since_yield = 0;
+            }
+        }
+        let conn = &publishers[(k % publishers.len() as u64) as usize];
+        if conn.closing.get() {
+            continue;
+        }
+        let counter = conn.next_counter.get();
+        conn.next_counter.set(counter + 1);
+        let marker = wire::Marker {
+            publisher: conn.publisher.expect("filtered to publishers"),
+            counter,
+            sent_ns: sys::monotonic_ns(),
+        };
+        let body = wire::message_json(marker, text_bytes);
+        frame.clear();
+        let mut seed = conn.mask_seed.get();
+        wire::push_client_frame(&mut frame, wire::OP_TEXT, &body, &mut seed);
+        conn.mask_seed.set(seed);
+        if !conn.send(&frame) {
+            reply.queued_sends += 1;
+        }
+        reply.sent += 1;
+        lag.saturating_record(Instant::now().saturating_duration_since(due).as_micros() as u64 + 1);
+    }
+    reply.lag_us = hist_pairs(&lag);
+    reply.elapsed_us = t0.elapsed().as_micros() as u64;
+    reply
+}
+
+async fn close(w: &Rc<Worker>, roles: &[Role], timeout_ms: u64) -> (u64, u64) {
+    let targets: Vec<(usize, Rc<Conn>)> = w
+        .conns
+        .borrow()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| c.as_ref().filter(|c| roles.contains(&c.role)).map(|c| (i, c.clone())))
+        .collect();
+    for (_, c) in &targets {
+        c.closing.set(true);
+        c.draining.set(true);
+        c.send_control(wire::OP_CLOSE, &1000u16.to_be_bytes());
+    }
+    drop(targets);
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+    let before = w.open_of(roles);
+    while w.open_of(roles) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut forced = 0;
+    let mut tasks = w.tasks.borrow_mut();
+    let mut conns = w.conns.borrow_mut();
+    for i in 0..conns.len() {
+        if let Some(c) = &conns[i] {
+            if roles.contains(&c.role) {
+                if let Some(t) = tasks[i].take() {
+                    t.abort();
+                }
+                forced += 1;
+                let role = c.role;
+                conns[i] = None;
+                w.add_open(role, -1);
+            }
+        }
+    }
+    (before, forced)
+}
+
+async fn drain_slow(w: &Rc<Worker>, timeout_ms: u64) -> DrainReply {
+    let slow: Vec<Rc<Conn>> =
+        w.conns.borrow().iter().flatten().filter(|c| c.role == Role::Slow).cloned().collect();
+    for c in &slow {
+        c.draining.set(true);
+        c.wake.notify_one();
+    }
+    drop(slow);
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+    while w.open_of(&[Role::Slow]) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let still_open = w.open_of(&[Role::Slow]);
+    let mut outcomes = std::mem::take(&mut *w.slow_outcomes.borrow_mut());
+    if still_open > 0 {
+        *outcomes.entry("open".into()).or_default() += still_open;
+        close(w, &[Role::Slow], 1000).await;
+        w.slow_outcomes.borrow_mut().clear();
+    }
+    DrainReply { outcomes, bytes_drained: w.slow_bytes.get() }
+}
+
+/// One handshake: connect, upgrade, wait for the first event, close. Returns microseconds to
+/// the first event.
+async fn one_handshake(w: &Worker, seq: u64, room: u32) -> Result<u64, String> {
+    let t0 = Instant::now();
+    let spec = ConnSpec { room, id: 1_000_000 + seq as u32, role: Role::Churn, publisher: None };
+    let (mut stream, mut early) = open_socket(w, &spec, seq as usize).await?;
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Ok(Some(_)) = wire::parse_frame(&early) {
+            break;
+        }
+        let n = stream.read(&mut chunk).await.map_err(|_| "read_event".to_owned())?;
+        if n == 0 {
+            return Err("eof_before_event".into());
+        }
+        early.extend_from_slice(&chunk[..n]);
+    }
+    let us = t0.elapsed().as_micros() as u64;
+    let mut close = Vec::new();
+    let mut seed = seq as u32 | 1;
+    wire::push_client_frame(&mut close, wire::OP_CLOSE, &1000u16.to_be_bytes(), &mut seed);
+    let _ = stream.write_all(&close).await;
+    // Wait (bounded) for the server to finish the close handshake so the server, not the
+    // client, holds TIME_WAIT.
+    let _ = tokio::time::timeout(Duration::from_millis(1000), async {
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    Ok(us)
+}
+
+async fn handshakes(w: &Rc<Worker>, count: u64, concurrency: usize, timeout_ms: u64) -> HandshakeReply {
+    let t0 = Instant::now();
+    let next = Rc::new(Cell::new(0u64));
+    let results = Rc::new(RefCell::new((new_histogram(), BTreeMap::<String, u64>::new(), 0u64)));
+    let mut loops = Vec::new();
+    for lane in 0..concurrency.max(1) {
+        let (w, next, results) = (w.clone(), next.clone(), results.clone());
+        loops.push(tokio::task::spawn_local(async move {
+            loop {
+                let seq = next.get();
+                if seq >= count {
+                    break;
+                }
+                next.set(seq + 1);
+                let room = 900_000 + w.plan.worker * 10_000 + lane as u32;
+                let res = tokio::time::timeout(Duration::from_millis(timeout_ms), one_handshake(&w, seq, room)).await;
+                let mut r = results.borrow_mut();
+                match res {
+                    Ok(Ok(us)) => {
+                        r.0.saturating_record(us.max(1));
+                        r.2 += 1;
+                    }
+                    Ok(Err(reason)) => *r.1.entry(reason).or_default() += 1,
+                    Err(_) => *r.1.entry("timeout".into()).or_default() += 1,
+                }
+            }
+        }));
+    }
+    for l in loops {
+        let _ = l.await;
+    }
+    let r = results.borrow();
+    HandshakeReply {
+        ok: r.2,
+        failed: r.1.clone(),
+        latency_us: hist_pairs(&r.0),
+        elapsed_us: t0.elapsed().as_micros() as u64,
+    }
+}
+
+fn reply(r: &Reply) {
+    let line = serde_json::to_string(r).expect("replies always serialise");
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Entry point of `roomcast-load worker`: reads the plan and then commands from stdin.
+pub fn main() -> anyhow::Result<()> {
+    sys::raise_nofile_limit();
+    let mut plan_line = String::new();
+    io::stdin().lock().read_line(&mut plan_line)?;
+    let plan: WorkerPlan = serde_json::from_str(&plan_line)?;
+    // Commands arrive on a plain thread so the runtime thread never blocks on stdin.
+    let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<Command>();
+    std::thread::spawn(move || {
+        for line in io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            match serde_json::from_str::<Command>(&line) {
+                Ok(c) => {
+                    if cmd_tx.send(c).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => reply(&Reply::Failed { error: format!("bad command: {e}") }),
+            }
+        }
+        let _ = cmd_tx.send(Command::Exit);
+    });
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let local = tokio::task::LocalSet::new();
+    let n = plan.conns.len();
+    let w = Rc::new(Worker {
+        plan,
+        stats: RefCell::new(Stats::new()),
+        conns: RefCell::new(vec![None; n]),
+        tasks: RefCell::new(vec![None; n]),
+        open: Cell::new([0; 3]),
+        read_buf: RefCell::new(vec![0u8; READ_BUFFER_BYTES]),
+        slow_outcomes: RefCell::new(BTreeMap::new()),
+        slow_bytes: Cell::new(0),
+        stop_publishing: Cell::new(false),
+        started_cpu_us: sys::process_cpu_us(),
+    });
+    local.block_on(&rt, async move {
+        let mut publishing: Option<JoinHandle<PublishReply>> = None;
+        while let Some(cmd) = cmd_rx.recv().await {
+            match cmd {
+                Command::Connect { roles, rate_per_s, max_in_flight, timeout_ms } => {
+                    let r = connect(&w, &roles, rate_per_s, max_in_flight, timeout_ms).await;
+                    reply(&Reply::Connected(r));
+                }
+                Command::Reset => {
+                    *w.stats.borrow_mut() = Stats::new();
+                    reply(&Reply::Done);
+                }
+                Command::PublishStart { rate_per_s, duration_ms, text_bytes } => {
+                    publishing = Some(tokio::task::spawn_local(publish(w.clone(), rate_per_s, duration_ms, text_bytes)));
+                    reply(&Reply::Done);
+                }
+                Command::PublishWait => {
+                    let r = match publishing.take() {
+                        Some(h) => h.await.unwrap_or_default(),
+                        None => PublishReply::default(),
+                    };
+                    reply(&Reply::Published(r));
+                }
+                Command::PublishStop => {
+                    w.stop_publishing.set(true);
+                    reply(&Reply::Done);
+                }
+                Command::Report => {
+                    let s = w.stats.borrow();
+                    let o = w.open.get();
+                    reply(&Reply::Stats(StatsReply {
+                        deliveries: s.deliveries,
+                        duplicates: s.duplicates,
+                        gaps: s.gaps,
+                        late: s.late,
+                        presence: s.presence,
+                        other_events: s.other_events,
+                        frames: s.frames,
+                        bytes_in: s.bytes_in,
+                        reads: s.reads,
+                        errors: s.errors.clone(),
+                        ended: s.ended.clone(),
+                        latency_us: hist_pairs(&s.latency),
+                        open: o.iter().sum(),
+                        cpu_us: sys::process_cpu_us() - w.started_cpu_us,
+                    }));
+                }
+                Command::Close { roles, timeout_ms } => {
+                    let (closed, forced) = close(&w, &roles, timeout_ms).await;
+                    reply(&Reply::Closed { closed, forced });
+                }
+                Command::DrainSlow { timeout_ms } => {
+                    let r = drain_slow(&w, timeout_ms).await;
+                    reply(&Reply::Drained(r));
+                }
+                Command::Handshake { count, concurrency, timeout_ms } => {
+                    let r = handshakes(&w, count, concurrency, timeout_ms).await;
+                    reply(&Reply::Handshakes(r));
+                }
+                Command::Exit => break,
+            }
+        }
+    });
+    Ok(())
+}
