@@ -27,7 +27,7 @@ pub struct Args {
     /// Port to listen on (0 picks a free port; the chosen one is printed at start).
     #[arg(long, env = "PORT", default_value_t = 8080)]
     pub port: u16,
-    /// Shared token a client must present as `token=` in the upgrade URL.
+    /// Shared token a client must present as `token=` in the upgrade URL [default: dev-token, for development only].
     #[arg(long, env = "CHAT_TOKEN", default_value = DEV_TOKEN, hide_default_value = true)]
     pub chat_token: String,
     /// Comma-separated Origin allow-list [default: http://localhost:PORT,http://127.0.0.1:PORT].

@@ -625,3 +625,23 @@ mod tests {
         assert!(!w.over(10_000, 10_000, 1));
     }
 }
+
+#[cfg(test)]
+mod budget {
+    /// The per-connection memory budget (ARCHITECTURE.md): these structs are what an idle
+    /// connection holds. Growing them is allowed, silently growing them is not.
+    #[test]
+    fn idle_connection_state_stays_within_budget() {
+        let conn = std::mem::size_of::<super::Connection>();
+        let outbox = std::mem::size_of::<crate::outbox::Outbox>();
+        eprintln!("Connection = {conn} B, Outbox = {outbox} B");
+        assert!(
+            conn <= 160,
+            "Connection grew to {conn} B; update ARCHITECTURE.md's budget"
+        );
+        assert!(
+            outbox <= 112,
+            "Outbox grew to {outbox} B; update ARCHITECTURE.md's budget"
+        );
+    }
+}
