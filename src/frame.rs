@@ -38,6 +38,8 @@ pub enum FrameError {
     Protocol(&'static str),
     #[error("frame larger than the payload limit")]
     TooBig,
+    #[error("text that is not valid UTF-8")]
+    InvalidUtf8,
 }
 
 impl FrameError {
@@ -45,6 +47,7 @@ impl FrameError {
         match self {
             FrameError::Protocol(_) => 1002,
             FrameError::TooBig => 1009,
+            FrameError::InvalidUtf8 => 1007,
         }
     }
 }
@@ -202,7 +205,7 @@ pub fn parse_close_payload(payload: &[u8]) -> Result<u16, FrameError> {
                 return Err(FrameError::Protocol("invalid close code"));
             }
             if std::str::from_utf8(&payload[2..]).is_err() {
-                return Err(FrameError::Protocol("close reason is not UTF-8"));
+                return Err(FrameError::InvalidUtf8);
             }
             Ok(code)
         }
@@ -302,6 +305,9 @@ mod tests {
         assert_eq!(parse_close_payload(&[0x03, 0xE8]), Ok(1000));
         assert!(parse_close_payload(&[0x03]).is_err());
         assert!(parse_close_payload(&[0x03, 0xED]).is_err()); // 1005 is never sent on the wire
-        assert!(parse_close_payload(&[0x03, 0xE8, 0xFF]).is_err());
+        assert_eq!(
+            parse_close_payload(&[0x03, 0xE8, 0xFF]),
+            Err(FrameError::InvalidUtf8)
+        );
     }
 }

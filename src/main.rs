@@ -42,23 +42,29 @@ fn main() -> anyhow::Result<()> {
             if settings.uses_dev_token() {
                 tracing::warn!("CHAT_TOKEN is the development token 'dev-token'; set CHAT_TOKEN before exposing this relay");
             }
+            // Install the signal handlers before announcing readiness: a SIGTERM right after the
+            // start line must drain, not kill.
+            let shutdown = shutdown_signal()?;
             let mut stdout = std::io::stdout().lock();
             writeln!(stdout, "roomcast listening on http://{addr} (max connections {max}, open-file limit {nofile})")?;
             stdout.flush()?;
             drop(stdout);
             tracing::info!(%addr, max_connections = max, open_file_limit = nofile, origins = ?settings.allowed_origins, "ready");
-            server::run(listener, settings, Some(prometheus), shutdown_signal()).await?;
+            server::run(listener, settings, Some(prometheus), shutdown).await?;
             tracing::info!("stopped");
             Ok(())
         })
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// A future that resolves on SIGINT or SIGTERM; the handlers are installed when this returns.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }

@@ -199,10 +199,24 @@ pub async fn run(
         tokio::spawn(metrics_upkeep(relay.clone(), stop.clone())),
     ];
 
+    // While draining, the listener stays open: `/readyz` answers 503 and upgrades are refused
+    // with 503 (`shutting_down`) instead of connections being refused outright.
     tokio::pin!(shutdown);
+    let mut drain_until: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = &mut shutdown, if drain_until.is_none() => {
+                tracing::info!(connections = relay.connection_count(), "shutting down");
+                relay.shutting_down.store(true, Ordering::Release);
+                relay.registry.close_all(1001);
+                drain_until = Some(tokio::time::Instant::now() + relay.settings.shutdown_drain);
+            }
+            _ = tokio::time::sleep(Duration::from_millis(10)), if drain_until.is_some() => {
+                let over = drain_until.is_some_and(|t| tokio::time::Instant::now() >= t);
+                if relay.connection_count() == 0 || over {
+                    break;
+                }
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
@@ -217,15 +231,18 @@ pub async fn run(
         }
     }
 
-    tracing::info!(connections = relay.connection_count(), "shutting down");
-    relay.shutting_down.store(true, Ordering::Release);
     drop(listener);
-    relay.registry.close_all(1001);
     stop.cancel();
     relay.tracker.close();
-    if tokio::time::timeout(relay.settings.shutdown_drain, relay.tracker.wait())
+    // What is left: HTTP requests finishing and closing handshakes; a short, bounded wait.
+    let left = drain_until.map_or(Duration::ZERO, |t| {
+        t.saturating_duration_since(tokio::time::Instant::now())
+    });
+    let last_wait = left.clamp(Duration::from_millis(100), Duration::from_secs(1));
+    if tokio::time::timeout(last_wait, relay.tracker.wait())
         .await
         .is_err()
+        || relay.connection_count() > 0
     {
         tracing::warn!(
             left = relay.connection_count(),

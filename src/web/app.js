@@ -117,7 +117,7 @@ client.on('status', (s) => {
       const secs = (s.delayMs / 1000).toFixed(1);
       setStatus('reconnecting', `${why}. Reconnecting in ${secs} s (attempt ${s.attempt})…`);
       if (wasOpen) {
-        addNotice('outage', `Connection lost (${describeClose(s.code)}). Reconnecting automatically; messages you send are kept until it is back.`);
+        addNotice('outage', `Connection lost: ${describeClose(s.code)}. Reconnecting automatically; messages you send are kept until it is back.`);
         wasOpen = false; // one notice per outage
       }
       break;
@@ -158,11 +158,18 @@ client.on('presence', ({ online, message }) => {
 
 client.on('queue', ({ queued }) => { ui.queued.textContent = String(queued); });
 
-client.on('error', ({ code, message, text, willRetry, retryInMs }) => {
-  const what = ERROR_TEXT[code] ?? `The relay reported an error (${code}).`;
-  const fate = willRetry ? `Trying again in ${Math.ceil(retryInMs / 1000)} s:` : 'Not sent:';
-  const detail = message ? ` (${message})` : '';
-  addNotice(`error-${code}`, `${what}${detail} ${text != null ? `${fate}${quote(text)}` : ''}`.trim(), 'error');
+let lastRetry = null; // {requestId, li}: repeated rate-limit refusals of one message update one line
+
+client.on('error', ({ code, message, text, requestId, willRetry, retryInMs }) => {
+  const what = ERROR_TEXT[code] ?? `The relay reported an error (${code}${message ? `: ${message}` : ''}).`;
+  const fate = text == null ? '' : willRetry ? ` Sending again in ${Math.ceil(retryInMs / 1000)} s:` : ' Not sent:';
+  const line = `${what}${fate}${quote(text)}`;
+  if (willRetry && lastRetry?.requestId === requestId && ui.log.lastElementChild === lastRetry.li) {
+    lastRetry.li.textContent = line;
+    return;
+  }
+  addNotice(`error-${code}`, line, 'error');
+  lastRetry = willRetry ? { requestId, li: ui.log.lastElementChild } : null;
 });
 
 client.on('notice', ({ kind, message, text }) => {
