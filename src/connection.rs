@@ -24,6 +24,7 @@ use crate::frame::{self, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG,
 use crate::hub::{Membership, Resume};
 use crate::outbox::{Outbox, Pushed};
 use crate::protocol::{self, ErrorCode};
+use crate::rate::Window;
 use crate::server::Registration;
 use crate::server::{ConnectionPermit, Relay};
 
@@ -64,32 +65,6 @@ enum Ready {
     Work,
     Readable,
     Writable,
-}
-
-/// Fixed-window counter for the rate limit and the abuse limit, in milliseconds since the
-/// relay started (8 bytes rather than an `Instant`'s 16; wrapping arithmetic keeps it right).
-struct Window {
-    start_ms: u32,
-    count: u32,
-}
-
-impl Window {
-    fn new(now_ms: u32) -> Window {
-        Window {
-            start_ms: now_ms,
-            count: 0,
-        }
-    }
-
-    /// Count one event; true when the window now holds more than `limit`.
-    fn over(&mut self, now_ms: u32, window_ms: u32, limit: u32) -> bool {
-        if now_ms.wrapping_sub(self.start_ms) >= window_ms {
-            self.start_ms = now_ms;
-            self.count = 0;
-        }
-        self.count = self.count.saturating_add(1);
-        self.count > limit
-    }
 }
 
 /// Inbound bytes kept between reads: an incomplete frame, or a fragmented message being
@@ -600,29 +575,6 @@ fn close_reason(code: u16) -> &'static str {
         1009 => "message too big",
         1013 => "too slow: outbound queue full",
         _ => "",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn window_allows_the_limit_then_refuses_until_it_rolls() {
-        let mut w = Window::new(0);
-        for _ in 0..20 {
-            assert!(!w.over(0, 10_000, 20));
-        }
-        assert!(w.over(1_000, 10_000, 20));
-        assert!(!w.over(11_000, 10_000, 20));
-    }
-
-    #[test]
-    fn window_survives_the_millisecond_clock_wrapping() {
-        let mut w = Window::new(u32::MAX - 5);
-        assert!(!w.over(u32::MAX - 5, 10_000, 1));
-        assert!(w.over(3, 10_000, 1), "9 ms later, still the same window");
-        assert!(!w.over(10_000, 10_000, 1));
     }
 }
 

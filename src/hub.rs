@@ -147,8 +147,9 @@ impl RoomState {
         self.history.push_back(entry);
     }
 
-    /// The history a joiner gets, and whether it is complete relative to `resume`.
-    fn history_for(&self, resume: Option<&Resume>) -> (usize, bool) {
+    /// The history a joiner gets — how many held entries to skip — and whether it is complete
+    /// relative to `resume`.
+    pub fn history_for(&self, resume: Option<&Resume>) -> (usize, bool) {
         let Some(r) = resume else { return (0, true) };
         if r.epoch.as_deref() != Some(&*self.epoch) {
             return (0, false);

@@ -3,7 +3,7 @@
 //! Start at `server::run`; ARCHITECTURE.md has the map. Module per concept:
 //! `config` (settings), `http` (routes and upgrade checks), `connection` (one socket's task),
 //! `frame` (RFC 6455 codec), `protocol` (JSON), `outbox` (per-connection queue), `hub` (rooms,
-//! history, presence), `broker` (the publish seam), `metrics`, `limits`.
+//! history, presence), `broker` (the publish seam), `metrics`, `limits`, `rate` (windows).
 
 pub mod broker;
 pub mod config;
@@ -15,4 +15,5 @@ pub mod limits;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;
+pub mod rate;
 pub mod server;
