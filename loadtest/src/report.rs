@@ -22,12 +22,14 @@ impl Report {
         json.insert("relay".into(), json!(target.name));
         json.insert("addr".into(), json!(target.addr.to_string()));
         json.insert("relay_pid".into(), json!(target.pid));
+        json.insert("loadavg_at_start".into(), json!(loadavg()));
         Report { scenario: scenario.into(), rows: Vec::new(), json, notes: Vec::new() }
     }
 
     pub fn bare(scenario: &str) -> Self {
         let mut json = Map::new();
         json.insert("scenario".into(), json!(scenario));
+        json.insert("loadavg_at_start".into(), json!(loadavg()));
         Report { scenario: scenario.into(), rows: Vec::new(), json, notes: Vec::new() }
     }
 
@@ -125,6 +127,12 @@ impl Report {
         println!("{}", serde_json::to_string(&v).expect("a JSON value serialises"));
         v
     }
+}
+
+/// The machine's 1-minute load average: on a shared 2-core machine, figures taken while it is
+/// well above the harness's own load are noisy, so every result records it.
+pub fn loadavg() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
 }
 
 pub fn round3(v: f64) -> f64 {

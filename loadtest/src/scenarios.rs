@@ -126,7 +126,7 @@ pub struct ChurnArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct SlowArgs {
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 1)]
     pub rooms: u32,
     /// Healthy members per room (they read everything).
     #[arg(long, default_value_t = 100)]
@@ -137,8 +137,9 @@ pub struct SlowArgs {
     /// Messages per second in total.
     #[arg(long, default_value_t = 200.0)]
     pub rate: f64,
-    /// Length of each phase, without and with the slow members (ms).
-    #[arg(long, default_value_t = 10_000)]
+    /// Length of each phase, without and with the slow members (ms). Long enough for a slow
+    /// member to receive more than the kernel buffers plus the relay's outbox (~1 MB).
+    #[arg(long, default_value_t = 12_000)]
     pub duration_ms: u64,
     /// Large messages fill a slow member's queue sooner.
     #[arg(long, default_value_t = 480)]
@@ -457,7 +458,10 @@ pub fn saturate(target: &Target, c: &Common, a: &SaturateArgs) -> anyhow::Result
     let mut best: Option<(f64, f64)> = None; // (deliveries/s, msgs/s)
     let mut rate = a.start_rate;
     let mut stop_reason = "max steps reached".to_owned();
-    eprintln!("saturate: {:>10} {:>12} {:>9} {:>9} {:>10} {:>10}", "msgs/s", "deliv/s", "share", "p99 ms", "relay us/d", "client us/d");
+    eprintln!(
+        "saturate: {:>10} {:>12} {:>9} {:>9} {:>10} {:>11} {:>11}",
+        "msgs/s", "deliv/s", "share", "p99 ms", "relay us/d", "client us/d", "pub lag p99"
+    );
     for _ in 0..a.max_steps {
         let ph = run_phase(target, &mut w, &pubs, rate, a.step_ms, a.text_bytes, a.members as u64)?;
         let dps = ph.deliveries as f64 / ph.elapsed_s.max(1e-9);
@@ -465,14 +469,16 @@ pub fn saturate(target: &Target, c: &Common, a: &SaturateArgs) -> anyhow::Result
         let p99 = ph.p99_ms();
         let relay_us = ph.relay_cpu_us.map(|u| u as f64 / ph.deliveries.max(1) as f64);
         let client_us = ph.client_cpu_us as f64 / ph.deliveries.max(1) as f64;
+        let lag_p99_ms = ph.lag.value_at_quantile(0.99) as f64 / 1000.0;
         eprintln!(
-            "saturate: {:>10.0} {:>12.0} {:>9.3} {:>9.2} {:>10} {:>10.2}",
+            "saturate: {:>10.0} {:>12.0} {:>9.3} {:>9.2} {:>10} {:>11.2} {:>11.2}",
             rate,
             dps,
             share,
             p99,
             relay_us.map(|v| format!("{v:.2}")).unwrap_or("n/a".into()),
-            client_us
+            client_us,
+            lag_p99_ms
         );
         steps.push(json!({
             "offered_msgs_per_s": rate,
@@ -484,6 +490,7 @@ pub fn saturate(target: &Target, c: &Common, a: &SaturateArgs) -> anyhow::Result
             "relay_cpu_cores": ph.relay_cpu_us.map(|u| u as f64 / 1e6 / ph.elapsed_s.max(1e-9)),
             "client_cpu_us_per_delivery": client_us,
             "client_cpu_cores": ph.client_cpu_us as f64 / 1e6 / ph.elapsed_s.max(1e-9),
+            "publisher_lag_p99_ms": lag_p99_ms,
         }));
         if share < a.min_delivered || p99 > a.max_p99_ms {
             stop_reason = format!("at {rate:.0} msgs/s: delivered share {share:.3}, p99 {p99:.1} ms");
