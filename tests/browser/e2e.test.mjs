@@ -129,8 +129,18 @@ scenario('3. a tab that loses its connection catches up exactly once and deliver
   await sleep(300);
   if (await bob.page.locator('#status').getAttribute('data-state') === 'open') {
     // Offline emulation does not touch an open WebSocket in Chromium: cut it for real.
-    const killed = killConnections(relay.port, bobPorts);
-    assert.ok(killed >= 1, `ss -K destroyed bob's connection (killed ${killed}); needs root/CAP_NET_ADMIN`);
+    let killed = 0;
+    try {
+      killed = killConnections(relay.port, bobPorts);
+    } catch (err) {
+      s.t.diagnostic(`ss -K failed: ${err.message}`);
+    }
+    if (killed === 0) {
+      // No right to destroy sockets here (ss -K needs root or CAP_NET_ADMIN): close bob's socket
+      // from inside the page instead, as a non-deliberate close the client must recover from.
+      s.t.diagnostic('could not destroy the TCP connection; closing the socket from the page instead');
+      await bob.page.evaluate(() => window.roomcast.client.socket.close(4000, 'test: network lost'));
+    }
   } else {
     s.t.diagnostic('offline emulation closed the WebSocket by itself');
   }
