@@ -324,3 +324,38 @@ async fn errors_spread_over_separate_windows_do_not_close_the_connection() {
     }
     alice.publish_and_wait("never closed").await;
 }
+
+#[tokio::test]
+async fn default_rate_limit_is_20_messages_per_window() {
+    let relay = Relay::start(&[]);
+    let (mut alice, _, _) = Client::join(&relay, "alice", "r").await;
+    for i in 1..=21 {
+        alice.publish(&format!("n{i}")).await;
+    }
+    for i in 1..=20 {
+        let e = alice
+            .next_event_matching(EVENT_TIMEOUT, |e| e["type"] != "presence")
+            .await;
+        assert_eq!(
+            e["type"], "message",
+            "message {i} of 20 must be accepted: {e}"
+        );
+    }
+    let e = alice.next_error(EVENT_TIMEOUT).await;
+    assert_error(&e, "rate_limited", "the 21st message");
+}
+
+#[tokio::test]
+async fn default_abuse_limit_closes_on_the_31st_error_within_10_seconds() {
+    // Every frame counts against the rate limit, so lift it to isolate the abuse limit.
+    let relay = Relay::start(&[("RATE_LIMIT", "1000")]);
+    let (mut alice, _, _) = Client::join(&relay, "alice", "r").await;
+    for i in 1..=30 {
+        alice.send_text("garbage").await;
+        let e = alice.next_error(EVENT_TIMEOUT).await;
+        assert_error(&e, "bad_json", &format!("garbage #{i}"));
+    }
+    alice.publish_and_wait("30 errors are tolerated").await;
+    alice.send_text("garbage").await;
+    assert_eq!(alice.expect_close(EVENT_TIMEOUT).await, Some(1008));
+}

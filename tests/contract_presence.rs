@@ -236,3 +236,54 @@ async fn coalesced_presence_lists_who_joined_and_who_left() {
         }
     }
 }
+
+#[tokio::test]
+async fn sustained_joins_emit_at_most_one_presence_event_per_interval() {
+    let interval = Duration::from_millis(200);
+    let joiners = 30;
+    let relay = Relay::start(&[("PRESENCE_INTERVAL_MS", "200")]);
+    let mut watcher = Client::join_and_settle(&relay, "watcher", "steady").await;
+
+    let started = Instant::now();
+    let joins = async {
+        let mut clients = Vec::new();
+        for i in 0..joiners {
+            clients.push(Client::connect(&relay, &format!("user{i}"), "steady").await);
+            // Pace the joins over several intervals (workload shaping, not a wait for an event).
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        clients
+    };
+    let watch = presence_until_online(&mut watcher, joiners as u64 + 1, Duration::from_secs(20));
+    let (clients, (mut events, last_at)) = tokio::join!(joins, watch);
+    while let Ok(e) = watcher
+        .try_next_event_of_type("presence", interval * 3)
+        .await
+    {
+        check_presence_shape(&e);
+        events.push(e);
+    }
+    let elapsed = last_at - started;
+    let bound = coalescing_bound(elapsed, interval);
+    eprintln!(
+        "sustained joins: {} presence events for {joiners} joins in {elapsed:?} (bound {bound})",
+        events.len()
+    );
+    assert!(
+        events.len() <= bound,
+        "{} presence events for {joiners} joins over {elapsed:?}: at most one per {interval:?} allowed ({bound})\n{events:#?}",
+        events.len()
+    );
+    assert!(
+        events.len() >= 2,
+        "joins spread over several intervals produce several updates"
+    );
+    let joined: BTreeSet<String> = events.iter().flat_map(|e| names(e, "joined")).collect();
+    assert_eq!(
+        joined.len(),
+        joiners,
+        "every joiner is named in some presence event (each event lists up to 20)"
+    );
+    assert_eq!(events.last().unwrap()["online"], joiners as u64 + 1);
+    drop(clients);
+}

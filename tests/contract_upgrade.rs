@@ -351,3 +351,101 @@ async fn tokens_and_query_strings_never_appear_in_logs() {
         "a query string carrying a token appears in the logs:\n{logs}"
     );
 }
+
+#[tokio::test]
+async fn rejections_carry_a_short_plain_text_body() {
+    let relay = Relay::start(&[]);
+    let good = chat_path(&relay);
+    let origin = relay.origin();
+    let cases = [
+        (upgrade_request(&relay, "/nope", Some(&origin)).await, "404"),
+        (upgrade_request(&relay, &good, None).await, "403"),
+        (
+            upgrade_request(&relay, "/chat?token=nope", Some(&origin)).await,
+            "401",
+        ),
+        (http_get(&relay, &good, &[]).await, "426"),
+    ];
+    for (resp, what) in cases {
+        assert!(
+            resp.header("content-type")
+                .is_some_and(|c| c.starts_with("text/plain")),
+            "{what}: rejection body must be text/plain:\n{}",
+            resp.head
+        );
+        assert!(
+            !resp.body.trim().is_empty() && resp.body.len() < 200,
+            "{what}: rejection body must be short text: {:?}",
+            resp.body
+        );
+        assert!(
+            !resp.body.contains(TOKEN),
+            "{what}: body must not echo the token"
+        );
+    }
+}
+
+#[tokio::test]
+async fn new_room_past_max_rooms_is_refused_with_503_until_an_empty_room_can_be_evicted() {
+    let relay = Relay::start(&[("MAX_ROOMS", "2")]);
+    let (a, _, _) = Client::join(&relay, "alice", "room-a").await;
+    let (_b, _, _) = Client::join(&relay, "bob", "room-b").await;
+
+    // Joining an existing room is fine; a third room is not while both are occupied.
+    let (_a2, _, _) = Client::join(&relay, "ann", "room-a").await;
+    let path = format!("/chat?{}", relay.chat_query("carol", "room-c"));
+    let resp = upgrade_request(&relay, &path, Some(&relay.origin())).await;
+    assert_rejected(
+        &resp,
+        503,
+        "a third room with MAX_ROOMS=2, both rooms occupied",
+    );
+    assert_eq!(
+        metric(
+            &relay,
+            "roomcast_upgrade_rejections_total",
+            &[("reason", "rooms_full")]
+        )
+        .await,
+        1.0
+    );
+
+    // Once room-a is empty it may be evicted to make space.
+    drop(a);
+    drop(_a2);
+    wait_for_clients(&relay, 1, Duration::from_secs(5)).await;
+    let (mut carol, _, _) = Client::join(&relay, "carol", "room-c").await;
+    carol.publish_and_wait("room-c works").await;
+}
+
+#[tokio::test]
+async fn connection_that_never_sends_its_request_head_is_dropped_after_the_handshake_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let relay = Relay::start(&[("HANDSHAKE_TIMEOUT_MS", "300")]);
+    for partial in ["", "GET /chat?token=x HTTP/1.1\r\nHost: 127.0.0.1\r\n"] {
+        let mut stream = tokio::net::TcpStream::connect(relay.addr)
+            .await
+            .expect("connect");
+        stream.write_all(partial.as_bytes()).await.expect("write");
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 1024];
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {} // a 408 response is fine; the connection must still end
+                }
+            }
+        })
+        .await;
+        assert!(
+            ended.is_ok(),
+            "a connection with partial head {partial:?} was still open 5 s after HANDSHAKE_TIMEOUT_MS=300"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(200),
+            "dropped before the timeout: {:?}",
+            started.elapsed()
+        );
+    }
+}
