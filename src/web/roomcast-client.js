@@ -223,6 +223,8 @@ export class RoomcastClient extends EventTarget {
       if (ws !== this._ws) return;
       opened = true;
       this._acceptedButFailing = 0;
+      this._rateLimited = false; // the relay counts per connection
+      this._pausedUntil = 0;
       this._timers.stable = setTimeout(() => { this._attempt = 0; }, this.options.stableAfterMs);
       this._setState('open', { attempt: this._attempt });
       this._flush();
@@ -343,6 +345,7 @@ export class RoomcastClient extends EventTarget {
     const ws = this._ws;
     if (!ws) return false;
     this._ws = null; // its close event is ignored from now on
+    for (const e of this._outbox) if (e.sentOn === ws) e.sentOn = null; // unacked: resend later
     try { ws.close(code, reason); } catch { /* already closing */ }
     return true;
   }
