@@ -96,6 +96,8 @@ async fn text_over_500_characters_is_too_large_counted_in_characters_not_bytes()
         ("500 ASCII characters", "a".repeat(500)),
         ("500 two-byte characters (1000 bytes)", "é".repeat(500)),
         ("500 three-byte characters (1500 bytes)", "€".repeat(500)),
+        // 2000 bytes of text, a 2028-byte frame: within both limits.
+        ("500 four-byte characters (2000 bytes)", "😀".repeat(500)),
     ] {
         alice.publish(&text).await;
         let event = alice
@@ -358,4 +360,20 @@ async fn default_abuse_limit_closes_on_the_31st_error_within_10_seconds() {
     alice.publish_and_wait("30 errors are tolerated").await;
     alice.send_text("garbage").await;
     assert_eq!(alice.expect_close(EVENT_TIMEOUT).await, Some(1008));
+}
+
+#[tokio::test]
+async fn request_id_that_is_not_a_string_is_bad_type() {
+    let relay = Relay::start(&[PATIENT]);
+    let (mut alice, _, _) = Client::join(&relay, "alice", "r").await;
+    let inputs: Vec<String> = [
+        json!({"type": "message", "text": "x", "requestId": 5}),
+        json!({"type": "message", "text": "x", "requestId": {"id": "r1"}}),
+        json!({"type": "message", "text": "x", "requestId": ["r1"]}),
+        json!({"type": "message", "text": "x", "requestId": true}),
+    ]
+    .iter()
+    .map(|v| v.to_string())
+    .collect();
+    expect_errors(&mut alice, &inputs, "bad_type").await;
 }

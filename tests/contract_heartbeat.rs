@@ -159,3 +159,39 @@ async fn idle_client_that_answers_pings_is_kept_well_past_several_intervals() {
         0.0
     );
 }
+
+#[tokio::test]
+async fn any_frame_from_the_peer_counts_as_a_sign_of_life() {
+    let relay = Relay::start(&[("HEARTBEAT_MS", "300"), ("RATE_LIMIT", "1000")]);
+    let mut raw = RawClient::connect(&relay, "chatty", "hb").await;
+    let started = Instant::now();
+    let mut pings = 0;
+    let mut sent = 0;
+    // Never answer pings, but send a message every 100 ms.
+    while started.elapsed() < HEARTBEAT * 8 {
+        raw.send_text(&format!(r#"{{"type":"message","text":"tick {sent}"}}"#))
+            .await;
+        sent += 1;
+        let until = Instant::now() + Duration::from_millis(100);
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match raw.read_frame(left).await {
+                Ok(f) if f.opcode == OP_PING => pings += 1,
+                Ok(f) if f.opcode == OP_CLOSE => {
+                    panic!("closed a chatty client: {:?}", f.close_code())
+                }
+                Ok(_) => {}
+                Err(RawEnd::Timeout) => break,
+                Err(end) => panic!(
+                    "relay dropped a client that keeps sending after {:?}: {end:?}",
+                    started.elapsed()
+                ),
+            }
+        }
+    }
+    assert!(pings >= 3, "expected several pings, saw {pings}");
+    assert_eq!(
+        metric(&relay, "roomcast_heartbeat_terminations_total", &[]).await,
+        0.0
+    );
+}

@@ -177,3 +177,21 @@ async fn same_request_id_in_another_room_is_not_a_duplicate() {
     assert_eq!(m["text"], "in two");
     assert_eq!(m["room"], "room-two");
 }
+
+#[tokio::test]
+async fn request_id_is_forgotten_once_the_original_leaves_the_history() {
+    let relay = Relay::start(&[("HISTORY_LIMIT", "3")]);
+    let (mut alice, _, _) = Client::join(&relay, "alice", "short").await;
+    publish_with_id(&mut alice, "original", "req-old").await;
+    let (first, _) = ack_for(&mut alice, "req-old").await;
+    for i in 0..3 {
+        alice.publish_and_wait(&format!("filler {i}")).await;
+    }
+    publish_with_id(&mut alice, "original", "req-old").await;
+    let (again, _) = ack_for(&mut alice, "req-old").await;
+    assert_ne!(
+        again["duplicate"], true,
+        "the original was evicted, so this is new: {again}"
+    );
+    assert_ne!(again["id"], first["id"], "{first} {again}");
+}

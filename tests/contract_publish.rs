@@ -211,3 +211,12 @@ async fn text_is_relayed_unchanged() {
     let m = bob.next_message(EVENT_TIMEOUT).await;
     assert_eq!(m["text"], text, "{m}");
 }
+
+#[tokio::test]
+async fn published_text_is_trimmed() {
+    let relay = Relay::start(&[]);
+    let (mut alice, _, _) = Client::join(&relay, "alice", "r").await;
+    alice.publish("  padded text \n\t").await;
+    let m = alice.next_message(EVENT_TIMEOUT).await;
+    assert_eq!(m["text"], "padded text", "{m}");
+}

@@ -189,3 +189,49 @@ async fn a_restarted_relay_has_a_new_epoch_and_resume_reports_complete_false() {
         "seq restarts with the new epoch"
     );
 }
+
+#[tokio::test]
+async fn since_without_epoch_gets_everything_kept_with_complete_false() {
+    let relay = Relay::start(&[]);
+    let (sent, _epoch) = publish_many(&relay, "noepoch", 4).await;
+    let query = format!("{}&since=2", relay.chat_query("bob", "noepoch"));
+    let mut bob = Client::connect_query(&relay, &query)
+        .await
+        .expect("connect");
+    let history = bob.next_event_of_type("history", EVENT_TIMEOUT).await;
+    assert_eq!(history["messages"], serde_json::json!(sent), "{history}");
+    assert_eq!(history["complete"], false, "{history}");
+}
+
+#[tokio::test]
+async fn since_beyond_the_latest_seq_gets_everything_kept_with_complete_false() {
+    let relay = Relay::start(&[]);
+    let (sent, epoch) = publish_many(&relay, "future", 3).await;
+    let h = resume(&relay, "future", 99, &epoch).await;
+    assert_eq!(
+        h["messages"],
+        serde_json::json!(sent),
+        "an unknown position gets everything kept: {h}"
+    );
+    assert_eq!(h["complete"], false, "{h}");
+}
+
+#[tokio::test]
+async fn an_evicted_room_comes_back_with_a_new_epoch() {
+    let relay = Relay::start(&[("MAX_ROOMS", "1")]);
+    let (_sent, old_epoch) = publish_many(&relay, "evicted", 2).await;
+    wait_for_clients(&relay, 0, std::time::Duration::from_secs(5)).await;
+    // The only room slot goes to another room, evicting the empty one.
+    let (other, _, _) = Client::join(&relay, "zed", "other").await;
+    other.close().await;
+    wait_for_clients(&relay, 0, std::time::Duration::from_secs(5)).await;
+
+    let h = resume(&relay, "evicted", 2, &old_epoch).await;
+    assert_ne!(
+        h["epoch"],
+        old_epoch.as_str(),
+        "eviction lost the history, so the epoch changes: {h}"
+    );
+    assert_eq!(h["complete"], false, "{h}");
+    assert_eq!(seqs(&h), Vec::<u64>::new(), "{h}");
+}

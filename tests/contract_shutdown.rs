@@ -148,15 +148,30 @@ async fn readyz_turns_503_and_upgrades_are_refused_while_draining() {
     let _stuck = back_up(&relay, "jam").await;
     relay.signal(libc::SIGTERM);
 
-    let resp = try_http_get(&relay, "/readyz", &[]).await;
-    let still_running = relay.try_exit_status().is_none();
-    let resp = resp.unwrap_or_else(|e| {
-        panic!("GET /readyz right after SIGTERM failed ({e}); relay still running: {still_running}. While draining the relay must answer /readyz with 503")
-    });
+    // Signal delivery is asynchronous: poll until /readyz stops answering 200 (bounded).
+    let signalled = std::time::Instant::now();
+    let resp = loop {
+        let resp = try_http_get(&relay, "/readyz", &[]).await;
+        let still_running = relay.try_exit_status().is_none();
+        let resp = resp.unwrap_or_else(|e| {
+            panic!(
+                "GET /readyz {:?} after SIGTERM failed ({e}); relay still running: {still_running}. \
+                 While draining the relay must answer /readyz with 503",
+                signalled.elapsed()
+            )
+        });
+        if resp.status != 200 || signalled.elapsed() > Duration::from_secs(1) {
+            break resp;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert_eq!(
-        resp.status, 503,
-        "/readyz while draining: {}\n{}",
-        resp.head, resp.body
+        resp.status,
+        503,
+        "/readyz while draining ({:?} after SIGTERM): {}\n{}",
+        signalled.elapsed(),
+        resp.head,
+        resp.body
     );
     assert_eq!(resp.json(), json!({"ready": false}), "{}", resp.body);
 

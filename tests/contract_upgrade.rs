@@ -449,3 +449,71 @@ async fn connection_that_never_sends_its_request_head_is_dropped_after_the_hands
         );
     }
 }
+
+#[tokio::test]
+async fn malformed_websocket_handshake_is_rejected_with_400() {
+    let relay = Relay::start(&[]);
+    let path = chat_path(&relay);
+    let origin = relay.origin();
+    let port = relay.port();
+    let no_key = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nOrigin: {origin}\r\n\r\n"
+    );
+    let resp = http_exchange(relay.addr, &no_key).await.expect("exchange");
+    assert_rejected(&resp, 400, "upgrade without Sec-WebSocket-Key");
+
+    let old_version = upgrade_head(port, &path, Some(&origin)).replace("Version: 13", "Version: 8");
+    let resp = http_exchange(relay.addr, &old_version)
+        .await
+        .expect("exchange");
+    assert_ne!(
+        resp.status, 101,
+        "Sec-WebSocket-Version 8 must not be upgraded: {}",
+        resp.head
+    );
+    assert!(
+        resp.status == 400 || resp.status == 426,
+        "unsupported version: {}",
+        resp.head
+    );
+
+    assert!(
+        metric(
+            &relay,
+            "roomcast_upgrade_rejections_total",
+            &[("reason", "bad_handshake")]
+        )
+        .await
+            >= 1.0,
+        "malformed handshakes are counted"
+    );
+}
+
+#[tokio::test]
+async fn plain_post_on_chat_runs_the_same_checks_and_answers_426() {
+    let relay = Relay::start(&[]);
+    let path = chat_path(&relay);
+    let port = relay.port();
+    let post = |origin: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: {origin}\r\n\
+             Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let resp = http_exchange(relay.addr, &post(&relay.origin()))
+        .await
+        .expect("POST");
+    assert_rejected(&resp, 426, "POST with good token and Origin");
+    let resp = http_exchange(relay.addr, &post("http://evil.example"))
+        .await
+        .expect("POST");
+    assert_rejected(&resp, 403, "POST with a foreign Origin");
+    let bad_token = format!(
+        "POST /chat?token=wrong HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: {}\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n",
+        relay.origin()
+    );
+    let resp = http_exchange(relay.addr, &bad_token).await.expect("POST");
+    assert_rejected(&resp, 401, "POST with a wrong token");
+}
