@@ -513,9 +513,10 @@ impl Connection {
         relay.hub.leave(&self.membership, &self.name);
         if let Some(send) = send {
             let mut pending = self.pending.take().map(|p| *p).unwrap_or_default();
-            if send == 1013 {
-                // A slow consumer's queue is dropped; only a partly written frame is finished,
-                // so the close frame starts on a frame boundary.
+            if send == 1013 || matches!(flow, Flow::PeerClosed(_)) {
+                // A slow consumer's queue is dropped, and a peer that closed gets our close as
+                // soon as practical (RFC 6455 5.5.1) rather than after what was still queued.
+                // Only a partly written frame is finished, so the close starts on a boundary.
                 let keep = usize::from(pending.front_started && !pending.frames.is_empty());
                 pending.frames.truncate(keep);
             } else {
