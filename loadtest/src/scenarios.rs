@@ -135,11 +135,12 @@ pub struct SlowArgs {
     #[arg(long, default_value_t = 10)]
     pub slow: u32,
     /// Messages per second in total.
-    #[arg(long, default_value_t = 200.0)]
+    #[arg(long, default_value_t = 400.0)]
     pub rate: f64,
     /// Length of each phase, without and with the slow members (ms). Long enough for a slow
-    /// member to receive more than the kernel buffers plus the relay's outbox (~1 MB).
-    #[arg(long, default_value_t = 12_000)]
+    /// member to be offered more than loopback's kernel buffers hold (measured ~2.3 MB per
+    /// socket here) plus the relay's outbox (256 KiB): 400 msgs/s of ~600 B for 20 s is ~4.8 MB.
+    #[arg(long, default_value_t = 20_000)]
     pub duration_ms: u64,
     /// Large messages fill a slow member's queue sooner.
     #[arg(long, default_value_t = 480)]
