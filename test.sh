@@ -20,6 +20,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 cargo build --bins
-cargo test --all-targets -- --test-threads=2
+cargo check --benches
+cargo test --lib --bins --tests -- --test-threads=2
 ROOMCAST_BIN="$PWD/target/debug/roomcast" tests/browser/run.sh
 echo "test.sh: all tests passed"
