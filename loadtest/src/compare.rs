@@ -143,6 +143,7 @@ fn headlines(scenario: &str) -> Vec<(&'static str, &'static str, bool)> {
         "saturate" => vec![("max_sustained_deliveries_per_s", "max sustained deliveries/s", true)],
         "churn" => vec![
             ("rss_end_over_reference", "RSS end / steady", false),
+            ("rss_end_over_first_wave", "RSS end / after first wave", false),
             ("relay_rss_peak_kb", "RSS peak (KiB)", false),
             ("steady_latency.p99_ms", "steady p99 during churn (ms)", false),
         ],

@@ -580,6 +580,7 @@ pub fn churn(target: &Target, c: &Common, a: &ChurnArgs) -> anyhow::Result<Repor
     let reference = RelayPoint::take(target, true);
     let peak = PeakRss::start(target.pid);
     let mut waves = Vec::new();
+    let mut first_wave_after: Option<u64> = None;
     let mut failed_total = std::collections::BTreeMap::new();
     let mut opened = 0;
     let t0 = Instant::now();
@@ -592,6 +593,9 @@ pub fn churn(target: &Target, c: &Common, a: &ChurnArgs) -> anyhow::Result<Repor
         w.close(&[Role::Churn], 10_000)?;
         std::thread::sleep(Duration::from_millis(300));
         let after = RelayPoint::take(target, false);
+        if k == 0 {
+            first_wave_after = after.rss_kb();
+        }
         eprintln!(
             "churn: wave {:>2}: {} joined, RSS with wave {} KiB, after {} KiB",
             k + 1,
@@ -625,6 +629,17 @@ pub fn churn(target: &Target, c: &Common, a: &ChurnArgs) -> anyhow::Result<Repor
         _ => None,
     };
     r.opt("rss_end_over_reference", "RSS end / steady reference", ratio);
+    // After the first wave the allocator has seen the peak working set once; growth past this
+    // point across waves would be a leak, while the step from the reference is retention.
+    r.opt("relay_rss_after_first_wave_kb", "relay RSS after first wave (KiB)", first_wave_after.map(|v| v as f64));
+    r.opt(
+        "rss_end_over_first_wave",
+        "RSS end / after first wave",
+        match (first_wave_after, end.rss_kb()) {
+            (Some(a0), Some(b)) if a0 > 0 => Some(b as f64 / a0 as f64),
+            _ => None,
+        },
+    );
     r.int("steady_sent", "messages sent by steady members", published.sent);
     r.int("steady_expected", "deliveries expected (steady members)", expected);
     r.int("steady_deliveries", "deliveries received (steady members)", stats.deliveries);
