@@ -353,6 +353,7 @@ fn on_readable(
     };
     let mut end = None;
     loop {
+        let space = buf.len() - filled;
         match conn.stream.try_read(&mut buf[filled..]) {
             Ok(0) => {
                 end = Some(if conn.closing.get() { End::Ours } else { End::Server("eof".into()) });
@@ -380,6 +381,14 @@ fn on_readable(
                 if filled == buf.len() {
                     end = Some(End::Server("frame_too_large".into()));
                     filled = 0;
+                    break;
+                }
+                if n < space {
+                    // A short read took everything the socket held. Clear tokio's readiness
+                    // without the extra read() that would only return EAGAIN: data arriving
+                    // after this point raises a new epoll edge with a newer tick, which this
+                    // clear cannot erase. Saves one system call per wake-up.
+                    let _ = conn.stream.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
                     break;
                 }
             }
