@@ -19,8 +19,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-cargo build --bins
-cargo check --benches
-cargo test --lib --bins --tests -- --test-threads=2
+cargo build --workspace --bins
+cargo check --workspace --benches
+cargo test --workspace --lib --bins --tests -- --test-threads=2
 ROOMCAST_BIN="$PWD/target/debug/roomcast" tests/browser/run.sh
 echo "test.sh: all tests passed"
