@@ -63,6 +63,10 @@ pub struct Args {
     /// Outbound bytes queued per connection before it is closed as a slow consumer (1013).
     #[arg(long, env = "OUTBOX_MAX_BYTES", default_value_t = 256 * 1024)]
     pub outbox_max_bytes: usize,
+    /// Kernel send buffer per WebSocket, in bytes (0: kernel autotuning, which lets one stalled
+    /// reader hold megabytes of kernel memory before OUTBOX_MAX_BYTES is even reached).
+    #[arg(long, env = "SEND_BUFFER_BYTES", default_value_t = 64 * 1024)]
+    pub send_buffer_bytes: usize,
     /// Presence events per room are coalesced to at most one per this many milliseconds.
     #[arg(long, env = "PRESENCE_INTERVAL_MS", default_value_t = 150)]
     pub presence_interval_ms: u64,
@@ -111,6 +115,8 @@ pub struct Settings {
     pub abuse_limit: u32,
     pub abuse_window: Duration,
     pub outbox_max_bytes: usize,
+    /// `None`: leave the kernel's autotuning alone.
+    pub send_buffer_bytes: Option<usize>,
     pub presence_interval: Duration,
     pub max_rooms: usize,
     pub shutdown_drain: Duration,
@@ -179,6 +185,7 @@ impl Settings {
             abuse_limit: args.abuse_limit,
             abuse_window: Duration::from_millis(args.abuse_window_ms),
             outbox_max_bytes: args.outbox_max_bytes,
+            send_buffer_bytes: (args.send_buffer_bytes > 0).then_some(args.send_buffer_bytes),
             presence_interval: Duration::from_millis(args.presence_interval_ms),
             max_rooms: args.max_rooms,
             shutdown_drain: Duration::from_millis(args.shutdown_drain_ms),

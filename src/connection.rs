@@ -107,8 +107,7 @@ impl Pending {
                 Err(e) => return Err(e),
             };
             metrics.socket_writes.increment(1);
-            let accounted = outbox.written(written);
-            metrics.outbox_queued_bytes.decrement(accounted as f64);
+            outbox.written(written);
             let mut left = written;
             while left > 0 {
                 let front = self
@@ -180,6 +179,11 @@ pub(crate) fn spawn(
             return;
         }
     };
+    if let Some(bytes) = relay.settings.send_buffer_bytes {
+        // Bound what the kernel buffers for a reader that stalls, so OUTBOX_MAX_BYTES (and 1013)
+        // is reached after kilobytes rather than megabytes of someone else's messages.
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(bytes);
+    }
     let registration = Some(relay.registry.register(&outbox));
     relay.metrics.connections_opened.increment(1);
     let now_ms = relay.now_ms();
@@ -445,7 +449,6 @@ impl Connection {
             Pushed::Queued => {
                 metrics.frames_delivered.increment(1);
                 metrics.bytes_sent.increment(frame.len() as u64);
-                metrics.outbox_queued_bytes.increment(frame.len() as f64);
             }
             Pushed::SlowConsumer => metrics.slow_consumer_closes.increment(1),
             Pushed::Closed => {}
@@ -458,11 +461,7 @@ impl Connection {
             .outbox
             .push(&frame, self.relay.settings.outbox_max_bytes)
         {
-            Pushed::Queued => self
-                .relay
-                .metrics
-                .outbox_queued_bytes
-                .increment(frame.len() as f64),
+            Pushed::Queued => {}
             Pushed::SlowConsumer => self.relay.metrics.slow_consumer_closes.increment(1),
             Pushed::Closed => {}
         }
@@ -529,10 +528,6 @@ impl Connection {
                 tokio::time::timeout(relay.settings.close_timeout, self.close_handshake(pending))
                     .await;
         }
-        relay
-            .metrics
-            .outbox_queued_bytes
-            .decrement(self.outbox.queued_bytes() as f64);
     }
 
     /// Write the remaining frames and the close frame, shut our side, and wait for the peer to

@@ -127,9 +127,6 @@ impl RoomState {
         }
         metrics.frames_delivered.increment(delivered);
         metrics.bytes_sent.increment(delivered * frame.len() as u64);
-        metrics
-            .outbox_queued_bytes
-            .increment((delivered * frame.len() as u64) as f64);
         if slow > 0 {
             metrics.slow_consumer_closes.increment(slow);
         }
@@ -266,9 +263,6 @@ impl Hub {
             self.metrics
                 .bytes_sent
                 .increment((greeting.len() + history.len()) as u64);
-            self.metrics
-                .outbox_queued_bytes
-                .increment((greeting.len() + history.len()) as f64);
             let key = st.members.insert(Member {
                 outbox: outbox.clone(),
             });

@@ -5,6 +5,7 @@
 //! `frame` (RFC 6455 codec), `protocol` (JSON), `outbox` (per-connection queue), `hub` (rooms,
 //! history, presence), `broker` (the publish seam), `metrics`, `limits`, `rate` (windows).
 
+pub mod alloc;
 pub mod broker;
 pub mod config;
 pub mod connection;

@@ -28,6 +28,7 @@ fn main() -> anyhow::Result<()> {
     let nofile = limits::raise_nofile_limit();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_park(roomcast::alloc::trim_if_due)
         .build()
         .context("starting the runtime")?
         .block_on(async move {

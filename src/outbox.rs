@@ -133,16 +133,15 @@ impl Outbox {
         }
     }
 
-    /// Record that `n` bytes left the process; returns how many of them had been counted
-    /// (the close frame is written without being queued).
-    pub fn written(&self, n: usize) -> usize {
+    /// Record that `n` bytes left the process (the close frame is written without being
+    /// queued, hence the saturation).
+    pub fn written(&self, n: usize) {
         let mut q = self.lock();
-        let counted = n.min(q.queued_bytes);
-        q.queued_bytes -= counted;
-        counted
+        q.queued_bytes = q.queued_bytes.saturating_sub(n);
     }
 
-    /// Bytes still counted against this connection (for the global queued-bytes gauge).
+    /// Bytes still counted against this connection (summed for the queued-bytes gauge at scrape
+    /// time, so the hot path never touches a shared gauge).
     pub fn queued_bytes(&self) -> usize {
         self.lock().queued_bytes
     }

@@ -78,6 +78,18 @@ impl Registry {
         }
     }
 
+    /// Bytes queued and not yet written, across every connection.
+    fn queued_bytes(&self) -> usize {
+        (0..REGISTRY_SHARDS)
+            .map(|i| {
+                self.shard(i)
+                    .iter()
+                    .map(|(_, o)| o.queued_bytes())
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+
     fn close_all(&self, code: u16) {
         for i in 0..REGISTRY_SHARDS {
             self.for_each_in(i, |o| o.close(code));
@@ -142,6 +154,9 @@ impl Relay {
 
     pub fn render_metrics(&self) -> String {
         self.metrics.rooms.set(self.hub.room_count() as f64);
+        self.metrics
+            .outbox_queued_bytes
+            .set(self.registry.queued_bytes() as f64);
         let mut out = self
             .prometheus
             .as_ref()
