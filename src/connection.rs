@@ -524,20 +524,29 @@ impl Connection {
             pending
                 .frames
                 .push_back(frame::close_frame(send, close_reason(send)));
-            let _ =
-                tokio::time::timeout(relay.settings.close_timeout, self.close_handshake(pending))
-                    .await;
+            // The peer closed first: once our echo is written we close the TCP connection at once
+            // (RFC 6455 7.1.1: the server closes first), with no timer and no wait for its FIN.
+            let peer_closed = matches!(flow, Flow::PeerClosed(_));
+            let done = pending.write_to(&self.stream, &self.outbox, &relay.metrics).is_err()
+                || (peer_closed && pending.frames.is_empty());
+            if !done {
+                let handshake = self.close_handshake(pending, !peer_closed);
+                let _ = tokio::time::timeout(relay.settings.close_timeout, handshake).await;
+            }
         }
     }
 
-    /// Write the remaining frames and the close frame, shut our side, and wait for the peer to
-    /// close (discarding what it still sends).
-    async fn close_handshake(&mut self, mut pending: Pending) -> io::Result<()> {
+    /// Write the remaining frames and the close frame; when we started the close, shut our side
+    /// and wait for the peer to close (discarding what it still sends).
+    async fn close_handshake(&mut self, mut pending: Pending, wait_for_peer: bool) -> io::Result<()> {
         while !pending.frames.is_empty() {
             pending.write_to(&self.stream, &self.outbox, &self.relay.metrics)?;
             if !pending.frames.is_empty() {
                 self.stream.writable().await?;
             }
+        }
+        if !wait_for_peer {
+            return Ok(());
         }
         self.stream.shutdown().await?;
         let mut scratch = [0u8; 512];
