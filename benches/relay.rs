@@ -48,7 +48,8 @@ fn room_with_members(
     (0..n)
         .map(|_| {
             let outbox = Arc::new(Outbox::default());
-            std::mem::forget(hub.join(room, &outbox, &name, None).expect("room"));
+            let reservation = hub.reserve(room).expect("room");
+            std::mem::forget(hub.join(reservation, &outbox, &name, None));
             outbox.take();
             outbox
         })

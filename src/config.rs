@@ -148,6 +148,9 @@ impl Settings {
         nonzero(args.presence_interval_ms, "PRESENCE_INTERVAL_MS")?;
         nonzero(args.max_rooms as u64, "MAX_ROOMS")?;
         nonzero(args.max_text_chars as u64, "MAX_TEXT_CHARS")?;
+        nonzero(args.handshake_timeout_ms, "HANDSHAKE_TIMEOUT_MS")?;
+        nonzero(args.close_timeout_ms, "CLOSE_TIMEOUT_MS")?;
+        nonzero(args.shutdown_drain_ms, "SHUTDOWN_DRAIN_MS")?;
         if let Some(max) = args.max_connections {
             nonzero(max as u64, "MAX_CONNECTIONS")?;
         }

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::frame::{self, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT};
-use crate::hub::{Membership, Resume};
+use crate::hub::{Membership, Resume, RoomReservation};
 use crate::outbox::{Outbox, Pushed};
 use crate::protocol::{self, ErrorCode};
 use crate::rate::Window;
@@ -41,10 +41,10 @@ thread_local! {
 }
 
 /// Who a connection is, from its upgrade request.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Identity {
     pub name: String,
-    pub room: String,
+    pub room: RoomReservation,
     pub resume: Option<Resume>,
 }
 
@@ -161,24 +161,9 @@ pub(crate) fn spawn(
 ) {
     let outbox = Arc::new(Outbox::default());
     let name: Arc<str> = who.name.into();
-    let membership = match relay
+    let membership = relay
         .hub
-        .join(&who.room, &outbox, &name, who.resume.as_ref())
-    {
-        Ok(m) => m,
-        Err(_) => {
-            // The room map filled between the upgrade check and now. Say so and close.
-            relay.metrics.connection_closed(1013);
-            relay.tracker.spawn(async move {
-                let mut stream = stream;
-                let _ = stream
-                    .write_all(&frame::close_frame(1013, "room limit reached"))
-                    .await;
-                drop(permit);
-            });
-            return;
-        }
-    };
+        .join(who.room, &outbox, &name, who.resume.as_ref());
     if let Some(bytes) = relay.settings.send_buffer_bytes {
         // Bound what the kernel buffers for a reader that stalls, so OUTBOX_MAX_BYTES (and 1013)
         // is reached after kilobytes rather than megabytes of someone else's messages.
@@ -255,8 +240,13 @@ impl Connection {
         if self.outbox.poll_work(cx).is_ready() {
             return Poll::Ready(Ok(Ready::Work));
         }
-        if let Poll::Ready(r) = self.stream.poll_read_ready(cx) {
-            return Poll::Ready(r.map(|()| Ready::Readable));
+        // A peer whose answers pile up unwritten is not read from until they drain: its own
+        // requests (pings, publishes with acks) must not push it into the slow-consumer limit.
+        let reading = self.pending.is_none() || !self.backpressured();
+        if reading {
+            if let Poll::Ready(r) = self.stream.poll_read_ready(cx) {
+                return Poll::Ready(r.map(|()| Ready::Readable));
+            }
         }
         if self.pending.is_some() {
             if let Poll::Ready(r) = self.stream.poll_write_ready(cx) {
@@ -283,8 +273,22 @@ impl Connection {
                 Some(Flow::Continue) => {}
                 Some(other) => return other,
             }
+            if self.backpressured() {
+                // Write what this read produced before reading more.
+                match self.flush() {
+                    Ok(None) if self.backpressured() => return Flow::Continue,
+                    Ok(None) => {}
+                    Ok(Some(code)) => return Flow::Close(code),
+                    Err(_) => return Flow::Dropped,
+                }
+            }
         }
         Flow::Continue
+    }
+
+    /// Half the outbox limit is queued: stop taking more input from this peer for now.
+    fn backpressured(&self) -> bool {
+        self.outbox.queued_bytes() > self.relay.settings.outbox_max_bytes / 2
     }
 
     /// Parse frames out of freshly read bytes, keeping an incomplete tail.
@@ -358,6 +362,7 @@ impl Connection {
                 inbound.message = payload.to_vec();
                 Flow::Continue
             }
+            OP_BINARY if fragmented => Flow::Close(1002), // a new message inside a fragmented one
             OP_BINARY => Flow::Close(1003),
             OP_CONTINUATION if !fragmented => Flow::Close(1002),
             OP_CONTINUATION => {
@@ -400,7 +405,6 @@ impl Connection {
             .rate
             .over(now_ms, millis(settings.rate_window), settings.rate_limit)
         {
-            relay.metrics.rate_limited.increment(1);
             return self.refuse(ErrorCode::RateLimited, now_ms);
         }
         match protocol::parse_client_message(text, settings.max_text_chars) {
@@ -419,10 +423,7 @@ impl Connection {
                 }
                 Flow::Continue
             }
-            Err(code) => {
-                relay.metrics.invalid_message(code.as_str());
-                self.refuse(code, now_ms)
-            }
+            Err(code) => self.refuse(code, now_ms),
         }
     }
 
@@ -434,6 +435,12 @@ impl Connection {
             .over(now_ms, millis(settings.abuse_window), settings.abuse_limit)
         {
             return Flow::Close(1008);
+        }
+        // Counted here, once the error event is really sent: the refusal that trips the abuse
+        // limit is counted as a 1008 close instead.
+        match code {
+            ErrorCode::RateLimited => self.relay.metrics.rate_limited.increment(1),
+            other => self.relay.metrics.invalid_message(other.as_str()),
         }
         self.send_own(&protocol::error_event(code));
         Flow::Continue
@@ -527,7 +534,9 @@ impl Connection {
             // The peer closed first: once our echo is written we close the TCP connection at once
             // (RFC 6455 7.1.1: the server closes first), with no timer and no wait for its FIN.
             let peer_closed = matches!(flow, Flow::PeerClosed(_));
-            let done = pending.write_to(&self.stream, &self.outbox, &relay.metrics).is_err()
+            let done = pending
+                .write_to(&self.stream, &self.outbox, &relay.metrics)
+                .is_err()
                 || (peer_closed && pending.frames.is_empty());
             if !done {
                 let handshake = self.close_handshake(pending, !peer_closed);
@@ -538,7 +547,11 @@ impl Connection {
 
     /// Write the remaining frames and the close frame; when we started the close, shut our side
     /// and wait for the peer to close (discarding what it still sends).
-    async fn close_handshake(&mut self, mut pending: Pending, wait_for_peer: bool) -> io::Result<()> {
+    async fn close_handshake(
+        &mut self,
+        mut pending: Pending,
+        wait_for_peer: bool,
+    ) -> io::Result<()> {
         while !pending.frames.is_empty() {
             pending.write_to(&self.stream, &self.outbox, &self.relay.metrics)?;
             if !pending.frames.is_empty() {

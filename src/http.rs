@@ -110,7 +110,9 @@ fn parse_query(query: &str) -> ChatQuery {
             "token" => q.token = Some(v.into_owned()),
             "name" => q.name = Some(v.into_owned()),
             "room" => q.room = Some(v.into_owned()),
-            "since" => q.since = v.parse().ok(),
+            // A `since` that is not a position the relay could have issued is answered with
+            // everything kept and complete:false, never taken for a fresh join.
+            "since" => q.since = Some(v.parse().unwrap_or(u64::MAX)),
             "epoch" if v.len() <= 64 => q.epoch = Some(v.into_owned()),
             _ => {}
         }
@@ -185,13 +187,13 @@ fn chat(relay: &Arc<Relay>, mut req: Request<Incoming>, is_upgrade: bool) -> Res
         );
     };
     let room = protocol::sanitize_room(query.room.as_deref());
-    if relay.hub.room(&room).is_err() {
+    let Ok(room) = relay.hub.reserve(&room) else {
         return refuse(
             Rejection::RoomsFull,
             StatusCode::SERVICE_UNAVAILABLE,
             "room limit reached: try again later\n",
         );
-    }
+    };
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(_) => {

@@ -74,6 +74,9 @@ struct Presence {
 
 pub struct RoomState {
     evicted: bool,
+    /// Upgrades that passed the HTTP checks for this room and have not joined yet; a reserved
+    /// room is never evicted, so a 101 is never followed by "no room".
+    reserved: usize,
     members: Slab<Member>,
     pub epoch: Arc<str>,
     pub next_seq: u64,
@@ -93,6 +96,7 @@ impl Room {
             name,
             state: Mutex::new(RoomState {
                 evicted: false,
+                reserved: 0,
                 members: Slab::new(),
                 epoch,
                 next_seq: 1,
@@ -112,6 +116,10 @@ impl Room {
 impl RoomState {
     pub fn member_count(&self) -> usize {
         self.members.len()
+    }
+
+    fn is_evictable(&self) -> bool {
+        self.members.is_empty() && self.reserved == 0
     }
 
     /// Push one shared frame to every member. Counted once per call, not once per member.
@@ -212,14 +220,14 @@ impl Hub {
         let candidate = self
             .rooms
             .iter()
-            .find(|r| r.value().lock().members.is_empty())
+            .find(|r| r.value().lock().is_evictable())
             .map(|r| r.key().clone());
         let Some(name) = candidate else { return false };
         let removed = self
             .rooms
             .remove_if(&name, |_, room| {
                 let mut st = room.lock();
-                if st.members.is_empty() {
+                if st.is_evictable() {
                     st.evicted = true;
                     true
                 } else {
@@ -231,48 +239,59 @@ impl Hub {
         removed
     }
 
-    /// Join `room_name`: queue the greeting and the history snapshot into `outbox`, add it to the
-    /// members, and note the join for presence — all under the room lock.
-    pub fn join(
-        self: &Arc<Self>,
-        room_name: &str,
-        outbox: &Arc<Outbox>,
-        name: &Arc<str>,
-        resume: Option<&Resume>,
-    ) -> Result<Membership, RoomsFull> {
-        let client_id = self.next_client_id.fetch_add(1, Ordering::Relaxed);
+    /// Reserve a place in `room_name` for an upgrade that passed its checks: the room exists
+    /// (created, or made space for) and stays until the reservation joins or is dropped.
+    pub fn reserve(&self, room_name: &str) -> Result<RoomReservation, RoomsFull> {
         loop {
             let room = self.room(room_name)?;
             let mut st = room.lock();
             if st.evicted {
                 continue; // evicted between lookup and lock: look it up again
             }
-            let (skip, complete) = st.history_for(resume);
-            let greeting = protocol::system_connected(name, client_id);
-            let history = protocol::history_event(
-                &room.name,
-                &st.epoch,
-                complete,
-                st.history.iter().skip(skip).map(|e| &e.json),
-            );
-            // Greeting and history may exceed a tiny OUTBOX_MAX_BYTES; they are sent regardless.
-            let limit = usize::MAX;
-            outbox.push(&greeting, limit);
-            outbox.push(&history, limit);
-            self.metrics.frames_delivered.increment(2);
-            self.metrics
-                .bytes_sent
-                .increment((greeting.len() + history.len()) as u64);
-            let key = st.members.insert(Member {
-                outbox: outbox.clone(),
-            });
-            self.note_presence(&room, &mut st, Some(name.clone()), None);
+            st.reserved += 1;
             drop(st);
-            return Ok(Membership {
-                room,
-                key,
-                client_id,
-            });
+            return Ok(RoomReservation { room });
+        }
+    }
+
+    /// Join the reserved room: queue the greeting and the history snapshot into `outbox`, add
+    /// it to the members, and note the join for presence — all under the room lock.
+    pub fn join(
+        self: &Arc<Self>,
+        reservation: RoomReservation,
+        outbox: &Arc<Outbox>,
+        name: &Arc<str>,
+        resume: Option<&Resume>,
+    ) -> Membership {
+        let client_id = self.next_client_id.fetch_add(1, Ordering::Relaxed);
+        let room = reservation.room.clone();
+        let mut st = room.lock();
+        let (skip, complete) = st.history_for(resume);
+        let greeting = protocol::system_connected(name, client_id);
+        let history = protocol::history_event(
+            &room.name,
+            &st.epoch,
+            complete,
+            st.history.iter().skip(skip).map(|e| &e.json),
+        );
+        // Greeting and history may exceed a tiny OUTBOX_MAX_BYTES; they are sent regardless.
+        let limit = usize::MAX;
+        outbox.push(&greeting, limit);
+        outbox.push(&history, limit);
+        self.metrics.frames_delivered.increment(2);
+        self.metrics
+            .bytes_sent
+            .increment((greeting.len() + history.len()) as u64);
+        let key = st.members.insert(Member {
+            outbox: outbox.clone(),
+        });
+        self.note_presence(&room, &mut st, Some(name.clone()), None);
+        drop(st);
+        drop(reservation); // the room has a member now; it stays without the reservation
+        Membership {
+            room,
+            key,
+            client_id,
         }
     }
 
@@ -358,6 +377,25 @@ fn presence_message(p: &Presence) -> String {
         parts.push(describe_names(&p.left, p.left_count, "left"));
     }
     parts.join("; ")
+}
+
+/// A room held for an upgrade between its HTTP checks and its join (see [`Hub::reserve`]).
+pub struct RoomReservation {
+    room: Arc<Room>,
+}
+
+impl Drop for RoomReservation {
+    fn drop(&mut self) {
+        self.room.lock().reserved -= 1;
+    }
+}
+
+impl std::fmt::Debug for RoomReservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoomReservation")
+            .field("room", &self.room.name)
+            .finish()
+    }
 }
 
 /// A connection's place in a room; given back to [`Hub::leave`].
@@ -451,12 +489,25 @@ mod tests {
         let hub = hub(2);
         let outbox = Arc::new(Outbox::default());
         let name: Arc<str> = "n".into();
-        let _m = hub.join("busy", &outbox, &name, None).unwrap();
+        let _m = hub.join(hub.reserve("busy").unwrap(), &outbox, &name, None);
         let quiet = hub.room("quiet").unwrap();
         assert!(hub.room("third").is_ok(), "the empty room made space");
         assert!(quiet.lock().evicted);
-        let _m2 = hub.join("third", &outbox, &name, None).unwrap();
+        let _m2 = hub.join(hub.reserve("third").unwrap(), &outbox, &name, None);
         assert!(hub.room("fourth").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_reserved_room_is_never_evicted() {
+        let hub = hub(1);
+        let held = hub.reserve("held").unwrap();
+        assert!(
+            hub.reserve("other").is_err(),
+            "the only room is reserved, so not evictable"
+        );
+        let outbox = Arc::new(Outbox::default());
+        let _m = hub.join(held, &outbox, &"n".into(), None);
+        assert_eq!(hub.room_count(), 1);
     }
 
     #[test]

@@ -19,6 +19,12 @@ pub const MAX_REQUEST_ID_CHARS: usize = 64;
 pub const DEFAULT_NAME: &str = "guest";
 pub const DEFAULT_ROOM: &str = "lobby";
 
+/// Trim the way JavaScript's `String.prototype.trim` does (the Node contract's servers trim
+/// with it): Unicode white space and line terminators plus U+FEFF, but not U+0085.
+pub fn js_trim(s: &str) -> &str {
+    s.trim_matches(|c: char| (c.is_whitespace() && c != '\u{85}') || c == '\u{feff}')
+}
+
 /// The error codes of the compatible contract.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
@@ -127,9 +133,9 @@ pub fn parse_client_message(
         Some(raw) => as_string(raw).ok_or(ErrorCode::BadType)?,
     };
     let text = match text {
-        Cow::Borrowed(s) => Cow::Borrowed(s.trim()),
-        Cow::Owned(s) if s.trim().len() == s.len() => Cow::Owned(s),
-        Cow::Owned(s) => Cow::Owned(s.trim().to_string()),
+        Cow::Borrowed(s) => Cow::Borrowed(js_trim(s)),
+        Cow::Owned(s) if js_trim(&s).len() == s.len() => Cow::Owned(s),
+        Cow::Owned(s) => Cow::Owned(js_trim(&s).to_string()),
     };
     if text.is_empty() {
         return Err(ErrorCode::Empty);
@@ -142,7 +148,7 @@ pub fn parse_client_message(
 
 /// `name`: trimmed, 1..=24 characters of ASCII letters, digits, `_`, space, `-`; else `guest`.
 pub fn sanitize_name(raw: Option<&str>) -> String {
-    let name = raw.unwrap_or("").trim();
+    let name = js_trim(raw.unwrap_or(""));
     let ok = !name.is_empty()
         && name.chars().count() <= MAX_NAME_CHARS
         && name
@@ -157,7 +163,7 @@ pub fn sanitize_name(raw: Option<&str>) -> String {
 
 /// `room`: trimmed, 1..=32 characters of `[A-Za-z0-9_-]`; else `lobby`.
 pub fn sanitize_room(raw: Option<&str>) -> String {
-    let room = raw.unwrap_or("").trim();
+    let room = js_trim(raw.unwrap_or(""));
     let ok = !room.is_empty()
         && room.len() <= MAX_ROOM_CHARS
         && room
@@ -382,6 +388,12 @@ mod tests {
         assert_eq!(parse(&long), Err(ErrorCode::TooLarge));
         let ok = format!(r#"{{"type":"message","text":"{}"}}"#, "é".repeat(500));
         assert!(parse(&ok).is_ok());
+    }
+
+    #[test]
+    fn trimming_follows_javascript() {
+        assert_eq!(js_trim("\u{feff} hi \u{2028}"), "hi");
+        assert_eq!(js_trim("\u{85}hi"), "\u{85}hi");
     }
 
     #[test]

@@ -119,8 +119,7 @@ pub struct ConnectionPermit {
 
 impl Drop for ConnectionPermit {
     fn drop(&mut self) {
-        let now = self.relay.connections.fetch_sub(1, Ordering::AcqRel) - 1;
-        self.relay.metrics.connections.set(now as f64);
+        self.relay.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -140,13 +139,11 @@ impl Relay {
 
     /// Reserve a connection slot, or `None` when the relay is full.
     pub fn try_acquire(self: &Arc<Self>) -> Option<ConnectionPermit> {
-        let taken = self
-            .connections
+        self.connections
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < self.max_connections).then_some(n + 1)
             })
             .ok()?;
-        self.metrics.connections.set((taken + 1) as f64);
         Some(ConnectionPermit {
             relay: self.clone(),
         })
@@ -154,6 +151,7 @@ impl Relay {
 
     pub fn render_metrics(&self) -> String {
         self.metrics.rooms.set(self.hub.room_count() as f64);
+        self.metrics.connections.set(self.connection_count() as f64);
         self.metrics
             .outbox_queued_bytes
             .set(self.registry.queued_bytes() as f64);
@@ -270,9 +268,14 @@ pub async fn run(
     Ok(())
 }
 
-/// One HTTP/1 connection; after an upgrade, hyper hands the socket to `connection::serve`.
+/// One HTTP/1 connection; after an upgrade, hyper hands the socket over to `connection::spawn`.
+/// The whole HTTP stage of a connection, keep-alive included, has one deadline (twice
+/// HANDSHAKE_TIMEOUT_MS): a client that sends requests and never reads the answers would
+/// otherwise hold hyper in a write with no timeout, and a file descriptor with it. Plain HTTP
+/// here is probes, scrapes and the page; clients simply reconnect.
 async fn serve_http(relay: Arc<Relay>, stream: TcpStream, stop: CancellationToken) {
     let handshake_timeout = relay.settings.handshake_timeout;
+    let deadline = tokio::time::sleep(handshake_timeout * 2);
     let service_relay = relay.clone();
     let service = service_fn(move |req| crate::http::handle(service_relay.clone(), req));
     let conn = http1::Builder::new()
@@ -282,8 +285,10 @@ async fn serve_http(relay: Arc<Relay>, stream: TcpStream, stop: CancellationToke
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);
+    tokio::pin!(deadline);
     tokio::select! {
         _ = conn.as_mut() => {}
+        _ = &mut deadline => {}
         _ = stop.cancelled() => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(relay.settings.close_timeout, conn).await;

@@ -553,7 +553,9 @@ async fn connections_messages_rejections_errors_and_closes_are_counted_exactly()
         rate_limited: 2.0,
         invalid: [
             ("too_large", 1.0),
-            ("bad_json", 1.0 + ABUSE_LIMIT as f64 + 1.0),
+            // frank's last invalid message trips the abuse limit: it is answered (and counted)
+            // as a 1008 close, not as a bad_json error event.
+            ("bad_json", 1.0 + ABUSE_LIMIT as f64),
             ("bad_type", 2.0),
             ("empty", 1.0),
         ]
