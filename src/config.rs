@@ -73,6 +73,10 @@ pub struct Args {
     /// Rooms kept in memory (with their history); past it, empty rooms are evicted, else 503.
     #[arg(long, env = "MAX_ROOMS", default_value_t = 10_000)]
     pub max_rooms: usize,
+    /// Runtime worker threads (0: one per CPU core). On a machine shared with a load generator,
+    /// fewer workers than cores wake each other less and batch more writes.
+    #[arg(long, env = "WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
     /// Longest time shutdown waits for connections to close before exiting, in milliseconds.
     #[arg(long, env = "SHUTDOWN_DRAIN_MS", default_value_t = 5_000)]
     pub shutdown_drain_ms: u64,
@@ -119,6 +123,8 @@ pub struct Settings {
     pub send_buffer_bytes: Option<usize>,
     pub presence_interval: Duration,
     pub max_rooms: usize,
+    /// `None`: one per CPU core.
+    pub worker_threads: Option<usize>,
     pub shutdown_drain: Duration,
     pub handshake_timeout: Duration,
     pub close_timeout: Duration,
@@ -191,6 +197,7 @@ impl Settings {
             send_buffer_bytes: (args.send_buffer_bytes > 0).then_some(args.send_buffer_bytes),
             presence_interval: Duration::from_millis(args.presence_interval_ms),
             max_rooms: args.max_rooms,
+            worker_threads: (args.worker_threads > 0).then_some(args.worker_threads),
             shutdown_drain: Duration::from_millis(args.shutdown_drain_ms),
             handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
             close_timeout: Duration::from_millis(args.close_timeout_ms),

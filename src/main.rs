@@ -26,7 +26,11 @@ fn main() -> anyhow::Result<()> {
     let explicit_origins = args.allowed_origins.is_some();
     let mut settings = Settings::from_args(args)?;
     let nofile = limits::raise_nofile_limit();
-    tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = settings.worker_threads {
+        runtime.worker_threads(workers);
+    }
+    runtime
         .enable_all()
         .on_thread_park(roomcast::alloc::trim_if_due)
         .build()
