@@ -16,7 +16,10 @@ use crate::scenarios::*;
 #[derive(Debug, Clone, Args)]
 pub struct CompareArgs {
     /// Scenarios to run, comma-separated: floor, idle, fanout, hot, handshake, saturate, churn, slow.
-    #[arg(long, default_value = "floor,idle,fanout,hot,handshake,churn,slow,saturate")]
+    #[arg(
+        long,
+        default_value = "floor,idle,fanout,hot,handshake,churn,slow,saturate"
+    )]
     pub scenarios: String,
     /// `small` finishes in a few minutes; `full` is the size of issue 3's targets.
     #[arg(long, default_value = "small")]
@@ -37,7 +40,10 @@ struct Preset {
     saturate: SaturateArgs,
     churn: ChurnArgs,
     slow: SlowArgs,
+    /// The floor at the fan-out's connection count, the one its CPU per delivery is read against.
     floor: FloorArgs,
+    /// The same floor over `floor::REFERENCE_SOCKETS` sockets, for reference.
+    floor_reference: FloorArgs,
     connect_rate: f64,
 }
 
@@ -48,16 +54,31 @@ fn preset(size: &str) -> anyhow::Result<Preset> {
         other => anyhow::bail!("--size is small or full, not {other}"),
     };
     let pick = |s: u64, f: u64| if full { f } else { s };
+    let fanout = FanoutArgs {
+        rooms: pick(20, 100) as u32,
+        members: pick(50, 100) as u32,
+        publishers: 1,
+        rate: pick(200, 1000) as f64,
+        duration_ms: pick(10_000, 20_000),
+        text_bytes: 64,
+    };
+    // The kernel's cost per send grows with the socket count, so the floor is taken at the
+    // fan-out's connection count (rooms x members: 1,000 small, 10,000 full).
+    let floor = FloorArgs {
+        sockets: fanout.rooms as usize * fanout.members as usize,
+        rate: 100_000.0,
+        duration_ms: pick(1500, 3000),
+        frame_bytes: 200,
+        batch: 4,
+        warm_up_frames: 20,
+    };
     Ok(Preset {
-        idle: IdleArgs { conns: pick(2000, 15_000) as u32, rooms: pick(20, 100) as u32, settle_max_ms: 60_000 },
-        fanout: FanoutArgs {
+        idle: IdleArgs {
+            conns: pick(2000, 15_000) as u32,
             rooms: pick(20, 100) as u32,
-            members: pick(50, 100) as u32,
-            publishers: 1,
-            rate: pick(200, 1000) as f64,
-            duration_ms: pick(10_000, 20_000),
-            text_bytes: 64,
+            settle_max_ms: 60_000,
         },
+        fanout,
         hot: FanoutArgs {
             rooms: 1,
             members: pick(200, 1000) as u32,
@@ -66,7 +87,10 @@ fn preset(size: &str) -> anyhow::Result<Preset> {
             duration_ms: pick(10_000, 20_000),
             text_bytes: 64,
         },
-        handshake: HandshakeArgs { count: pick(3000, 20_000), concurrency: pick(32, 64) as usize },
+        handshake: HandshakeArgs {
+            count: pick(3000, 20_000),
+            concurrency: pick(32, 64) as usize,
+        },
         saturate: SaturateArgs {
             rooms: pick(20, 100) as u32,
             members: pick(50, 100) as u32,
@@ -97,14 +121,21 @@ fn preset(size: &str) -> anyhow::Result<Preset> {
             text_bytes: 480,
             slow_rcvbuf: 4096,
         },
-        floor: FloorArgs { sockets: 100, rate: 100_000.0, duration_ms: pick(1500, 3000), frame_bytes: 200, batch: 4 },
+        floor_reference: FloorArgs {
+            sockets: floor::REFERENCE_SOCKETS,
+            ..floor.clone()
+        },
+        floor,
         connect_rate: pick(2000, 3000) as f64,
     })
 }
 
 /// Today's date (UTC) as YYYY-MM-DD, from the civil-from-days algorithm.
 fn today() -> String {
-    let days = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() / 86_400).unwrap_or(0) as i64;
+    let days = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() / 86_400)
+        .unwrap_or(0) as i64;
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
@@ -121,41 +152,93 @@ fn today() -> String {
 fn headlines(scenario: &str) -> Vec<(&'static str, &'static str, bool)> {
     match scenario {
         "idle" => vec![
-            ("relay_bytes_per_idle_conn", "RSS per idle connection (bytes)", false),
+            (
+                "relay_bytes_per_idle_conn",
+                "RSS per idle connection (bytes)",
+                false,
+            ),
             ("connect_latency.p99_ms", "connect p99 (ms)", false),
-            ("relay_cpu_us_per_connect", "relay CPU per connect (us)", false),
+            (
+                "relay_cpu_us_per_connect",
+                "relay CPU per connect (us)",
+                false,
+            ),
         ],
         "fanout" | "hot" => vec![
-            ("relay_cpu_us_per_delivery", "relay CPU per delivery (us)", false),
+            (
+                "relay_cpu_us_per_delivery",
+                "relay CPU per delivery (us)",
+                false,
+            ),
             ("delivered_share", "delivered share", true),
             ("latency.p50_ms", "latency p50 (ms)", false),
             ("latency.p99_ms", "latency p99 (ms)", false),
             ("latency.p999_ms", "latency p99.9 (ms)", false),
             ("latency.max_ms", "latency max (ms)", false),
             ("relay_writes_per_frame", "relay writes per frame", false),
-            ("client_cpu_us_per_delivery", "client CPU per delivery (us)", false),
+            (
+                "client_cpu_us_per_delivery",
+                "client CPU per delivery (us)",
+                false,
+            ),
         ],
         "handshake" => vec![
             ("handshakes_per_s", "handshakes/s", true),
-            ("relay_cpu_us_per_handshake", "relay CPU per handshake (us)", false),
+            (
+                "relay_cpu_us_per_handshake",
+                "relay CPU per handshake (us)",
+                false,
+            ),
             ("latency.p99_ms", "handshake p99 (ms)", false),
         ],
-        "saturate" => vec![("max_sustained_deliveries_per_s", "max sustained deliveries/s", true)],
+        "saturate" => vec![(
+            "max_sustained_deliveries_per_s",
+            "max sustained deliveries/s",
+            true,
+        )],
         "churn" => vec![
             ("rss_end_over_reference", "RSS end / steady", false),
-            ("rss_end_over_first_wave", "RSS end / after first wave", false),
+            (
+                "rss_end_over_first_wave",
+                "RSS end / after first wave",
+                false,
+            ),
             ("relay_rss_peak_kb", "RSS peak (KiB)", false),
-            ("steady_latency.p99_ms", "steady p99 during churn (ms)", false),
+            (
+                "steady_latency.p99_ms",
+                "steady p99 during churn (ms)",
+                false,
+            ),
         ],
         "slow" => vec![
-            ("without_slow_latency.p99_ms", "healthy p99 without slow (ms)", false),
-            ("with_slow_latency.p99_ms", "healthy p99 with slow (ms)", false),
-            ("with_slow_delivered_share", "healthy delivered share with slow", true),
-            ("relay_rss_peak_slow_phase_kb", "RSS peak in slow phase (KiB)", false),
+            (
+                "without_slow_latency.p99_ms",
+                "healthy p99 without slow (ms)",
+                false,
+            ),
+            (
+                "with_slow_latency.p99_ms",
+                "healthy p99 with slow (ms)",
+                false,
+            ),
+            (
+                "with_slow_delivered_share",
+                "healthy delivered share with slow",
+                true,
+            ),
+            (
+                "relay_rss_peak_slow_phase_kb",
+                "RSS peak in slow phase (KiB)",
+                false,
+            ),
         ],
         "floor" => vec![
-            ("floor_us_per_send", "CPU per send, 1 frame/write (us)", false),
-            ("floor_us_per_frame_batched", "CPU per frame, batched (us)", false),
+            ("floor_us_per_send", "CPU per send, 1/write (us)", false),
+            (
+                "floor_us_per_frame_batched",
+                "CPU per frame, batched (us)",
+                false,
+            ),
         ],
         _ => vec![],
     }
@@ -171,13 +254,19 @@ fn lookup(v: &Value, path: &str) -> Option<f64> {
 
 fn write_json(dir: &Path, name: &str, v: &Value) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
-    std::fs::write(dir.join(format!("{name}.json")), format!("{}\n", serde_json::to_string_pretty(v)?))?;
+    std::fs::write(
+        dir.join(format!("{name}.json")),
+        format!("{}\n", serde_json::to_string_pretty(v)?),
+    )?;
     Ok(())
 }
 
 pub fn run(a: &CompareArgs, c: &Common, relay_bin: Option<&Path>) -> anyhow::Result<()> {
     let p = preset(&a.size)?;
-    let out = a.out.clone().unwrap_or_else(|| relay::repo_root().join("loadtest/results").join(today()));
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| relay::repo_root().join("loadtest/results").join(today()));
     let relays: Vec<RelayKind> = a
         .relays
         .split(',')
@@ -187,20 +276,47 @@ pub fn run(a: &CompareArgs, c: &Common, relay_bin: Option<&Path>) -> anyhow::Res
             o => Err(anyhow::anyhow!("unknown relay {o}")),
         })
         .collect::<Result<_, _>>()?;
-    let c = Common { connect_rate: p.connect_rate.min(c.connect_rate.max(p.connect_rate)), ..c.clone() };
+    let c = Common {
+        connect_rate: p.connect_rate.min(c.connect_rate.max(p.connect_rate)),
+        ..c.clone()
+    };
     let mut results: Vec<(String, String, Value)> = Vec::new();
-    for scenario in a.scenarios.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+    for scenario in a
+        .scenarios
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
         if scenario == "floor" {
+            // At the fan-out's connection count, then (unless that is it) over the reference
+            // 100 sockets.
             let v = floor::floor(&p.floor)?.print();
             write_json(&out, &format!("floor-{}", a.size), &v)?;
             results.push(("floor".into(), "machine".into(), v));
+            if p.floor_reference.sockets != p.floor.sockets {
+                let v = floor::floor(&p.floor_reference)?.print();
+                write_json(
+                    &out,
+                    &format!("floor-{}-{}", p.floor_reference.sockets, a.size),
+                    &v,
+                )?;
+                results.push(("floor".into(), "reference".into(), v));
+            }
             continue;
         }
         for &kind in &relays {
             // roomcast's relay_bin only applies to roomcast; node uses `node` from PATH.
-            let bin = if kind == RelayKind::Roomcast { relay_bin } else { None };
+            let bin = if kind == RelayKind::Roomcast {
+                relay_bin
+            } else {
+                None
+            };
             let (spawned, t) = relay::spawn(kind, bin, &[])?;
-            eprintln!("compare: {scenario} against {} (pid {})", t.name, spawned.child.id());
+            eprintln!(
+                "compare: {scenario} against {} (pid {})",
+                t.name,
+                spawned.child.id()
+            );
             let report = match scenario {
                 "idle" => idle(&t, &c, &p.idle),
                 "fanout" => fanout(&t, &c, &p.fanout),
@@ -236,42 +352,191 @@ pub fn run(a: &CompareArgs, c: &Common, relay_bin: Option<&Path>) -> anyhow::Res
     Ok(())
 }
 
+/// One measured floor: its socket count and its figures.
+struct Floor<'a> {
+    sockets: u64,
+    v: &'a Value,
+}
+
+impl Floor<'_> {
+    fn send(&self) -> Option<f64> {
+        lookup(self.v, "floor_us_per_send")
+    }
+
+    fn summary(&self) -> Value {
+        json!({
+            "sockets": self.sockets,
+            "floor_us_per_send": self.send(),
+            "floor_us_per_frame_batched": lookup(self.v, "floor_us_per_frame_batched"),
+        })
+    }
+}
+
 fn summarize(results: &[(String, String, Value)]) -> Value {
-    let floor_send = results.iter().find(|r| r.0 == "floor").and_then(|r| lookup(&r.2, "floor_us_per_send"));
+    let floor_of = |which: &str| {
+        results
+            .iter()
+            .find(|r| r.0 == "floor" && r.1 == which)
+            .map(|r| Floor {
+                sockets: lookup(&r.2, "sockets").unwrap_or(0.0) as u64,
+                v: &r.2,
+            })
+    };
+    // The floor at the fan-out's connection count, then the 100-socket reference.
+    let floors: Vec<(&str, Floor)> = [
+        ("", floor_of("machine")),
+        ("_reference", floor_of("reference")),
+    ]
+    .into_iter()
+    .filter_map(|(suffix, f)| f.map(|f| (suffix, f)))
+    .collect();
+    let show = |v: Option<f64>| v.map(format_float).unwrap_or_else(|| "-".into());
+    // The ratio column stays blank where there is no roomcast / node-ws ratio to show.
+    let line = |scenario: &str, label: &str, rc: Option<f64>, nd: Option<f64>, ratio: &str| {
+        println!(
+            "  {:<10} {:<42} {:>12} {:>12} {:>8}",
+            scenario,
+            label,
+            show(rc),
+            show(nd),
+            ratio
+        );
+    };
     let mut rows = Vec::new();
     println!();
     println!("== compare: roomcast vs node-ws (ratio = roomcast / node-ws) ==");
-    println!("  {:<10} {:<36} {:>12} {:>12} {:>8}", "scenario", "figure", "roomcast", "node-ws", "ratio");
+    println!(
+        "  {:<10} {:<42} {:>12} {:>12} {:>8}",
+        "scenario", "figure", "roomcast", "node-ws", "ratio"
+    );
     let mut seen = Vec::new();
     for (scenario, _, _) in results {
         if seen.contains(scenario) {
             continue;
         }
         seen.push(scenario.clone());
-        let get = |relay: &str| results.iter().find(|r| &r.0 == scenario && r.1 == relay).map(|r| &r.2);
+        if scenario == "floor" {
+            // The machine's own figures, one block per socket count, in the roomcast column.
+            for (_, f) in &floors {
+                for (path, label, higher_better) in headlines(scenario) {
+                    let v = lookup(f.v, path);
+                    let label = format!("{label} @{} sockets", f.sockets);
+                    line(scenario, &label, v, None, "");
+                    rows.push(json!({"scenario": scenario, "sockets": f.sockets, "figure": path,
+                                     "label": label, "machine": v, "higher_is_better": higher_better}));
+                }
+            }
+            continue;
+        }
+        let get = |relay: &str| {
+            results
+                .iter()
+                .find(|r| &r.0 == scenario && r.1 == relay)
+                .map(|r| &r.2)
+        };
         for (path, label, higher_better) in headlines(scenario) {
-            let (rc, nd) = if scenario == "floor" {
-                (get("machine").and_then(|v| lookup(v, path)), None)
-            } else {
-                (get("roomcast").and_then(|v| lookup(v, path)), get("node-ws").and_then(|v| lookup(v, path)))
-            };
+            let rc = get("roomcast").and_then(|v| lookup(v, path));
+            let nd = get("node-ws").and_then(|v| lookup(v, path));
             let ratio = match (rc, nd) {
                 (Some(a), Some(b)) if b != 0.0 => Some(a / b),
                 _ => None,
             };
-            let show = |v: Option<f64>| v.map(format_float).unwrap_or_else(|| "-".into());
-            println!("  {:<10} {:<36} {:>12} {:>12} {:>8}", scenario, label, show(rc), show(nd), show(ratio));
+            line(scenario, label, rc, nd, &show(ratio));
             rows.push(json!({"scenario": scenario, "figure": path, "label": label, "roomcast": rc, "node_ws": nd,
                              "ratio": ratio, "higher_is_better": higher_better}));
         }
-        if (scenario == "fanout" || scenario == "hot") && floor_send.is_some() {
-            let f = floor_send.expect("checked above");
-            let rc = get("roomcast").and_then(|v| lookup(v, "relay_cpu_us_per_delivery")).map(|v| v / f);
-            let nd = get("node-ws").and_then(|v| lookup(v, "relay_cpu_us_per_delivery")).map(|v| v / f);
-            let show = |v: Option<f64>| v.map(format_float).unwrap_or_else(|| "-".into());
-            println!("  {:<10} {:<36} {:>12} {:>12} {:>8}", scenario, "CPU per delivery / floor", show(rc), show(nd), "");
-            rows.push(json!({"scenario": scenario, "figure": "relay_cpu_per_delivery_over_floor", "roomcast": rc, "node_ws": nd}));
+        if scenario == "fanout" || scenario == "hot" {
+            // Relay CPU per delivery over the floor: first the floor at the fan-out's socket
+            // count (the fair yardstick for `fanout`), then the 100-socket reference.
+            let conns = get("roomcast")
+                .or_else(|| get("node-ws"))
+                .and_then(|v| Some(lookup(v, "rooms")? * lookup(v, "members")?));
+            for (suffix, f) in &floors {
+                let Some(fl) = f.send().filter(|&x| x > 0.0) else {
+                    continue;
+                };
+                let over = |relay: &str| {
+                    get(relay)
+                        .and_then(|v| lookup(v, "relay_cpu_us_per_delivery"))
+                        .map(|v| v / fl)
+                };
+                let (rc, nd) = (over("roomcast"), over("node-ws"));
+                let label = format!("CPU per delivery / floor @{} sockets", f.sockets);
+                line(scenario, &label, rc, nd, "");
+                rows.push(json!({"scenario": scenario, "figure": format!("relay_cpu_per_delivery_over_floor{suffix}"),
+                                 "label": label, "roomcast": rc, "node_ws": nd, "floor_sockets": f.sockets,
+                                 "floor_us_per_send": fl, "scenario_connections": conns}));
+            }
         }
     }
-    json!({"scenario": "compare", "date": today(), "rows": rows})
+    json!({
+        "scenario": "compare",
+        "date": today(),
+        "floor": floors.iter().find(|f| f.0.is_empty()).map(|f| f.1.summary()),
+        "floor_reference": floors.iter().find(|f| !f.0.is_empty()).map(|f| f.1.summary()),
+        "rows": rows,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn floor_follows_the_fanout_size() {
+        for size in ["small", "full"] {
+            let p = preset(size).unwrap();
+            assert_eq!(
+                p.floor.sockets,
+                p.fanout.rooms as usize * p.fanout.members as usize
+            );
+            assert_eq!(p.floor_reference.sockets, floor::REFERENCE_SOCKETS);
+        }
+        assert_eq!(preset("full").unwrap().floor.sockets, 10_000);
+    }
+
+    #[test]
+    fn summary_reads_fanout_against_both_floors() {
+        let floor_at = |n: u64, send: f64| {
+            json!({"scenario": "floor", "sockets": n, "floor_us_per_send": send,
+                   "floor_us_per_frame_batched": send / 3.0})
+        };
+        let fan = |cpu: f64| {
+            json!({"scenario": "fanout", "rooms": 100, "members": 100,
+                   "relay_cpu_us_per_delivery": cpu})
+        };
+        let results = vec![
+            (
+                "floor".to_owned(),
+                "machine".to_owned(),
+                floor_at(10_000, 8.0),
+            ),
+            (
+                "floor".to_owned(),
+                "reference".to_owned(),
+                floor_at(100, 4.0),
+            ),
+            ("fanout".to_owned(), "roomcast".to_owned(), fan(16.0)),
+            ("fanout".to_owned(), "node-ws".to_owned(), fan(40.0)),
+        ];
+        let s = summarize(&results);
+        assert_eq!(s["floor"]["sockets"], 10_000);
+        assert_eq!(s["floor_reference"]["sockets"], 100);
+        let rows = s["rows"].as_array().unwrap();
+        let row = |figure: &str| {
+            rows.iter()
+                .find(|r| r["scenario"] == "fanout" && r["figure"] == figure)
+                .unwrap()
+        };
+        let m = row("relay_cpu_per_delivery_over_floor");
+        assert_eq!(m["floor_sockets"], 10_000);
+        assert_eq!(m["roomcast"], 2.0);
+        assert_eq!(m["node_ws"], 5.0);
+        assert_eq!(m["scenario_connections"], 10_000.0);
+        let r = row("relay_cpu_per_delivery_over_floor_reference");
+        assert_eq!(r["floor_sockets"], 100);
+        assert_eq!(r["roomcast"], 4.0);
+        let floor_rows = rows.iter().filter(|r| r["scenario"] == "floor").count();
+        assert_eq!(floor_rows, 4);
+    }
 }

@@ -7,8 +7,8 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
-use std::sync::mpsc;
 use std::process::{Child, ChildStdin, ChildStdout, Command as Process, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -57,15 +57,29 @@ pub struct Workers {
 impl Workers {
     /// Starts `procs` workers (0 = as many as the connection count needs) and splits `conns`
     /// among them round robin.
-    pub fn start(target: &Target, conns: &[ConnSpec], procs: usize, slow_rcvbuf: Option<u32>) -> anyhow::Result<Self> {
+    pub fn start(
+        target: &Target,
+        conns: &[ConnSpec],
+        procs: usize,
+        slow_rcvbuf: Option<u32>,
+    ) -> anyhow::Result<Self> {
         let needed = conns.len().div_ceil(MAX_CONNS_PER_WORKER).max(1);
-        let procs = if procs == 0 { needed } else { procs.max(needed) };
+        let procs = if procs == 0 {
+            needed
+        } else {
+            procs.max(needed)
+        };
         let exe = std::env::current_exe().context("locating this executable")?;
-        let mut out = Workers { procs: Vec::new(), conns_per_worker: Vec::new() };
+        let mut out = Workers {
+            procs: Vec::new(),
+            conns_per_worker: Vec::new(),
+        };
         for w in 0..procs {
             let mine: Vec<ConnSpec> = conns.iter().skip(w).step_by(procs).cloned().collect();
             let sources = if target.addr.ip().is_loopback() && target.addr.is_ipv4() {
-                (0..SOURCES_PER_WORKER).map(|k| sys::source_address(w as u32 * SOURCES_PER_WORKER + k)).collect()
+                (0..SOURCES_PER_WORKER)
+                    .map(|k| sys::source_address(w as u32 * SOURCES_PER_WORKER + k))
+                    .collect()
             } else {
                 Vec::new()
             };
@@ -91,7 +105,11 @@ impl Workers {
             let replies = read_replies(child.stdout.take().expect("stdout was piped"));
             writeln!(stdin, "{}", serde_json::to_string(&plan)?)?;
             out.conns_per_worker.push(plan.conns.len());
-            out.procs.push(WorkerProc { child, stdin, replies });
+            out.procs.push(WorkerProc {
+                child,
+                stdin,
+                replies,
+            });
         }
         Ok(out)
     }
@@ -113,11 +131,17 @@ impl Workers {
             let line = match p.replies.recv_timeout(REPLY_TIMEOUT) {
                 Ok(l) => l,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    bail!("load worker {i} gave no reply to {what} within {} s", REPLY_TIMEOUT.as_secs())
+                    bail!(
+                        "load worker {i} gave no reply to {what} within {} s",
+                        REPLY_TIMEOUT.as_secs()
+                    )
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => bail!("load worker {i} exited unexpectedly during {what}"),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!("load worker {i} exited unexpectedly during {what}")
+                }
             };
-            let r: Reply = serde_json::from_str(&line).with_context(|| format!("worker {i} said {line:?}"))?;
+            let r: Reply =
+                serde_json::from_str(&line).with_context(|| format!("worker {i} said {line:?}"))?;
             if let Reply::Failed { error } = &r {
                 bail!("load worker {i}: {error}");
             }
@@ -132,7 +156,13 @@ impl Workers {
         self.each(&cmds)
     }
 
-    pub fn connect(&mut self, roles: &[Role], total_rate: f64, max_in_flight: usize, timeout_ms: u64) -> anyhow::Result<Connected> {
+    pub fn connect(
+        &mut self,
+        roles: &[Role],
+        total_rate: f64,
+        max_in_flight: usize,
+        timeout_ms: u64,
+    ) -> anyhow::Result<Connected> {
         let n = self.procs.len() as f64;
         let replies = self.all(Command::Connect {
             roles: roles.to_vec(),
@@ -140,9 +170,16 @@ impl Workers {
             max_in_flight: (max_in_flight as f64 / n).ceil() as usize,
             timeout_ms,
         })?;
-        let mut c = Connected { ok: 0, failed: BTreeMap::new(), latency: new_histogram(), elapsed_us: 0 };
+        let mut c = Connected {
+            ok: 0,
+            failed: BTreeMap::new(),
+            latency: new_histogram(),
+            elapsed_us: 0,
+        };
         for r in replies {
-            let Reply::Connected(r) = r else { return Err(anyhow!("unexpected reply to connect")) };
+            let Reply::Connected(r) = r else {
+                return Err(anyhow!("unexpected reply to connect"));
+            };
             c.ok += r.ok;
             merge_counts(&mut c.failed, &r.failed);
             merge_hist(&mut c.latency, &r.latency_us);
@@ -154,7 +191,9 @@ impl Workers {
     pub fn report(&mut self) -> anyhow::Result<Stats> {
         let mut s = Stats::default();
         for r in self.all(Command::Report)? {
-            let Reply::Stats(r) = r else { return Err(anyhow!("unexpected reply to report")) };
+            let Reply::Stats(r) = r else {
+                return Err(anyhow!("unexpected reply to report"));
+            };
             s.add(&r);
         }
         Ok(s)
@@ -166,19 +205,36 @@ impl Workers {
 
     /// Starts publishing: `total_rate` messages per second split by each worker's share of
     /// publishers.
-    pub fn publish_start(&mut self, publishers_per_worker: &[usize], total_rate: f64, duration_ms: u64, text_bytes: usize) -> anyhow::Result<()> {
+    pub fn publish_start(
+        &mut self,
+        publishers_per_worker: &[usize],
+        total_rate: f64,
+        duration_ms: u64,
+        text_bytes: usize,
+    ) -> anyhow::Result<()> {
         let total: usize = publishers_per_worker.iter().sum::<usize>().max(1);
         let cmds: Vec<Command> = publishers_per_worker
             .iter()
-            .map(|&p| Command::PublishStart { rate_per_s: total_rate * p as f64 / total as f64, duration_ms, text_bytes })
+            .map(|&p| Command::PublishStart {
+                rate_per_s: total_rate * p as f64 / total as f64,
+                duration_ms,
+                text_bytes,
+            })
             .collect();
         self.each(&cmds).map(|_| ())
     }
 
     pub fn publish_wait(&mut self) -> anyhow::Result<Published> {
-        let mut p = Published { sent: 0, queued_sends: 0, lag: new_histogram(), elapsed_us: 0 };
+        let mut p = Published {
+            sent: 0,
+            queued_sends: 0,
+            lag: new_histogram(),
+            elapsed_us: 0,
+        };
         for r in self.all(Command::PublishWait)? {
-            let Reply::Published(r) = r else { return Err(anyhow!("unexpected reply to publish")) };
+            let Reply::Published(r) = r else {
+                return Err(anyhow!("unexpected reply to publish"));
+            };
             p.sent += r.sent;
             p.queued_sends += r.queued_sends;
             merge_hist(&mut p.lag, &r.lag_us);
@@ -189,7 +245,10 @@ impl Workers {
 
     pub fn close(&mut self, roles: &[Role], timeout_ms: u64) -> anyhow::Result<(u64, u64)> {
         let mut t = (0, 0);
-        for r in self.all(Command::Close { roles: roles.to_vec(), timeout_ms })? {
+        for r in self.all(Command::Close {
+            roles: roles.to_vec(),
+            timeout_ms,
+        })? {
             if let Reply::Closed { closed, forced } = r {
                 t.0 += closed;
                 t.1 += forced;
@@ -220,7 +279,11 @@ impl Workers {
 impl Drop for Workers {
     fn drop(&mut self) {
         for p in &mut self.procs {
-            let _ = writeln!(p.stdin, "{}", serde_json::to_string(&Command::Exit).unwrap_or_default());
+            let _ = writeln!(
+                p.stdin,
+                "{}",
+                serde_json::to_string(&Command::Exit).unwrap_or_default()
+            );
             let _ = p.stdin.flush();
         }
         let deadline = Instant::now() + Duration::from_secs(5);

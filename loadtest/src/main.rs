@@ -103,6 +103,9 @@ enum Cmd {
     /// (internal) a load worker process, driven over stdin/stdout.
     #[command(hide = true)]
     Worker,
+    /// (internal) the receiving ends of `floor`, driven over stdin/stdout.
+    #[command(hide = true)]
+    FloorReceiver(floor::ReceiverArgs),
 }
 
 fn common(g: &Global) -> Common {
@@ -129,7 +132,13 @@ fn target(g: &Global) -> anyhow::Result<(Option<Spawned>, Target)> {
     match g.spawn {
         Some(kind) => {
             let (s, t) = relay::spawn(kind, g.relay_bin.as_deref(), &relay_env(g)?)?;
-            eprintln!("started {} (pid {}) on {}; log {}", t.name, s.child.id(), t.addr, s.log_path.display());
+            eprintln!(
+                "started {} (pid {}) on {}; log {}",
+                t.name,
+                s.child.id(),
+                t.addr,
+                s.log_path.display()
+            );
             Ok((Some(s), t))
         }
         None => {
@@ -150,6 +159,9 @@ fn main() -> anyhow::Result<()> {
     if let Cmd::Worker = cli.command {
         return worker::main();
     }
+    if let Cmd::FloorReceiver(a) = &cli.command {
+        return floor::receiver_main(a);
+    }
     let limit = sys::raise_nofile_limit();
     eprintln!("open-file limit raised to {limit}");
     let g = &cli.global;
@@ -160,7 +172,7 @@ fn main() -> anyhow::Result<()> {
             compare::run(a, &c, g.relay_bin.as_deref())?;
             return Ok(());
         }
-        Cmd::Worker => unreachable!("handled above"),
+        Cmd::Worker | Cmd::FloorReceiver(_) => unreachable!("handled above"),
         cmd => {
             let (_spawned, t) = target(g)?;
             match cmd {

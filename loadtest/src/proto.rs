@@ -52,23 +52,41 @@ pub struct WorkerPlan {
 pub enum Command {
     /// Open every connection of these roles that is not open, at most `rate_per_s` new ones per
     /// second and `max_in_flight` at once; reply when each has joined (history received) or failed.
-    Connect { roles: Vec<Role>, rate_per_s: f64, max_in_flight: usize, timeout_ms: u64 },
+    Connect {
+        roles: Vec<Role>,
+        rate_per_s: f64,
+        max_in_flight: usize,
+        timeout_ms: u64,
+    },
     /// Zero the delivery counters and histograms.
     Reset,
     /// Start publishing from this worker's publishers: `rate_per_s` messages per second in total,
     /// round robin, for `duration_ms`. Replies at once; `PublishWait` replies when done.
-    PublishStart { rate_per_s: f64, duration_ms: u64, text_bytes: usize },
+    PublishStart {
+        rate_per_s: f64,
+        duration_ms: u64,
+        text_bytes: usize,
+    },
     PublishWait,
     /// End a running publish early (the next `PublishWait` returns what was sent).
     PublishStop,
     /// Counters and histograms so far.
     Report,
     /// Send close 1000 on every open connection of these roles and wait (bounded) until closed.
-    Close { roles: Vec<Role>, timeout_ms: u64 },
+    Close {
+        roles: Vec<Role>,
+        timeout_ms: u64,
+    },
     /// Let `Slow` connections read again and tell how each one ended.
-    DrainSlow { timeout_ms: u64 },
+    DrainSlow {
+        timeout_ms: u64,
+    },
     /// Connect, wait for the first event, close; `count` times with `concurrency` at once.
-    Handshake { count: u64, concurrency: usize, timeout_ms: u64 },
+    Handshake {
+        count: u64,
+        concurrency: usize,
+        timeout_ms: u64,
+    },
     Exit,
 }
 

@@ -72,7 +72,10 @@ impl Drop for Spawned {
 
 /// The repository root: the parent of this crate's directory.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| ".".into())
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| ".".into())
 }
 
 fn free_loopback_port() -> anyhow::Result<u16> {
@@ -81,12 +84,18 @@ fn free_loopback_port() -> anyhow::Result<u16> {
 }
 
 /// Starts a relay on a free loopback port and waits for its `listening on` line.
-pub fn spawn(kind: RelayKind, bin: Option<&Path>, extra_env: &[(String, String)]) -> anyhow::Result<(Spawned, Target)> {
+pub fn spawn(
+    kind: RelayKind,
+    bin: Option<&Path>,
+    extra_env: &[(String, String)],
+) -> anyhow::Result<(Spawned, Target)> {
     let root = repo_root();
     let port = free_loopback_port()?;
     let mut cmd = match kind {
         RelayKind::Roomcast => {
-            let bin = bin.map(Path::to_path_buf).unwrap_or_else(|| root.join("target/release/roomcast"));
+            let bin = bin
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| root.join("target/release/roomcast"));
             if !bin.exists() {
                 bail!(
                     "{} not found: build it with `cargo build --release --bin roomcast` (or pass --relay-bin)",
@@ -98,7 +107,11 @@ pub fn spawn(kind: RelayKind, bin: Option<&Path>, extra_env: &[(String, String)]
         RelayKind::Node => {
             let dir = root.join("loadtest/baselines/node-ws");
             if !dir.join("node_modules/ws").exists() {
-                bail!("{}/node_modules missing: run `npm ci --prefix {}`", dir.display(), dir.display());
+                bail!(
+                    "{}/node_modules missing: run `npm ci --prefix {}`",
+                    dir.display(),
+                    dir.display()
+                );
             }
             let mut c = Command::new(bin.map(Path::to_path_buf).unwrap_or_else(|| "node".into()));
             c.arg(dir.join("server.js"));
@@ -117,16 +130,24 @@ pub fn spawn(kind: RelayKind, bin: Option<&Path>, extra_env: &[(String, String)]
         ("ALLOWED_ORIGINS".into(), origin.clone()),
         ("RATE_LIMIT".into(), "1000000".into()),
         ("RATE_WINDOW_MS".into(), "1000".into()),
-        ("MAX_CONNECTIONS".into(), nofile.saturating_sub(100).to_string()),
+        (
+            "MAX_CONNECTIONS".into(),
+            nofile.saturating_sub(100).to_string(),
+        ),
         ("RUST_LOG".into(), "warn".into()),
     ];
     for (k, v) in env.iter().chain(extra_env.iter()) {
         cmd.env(k, v);
     }
     let log_path = std::env::temp_dir().join(format!("roomcast-load-{}-{}.log", kind.name(), port));
-    let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-    cmd.stdout(Stdio::piped()).stderr(Stdio::from(log)).stdin(Stdio::null());
-    let mut child = cmd.spawn().with_context(|| format!("starting {}", kind.name()))?;
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .stdin(Stdio::null());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", kind.name()))?;
     let stdout = child.stdout.take().expect("stdout was piped");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -139,9 +160,13 @@ pub fn spawn(kind: RelayKind, bin: Option<&Path>, extra_env: &[(String, String)]
         while matches!(r.read(&mut sink), Ok(n) if n > 0) {}
     });
     let spawned = Spawned { child, log_path };
-    let first = rx
-        .recv_timeout(Duration::from_secs(30))
-        .map_err(|_| anyhow!("{} printed no first line within 30 s (log: {})", kind.name(), spawned.log_path.display()))?;
+    let first = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| {
+        anyhow!(
+            "{} printed no first line within 30 s (log: {})",
+            kind.name(),
+            spawned.log_path.display()
+        )
+    })?;
     let addr = parse_listening_line(&first).ok_or_else(|| {
         anyhow!(
             "{} first line was {:?}, expected `... listening on http://HOST:PORT ...` (log: {})",
@@ -166,13 +191,22 @@ pub fn spawn(kind: RelayKind, bin: Option<&Path>, extra_env: &[(String, String)]
 pub fn parse_listening_line(line: &str) -> Option<SocketAddr> {
     let at = line.find("listening on http://")? + "listening on http://".len();
     let rest = &line[at..];
-    let end = rest.find(|c: char| c.is_whitespace() || c == '/').unwrap_or(rest.len());
+    let end = rest
+        .find(|c: char| c.is_whitespace() || c == '/')
+        .unwrap_or(rest.len());
     rest[..end].to_socket_addrs().ok()?.next()
 }
 
 /// A target from `--url ws://HOST:PORT/PATH`, which must be a loopback address.
-pub fn from_url(url: &str, token: &str, origin: Option<&str>, pid: Option<u32>) -> anyhow::Result<Target> {
-    let rest = url.strip_prefix("ws://").ok_or_else(|| anyhow!("--url must start with ws:// (got {url})"))?;
+pub fn from_url(
+    url: &str,
+    token: &str,
+    origin: Option<&str>,
+    pid: Option<u32>,
+) -> anyhow::Result<Target> {
+    let rest = url
+        .strip_prefix("ws://")
+        .ok_or_else(|| anyhow!("--url must start with ws:// (got {url})"))?;
     let (hostport, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/chat"),
@@ -182,7 +216,9 @@ pub fn from_url(url: &str, token: &str, origin: Option<&str>, pid: Option<u32>) 
         .to_socket_addrs()
         .with_context(|| format!("resolving {hostport}"))?
         .find(|a| a.ip().is_loopback())
-        .ok_or_else(|| anyhow!("{hostport} is not a loopback address; roomcast-load only loads this machine"))?;
+        .ok_or_else(|| {
+            anyhow!("{hostport} is not a loopback address; roomcast-load only loads this machine")
+        })?;
     let pid = pid.or_else(|| sys::pid_listening_on(addr.port()));
     Ok(Target {
         name: "relay".into(),
@@ -190,7 +226,9 @@ pub fn from_url(url: &str, token: &str, origin: Option<&str>, pid: Option<u32>) 
         host_header: hostport.to_owned(),
         path,
         token: token.to_owned(),
-        origin: origin.map(str::to_owned).unwrap_or_else(|| format!("http://127.0.0.1:{}", addr.port())),
+        origin: origin
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("http://127.0.0.1:{}", addr.port())),
         pid,
     })
 }
@@ -199,7 +237,11 @@ pub fn from_url(url: &str, token: &str, origin: Option<&str>, pid: Option<u32>) 
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut body = Vec::new();
     s.read_to_end(&mut body).ok()?;
     let text = String::from_utf8_lossy(&body).into_owned();
@@ -208,7 +250,10 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     }
     let at = text.find("\r\n\r\n")? + 4;
     let mut out = text[at..].to_owned();
-    if text[..at].to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if text[..at]
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         out = dechunk(&out);
     }
     Some(out)
@@ -218,7 +263,9 @@ fn dechunk(s: &str) -> String {
     let mut out = String::new();
     let mut rest = s;
     while let Some(i) = rest.find("\r\n") {
-        let Ok(n) = usize::from_str_radix(rest[..i].trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(rest[..i].trim(), 16) else {
+            break;
+        };
         if n == 0 || rest.len() < i + 2 + n {
             break;
         }
@@ -237,7 +284,9 @@ pub fn metrics(addr: SocketAddr) -> Option<BTreeMap<String, f64>> {
         if line.starts_with('#') || line.is_empty() {
             continue;
         }
-        let Some((name_labels, value)) = line.rsplit_once(' ') else { continue };
+        let Some((name_labels, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
         let name = name_labels.split('{').next().unwrap_or(name_labels);
         if let Ok(v) = value.parse::<f64>() {
             *out.entry(name.to_owned()).or_insert(0.0) += v;

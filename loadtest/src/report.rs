@@ -23,14 +23,24 @@ impl Report {
         json.insert("addr".into(), json!(target.addr.to_string()));
         json.insert("relay_pid".into(), json!(target.pid));
         json.insert("loadavg_at_start".into(), json!(loadavg()));
-        Report { scenario: scenario.into(), rows: Vec::new(), json, notes: Vec::new() }
+        Report {
+            scenario: scenario.into(),
+            rows: Vec::new(),
+            json,
+            notes: Vec::new(),
+        }
     }
 
     pub fn bare(scenario: &str) -> Self {
         let mut json = Map::new();
         json.insert("scenario".into(), json!(scenario));
         json.insert("loadavg_at_start".into(), json!(loadavg()));
-        Report { scenario: scenario.into(), rows: Vec::new(), json, notes: Vec::new() }
+        Report {
+            scenario: scenario.into(),
+            rows: Vec::new(),
+            json,
+            notes: Vec::new(),
+        }
     }
 
     /// A figure: `key` in the JSON, `label` in the table.
@@ -49,7 +59,11 @@ impl Report {
     }
 
     pub fn num(&mut self, key: &str, label: &str, v: f64) {
-        let v = if v.is_finite() { json!(round3(v)) } else { Value::Null };
+        let v = if v.is_finite() {
+            json!(round3(v))
+        } else {
+            Value::Null
+        };
         self.put(key, label, v);
     }
 
@@ -69,7 +83,10 @@ impl Report {
         let shown = if m.is_empty() {
             "none".to_owned()
         } else {
-            m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+            m.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
         };
         self.rows.push((label.to_owned(), shown));
         self.json.insert(key.to_owned(), v);
@@ -113,7 +130,12 @@ impl Report {
         if !self.notes.is_empty() {
             self.json.insert("notes".into(), json!(self.notes));
         }
-        let relay = self.json.get("relay").and_then(Value::as_str).unwrap_or("-").to_owned();
+        let relay = self
+            .json
+            .get("relay")
+            .and_then(Value::as_str)
+            .unwrap_or("-")
+            .to_owned();
         println!();
         println!("== {} ({}) ==", self.scenario, relay);
         let width = self.rows.iter().map(|(l, _)| l.len()).max().unwrap_or(10);
@@ -124,7 +146,10 @@ impl Report {
             println!("  note: {n}");
         }
         let v = Value::Object(self.json.clone());
-        println!("{}", serde_json::to_string(&v).expect("a JSON value serialises"));
+        println!(
+            "{}",
+            serde_json::to_string(&v).expect("a JSON value serialises")
+        );
         v
     }
 }
@@ -132,7 +157,12 @@ impl Report {
 /// The machine's 1-minute load average: on a shared 2-core machine, figures taken while it is
 /// well above the harness's own load are noisy, so every result records it.
 pub fn loadavg() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 pub fn round3(v: f64) -> f64 {
@@ -160,7 +190,11 @@ impl RelayPoint {
     pub fn take(target: &Target, with_metrics: bool) -> Self {
         RelayPoint {
             proc_: target.pid.and_then(sys::sample_process),
-            metrics: if with_metrics { relay::metrics(target.addr) } else { None },
+            metrics: if with_metrics {
+                relay::metrics(target.addr)
+            } else {
+                None
+            },
         }
     }
 

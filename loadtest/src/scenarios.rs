@@ -157,7 +157,11 @@ fn layout(rooms: u32, members: u32, publishers: u32, slow: u32, id_base: u32) ->
     let mut v = Vec::with_capacity((rooms * members) as usize);
     for m in 0..members {
         for r in 0..rooms {
-            let role = if m >= members - slow.min(members) { Role::Slow } else { Role::Member };
+            let role = if m >= members - slow.min(members) {
+                Role::Slow
+            } else {
+                Role::Member
+            };
             v.push(ConnSpec {
                 room: r,
                 id: id_base + m * rooms + r,
@@ -171,7 +175,16 @@ fn layout(rooms: u32, members: u32, publishers: u32, slow: u32, id_base: u32) ->
 
 fn publishers_per_worker(specs: &[ConnSpec], workers: &Workers) -> Vec<usize> {
     let n = workers.len();
-    (0..n).map(|w| specs.iter().skip(w).step_by(n).filter(|s| s.publisher.is_some()).count()).collect()
+    (0..n)
+        .map(|w| {
+            specs
+                .iter()
+                .skip(w)
+                .step_by(n)
+                .filter(|s| s.publisher.is_some())
+                .count()
+        })
+        .collect()
 }
 
 fn own_cpu_us() -> u64 {
@@ -321,31 +334,81 @@ fn put_phase(r: &mut Report, p: &str, ph: &Phase) {
     let k = |s: &str| format!("{p}{s}");
     r.num(&k("offered_msgs_per_s"), "offered messages/s", ph.rate);
     r.int(&k("sent"), "messages sent", ph.sent);
-    r.int(&k("expected_deliveries"), "deliveries expected", ph.expected);
+    r.int(
+        &k("expected_deliveries"),
+        "deliveries expected",
+        ph.expected,
+    );
     r.int(&k("deliveries"), "deliveries received", ph.deliveries);
-    r.num(&k("delivered_share"), "delivered share", ph.delivered_share());
-    r.int(&k("lost"), "lost (expected - unique received)", ph.expected.saturating_sub(ph.deliveries - ph.duplicates));
+    r.num(
+        &k("delivered_share"),
+        "delivered share",
+        ph.delivered_share(),
+    );
+    r.int(
+        &k("lost"),
+        "lost (expected - unique received)",
+        ph.expected.saturating_sub(ph.deliveries - ph.duplicates),
+    );
     r.int(&k("duplicates"), "duplicates", ph.duplicates);
     r.int(&k("gaps"), "gaps (counter skipped)", ph.gaps);
     r.int(&k("reordered"), "reordered (late)", ph.late);
     let secs = ph.elapsed_s.max(1e-9);
-    r.num(&k("expected_deliveries_per_s"), "deliveries/s expected", ph.expected as f64 / secs);
-    r.num(&k("deliveries_per_s"), "deliveries/s achieved", ph.deliveries as f64 / secs);
+    r.num(
+        &k("expected_deliveries_per_s"),
+        "deliveries/s expected",
+        ph.expected as f64 / secs,
+    );
+    r.num(
+        &k("deliveries_per_s"),
+        "deliveries/s achieved",
+        ph.deliveries as f64 / secs,
+    );
     r.latency(&k("latency"), "latency (send -> receive)", &ph.latency);
     r.latency(&k("send_lag"), "publisher lag behind schedule", &ph.lag);
     r.counts(&k("errors"), "error events", &ph.errors);
-    r.counts(&k("ended_by_relay"), "connections ended by relay", &ph.ended);
-    r.opt(&k("relay_cpu_s"), "relay CPU (s)", ph.relay_cpu_us.map(|u| u as f64 / 1e6));
-    r.opt(&k("relay_cpu_cores"), "relay CPU (cores)", ph.relay_cpu_us.map(|u| u as f64 / 1e6 / secs));
+    r.counts(
+        &k("ended_by_relay"),
+        "connections ended by relay",
+        &ph.ended,
+    );
+    r.opt(
+        &k("relay_cpu_s"),
+        "relay CPU (s)",
+        ph.relay_cpu_us.map(|u| u as f64 / 1e6),
+    );
+    r.opt(
+        &k("relay_cpu_cores"),
+        "relay CPU (cores)",
+        ph.relay_cpu_us.map(|u| u as f64 / 1e6 / secs),
+    );
     r.opt(
         &k("relay_cpu_us_per_delivery"),
         "relay CPU per delivery (us)",
-        ph.relay_cpu_us.filter(|_| ph.deliveries > 0).map(|u| u as f64 / ph.deliveries as f64),
+        ph.relay_cpu_us
+            .filter(|_| ph.deliveries > 0)
+            .map(|u| u as f64 / ph.deliveries as f64),
     );
-    r.num(&k("client_cpu_s"), "client CPU (s)", ph.client_cpu_us as f64 / 1e6);
-    r.num(&k("client_cpu_us_per_delivery"), "client CPU per delivery (us)", ph.client_cpu_us as f64 / ph.deliveries.max(1) as f64);
-    r.num(&k("client_frames_per_read"), "frames per client read", ph.frames_in as f64 / ph.reads.max(1) as f64);
-    r.opt(&k("relay_socket_writes"), "relay socket writes (metric)", ph.relay_socket_writes);
+    r.num(
+        &k("client_cpu_s"),
+        "client CPU (s)",
+        ph.client_cpu_us as f64 / 1e6,
+    );
+    r.num(
+        &k("client_cpu_us_per_delivery"),
+        "client CPU per delivery (us)",
+        ph.client_cpu_us as f64 / ph.deliveries.max(1) as f64,
+    );
+    r.num(
+        &k("client_frames_per_read"),
+        "frames per client read",
+        ph.frames_in as f64 / ph.reads.max(1) as f64,
+    );
+    r.opt(
+        &k("relay_socket_writes"),
+        "relay socket writes (metric)",
+        ph.relay_socket_writes,
+    );
     r.opt(
         &k("relay_writes_per_frame"),
         "relay writes per delivered frame",
@@ -357,9 +420,15 @@ fn put_phase(r: &mut Report, p: &str, ph: &Phase) {
     r.opt(
         &k("relay_write_syscalls_per_delivery"),
         "relay write/writev calls per delivery (/proc io)",
-        ph.relay_syscw.filter(|_| ph.deliveries > 0).map(|c| c as f64 / ph.deliveries as f64),
+        ph.relay_syscw
+            .filter(|_| ph.deliveries > 0)
+            .map(|c| c as f64 / ph.deliveries as f64),
     );
-    r.opt(&k("relay_rss_kb"), "relay RSS at end (KiB)", ph.rss_end_kb.map(|v| v as f64));
+    r.opt(
+        &k("relay_rss_kb"),
+        "relay RSS at end (KiB)",
+        ph.rss_end_kb.map(|v| v as f64),
+    );
     if ph.errors.get("rate_limited").copied().unwrap_or(0) > 0 {
         r.note(format!(
             "{p}the relay rate-limited publishers: start it with RATE_LIMIT=1000000 (--spawn does this)"
@@ -372,7 +441,11 @@ fn put_connect(r: &mut Report, c: &crate::coord::Connected, wanted: u64) {
     r.int("connections_ok", "connections joined", c.ok);
     r.counts("connect_failures", "connect failures", &c.failed);
     r.latency("connect_latency", "connect -> history latency", &c.latency);
-    r.num("connect_s", "time to open all (s)", c.elapsed_us as f64 / 1e6);
+    r.num(
+        "connect_s",
+        "time to open all (s)",
+        c.elapsed_us as f64 / 1e6,
+    );
 }
 
 fn need_pid(r: &mut Report, target: &Target) {
@@ -392,37 +465,84 @@ pub fn idle(target: &Target, c: &Common, a: &IdleArgs) -> anyhow::Result<Report>
     std::thread::sleep(Duration::from_millis(300));
     let before = RelayPoint::take(target, false);
     let client0 = own_cpu_us();
-    let conn = w.connect(&[Role::Member], c.connect_rate, c.connect_in_flight, c.connect_timeout_ms)?;
-    eprintln!("idle: {} joined, waiting for presence traffic to settle", conn.ok);
-    let settled = w.settle(Duration::from_millis(1500), Duration::from_millis(a.settle_max_ms))?;
+    let conn = w.connect(
+        &[Role::Member],
+        c.connect_rate,
+        c.connect_in_flight,
+        c.connect_timeout_ms,
+    )?;
+    eprintln!(
+        "idle: {} joined, waiting for presence traffic to settle",
+        conn.ok
+    );
+    let settled = w.settle(
+        Duration::from_millis(1500),
+        Duration::from_millis(a.settle_max_ms),
+    )?;
     std::thread::sleep(Duration::from_millis(500));
     let after = RelayPoint::take(target, false);
     r.int("procs", "load processes", w.len() as u64);
     r.int("rooms", "rooms", a.rooms as u64);
     put_connect(&mut r, &conn, a.conns as u64);
-    r.int("presence_events", "presence events received", settled.presence);
-    r.counts("ended_by_relay", "connections ended by relay", &settled.ended);
-    r.opt("relay_rss_before_kb", "relay RSS before (KiB)", before.rss_kb().map(|v| v as f64));
-    r.opt("relay_rss_after_kb", "relay RSS with all idle (KiB)", after.rss_kb().map(|v| v as f64));
+    r.int(
+        "presence_events",
+        "presence events received",
+        settled.presence,
+    );
+    r.counts(
+        "ended_by_relay",
+        "connections ended by relay",
+        &settled.ended,
+    );
+    r.opt(
+        "relay_rss_before_kb",
+        "relay RSS before (KiB)",
+        before.rss_kb().map(|v| v as f64),
+    );
+    r.opt(
+        "relay_rss_after_kb",
+        "relay RSS with all idle (KiB)",
+        after.rss_kb().map(|v| v as f64),
+    );
     let per_conn = match (before.rss_kb(), after.rss_kb()) {
-        (Some(b), Some(a2)) if conn.ok > 0 => Some((a2 as f64 - b as f64) * 1024.0 / conn.ok as f64),
+        (Some(b), Some(a2)) if conn.ok > 0 => {
+            Some((a2 as f64 - b as f64) * 1024.0 / conn.ok as f64)
+        }
         _ => None,
     };
-    r.opt("relay_bytes_per_idle_conn", "relay RSS per idle connection (bytes)", per_conn);
+    r.opt(
+        "relay_bytes_per_idle_conn",
+        "relay RSS per idle connection (bytes)",
+        per_conn,
+    );
     let sp = spend(&before, &after);
-    r.opt("relay_cpu_s", "relay CPU while opening (s)", sp.cpu_us.map(|u| u as f64 / 1e6));
+    r.opt(
+        "relay_cpu_s",
+        "relay CPU while opening (s)",
+        sp.cpu_us.map(|u| u as f64 / 1e6),
+    );
     r.opt(
         "relay_cpu_us_per_connect",
         "relay CPU per connection opened (us)",
-        sp.cpu_us.filter(|_| conn.ok > 0).map(|u| u as f64 / conn.ok as f64),
+        sp.cpu_us
+            .filter(|_| conn.ok > 0)
+            .map(|u| u as f64 / conn.ok as f64),
     );
-    r.num("client_cpu_s", "client CPU (s)", (settled.cpu_us + own_cpu_us() - client0) as f64 / 1e6);
+    r.num(
+        "client_cpu_s",
+        "client CPU (s)",
+        (settled.cpu_us + own_cpu_us() - client0) as f64 / 1e6,
+    );
     let (closed, forced) = w.close(&[Role::Member], 10_000)?;
     std::thread::sleep(Duration::from_millis(2000));
     let end = RelayPoint::take(target, false);
     r.int("closed", "closed by client", closed);
     r.int("close_forced", "closes forced (no close handshake)", forced);
-    r.opt("relay_rss_after_close_kb", "relay RSS 2 s after closing (KiB)", end.rss_kb().map(|v| v as f64));
+    r.opt(
+        "relay_rss_after_close_kb",
+        "relay RSS 2 s after closing (KiB)",
+        end.rss_kb().map(|v| v as f64),
+    );
     Ok(r)
 }
 
@@ -431,13 +551,36 @@ pub fn fanout(target: &Target, c: &Common, a: &FanoutArgs) -> anyhow::Result<Rep
     need_pid(&mut r, target);
     let specs = layout(a.rooms, a.members, a.publishers.min(a.members), 0, 0);
     let mut w = Workers::start(target, &specs, c.procs, None)?;
-    let conn = w.connect(&[Role::Member], c.connect_rate, c.connect_in_flight, c.connect_timeout_ms)?;
+    let conn = w.connect(
+        &[Role::Member],
+        c.connect_rate,
+        c.connect_in_flight,
+        c.connect_timeout_ms,
+    )?;
     w.settle(Duration::from_millis(1000), Duration::from_secs(30))?;
-    eprintln!("fanout: {} joined; publishing {} msg/s for {} ms", conn.ok, a.rate, a.duration_ms);
+    eprintln!(
+        "fanout: {} joined; publishing {} msg/s for {} ms",
+        conn.ok, a.rate, a.duration_ms
+    );
     let pubs = publishers_per_worker(&specs, &w);
-    let ph = run_phase(target, &mut w, &pubs, a.rate, a.duration_ms, a.text_bytes, a.members as u64)?;
+    let ph = run_phase(
+        target,
+        &mut w,
+        &pubs,
+        a.rate,
+        a.duration_ms,
+        a.text_bytes,
+        a.members as u64,
+    )?;
     r.int("procs", "load processes", w.len() as u64);
-    r.put("shape", "shape", json!(format!("{} rooms x {} members, {} publisher(s)/room", a.rooms, a.members, a.publishers)));
+    r.put(
+        "shape",
+        "shape",
+        json!(format!(
+            "{} rooms x {} members, {} publisher(s)/room",
+            a.rooms, a.members, a.publishers
+        )),
+    );
     r.int("rooms", "rooms", a.rooms as u64);
     r.int("members", "members per room", a.members as u64);
     r.int("text_bytes", "text characters", a.text_bytes as u64);
@@ -452,7 +595,12 @@ pub fn saturate(target: &Target, c: &Common, a: &SaturateArgs) -> anyhow::Result
     need_pid(&mut r, target);
     let specs = layout(a.rooms, a.members, a.publishers.min(a.members), 0, 0);
     let mut w = Workers::start(target, &specs, c.procs, None)?;
-    let conn = w.connect(&[Role::Member], c.connect_rate, c.connect_in_flight, c.connect_timeout_ms)?;
+    let conn = w.connect(
+        &[Role::Member],
+        c.connect_rate,
+        c.connect_in_flight,
+        c.connect_timeout_ms,
+    )?;
     w.settle(Duration::from_millis(1000), Duration::from_secs(30))?;
     let pubs = publishers_per_worker(&specs, &w);
     let mut steps = Vec::new();
@@ -464,11 +612,21 @@ pub fn saturate(target: &Target, c: &Common, a: &SaturateArgs) -> anyhow::Result
         "msgs/s", "deliv/s", "share", "p99 ms", "relay us/d", "client us/d", "pub lag p99"
     );
     for _ in 0..a.max_steps {
-        let ph = run_phase(target, &mut w, &pubs, rate, a.step_ms, a.text_bytes, a.members as u64)?;
+        let ph = run_phase(
+            target,
+            &mut w,
+            &pubs,
+            rate,
+            a.step_ms,
+            a.text_bytes,
+            a.members as u64,
+        )?;
         let dps = ph.deliveries as f64 / ph.elapsed_s.max(1e-9);
         let share = ph.delivered_share();
         let p99 = ph.p99_ms();
-        let relay_us = ph.relay_cpu_us.map(|u| u as f64 / ph.deliveries.max(1) as f64);
+        let relay_us = ph
+            .relay_cpu_us
+            .map(|u| u as f64 / ph.deliveries.max(1) as f64);
         let client_us = ph.client_cpu_us as f64 / ph.deliveries.max(1) as f64;
         let lag_p99_ms = ph.lag.value_at_quantile(0.99) as f64 / 1000.0;
         eprintln!(
@@ -494,7 +652,8 @@ pub fn saturate(target: &Target, c: &Common, a: &SaturateArgs) -> anyhow::Result
             "publisher_lag_p99_ms": lag_p99_ms,
         }));
         if share < a.min_delivered || p99 > a.max_p99_ms {
-            stop_reason = format!("at {rate:.0} msgs/s: delivered share {share:.3}, p99 {p99:.1} ms");
+            stop_reason =
+                format!("at {rate:.0} msgs/s: delivered share {share:.3}, p99 {p99:.1} ms");
             break;
         }
         best = Some((dps, rate));
@@ -503,10 +662,25 @@ pub fn saturate(target: &Target, c: &Common, a: &SaturateArgs) -> anyhow::Result
         std::thread::sleep(Duration::from_millis(1000));
     }
     r.int("procs", "load processes", w.len() as u64);
-    r.put("shape", "shape", json!(format!("{} rooms x {} members, {} publisher(s)/room", a.rooms, a.members, a.publishers)));
+    r.put(
+        "shape",
+        "shape",
+        json!(format!(
+            "{} rooms x {} members, {} publisher(s)/room",
+            a.rooms, a.members, a.publishers
+        )),
+    );
     put_connect(&mut r, &conn, specs.len() as u64);
-    r.opt("max_sustained_deliveries_per_s", "highest sustained deliveries/s", best.map(|b| b.0));
-    r.opt("max_sustained_msgs_per_s", "at offered messages/s", best.map(|b| b.1));
+    r.opt(
+        "max_sustained_deliveries_per_s",
+        "highest sustained deliveries/s",
+        best.map(|b| b.0),
+    );
+    r.opt(
+        "max_sustained_msgs_per_s",
+        "at offered messages/s",
+        best.map(|b| b.1),
+    );
     r.put("stop_reason", "stopped", json!(stop_reason));
     r.json.insert("steps".into(), Value::Array(steps));
     w.close(&[Role::Member], 10_000)?;
@@ -549,12 +723,32 @@ pub fn handshake(target: &Target, c: &Common, a: &HandshakeArgs) -> anyhow::Resu
     r.int("handshakes_ok", "handshakes completed", ok);
     r.counts("handshake_failures", "failures", &failed);
     r.num("wall_s", "wall time (s)", wall);
-    r.num("handshakes_per_s", "handshakes/s", ok as f64 / wall.max(1e-9));
+    r.num(
+        "handshakes_per_s",
+        "handshakes/s",
+        ok as f64 / wall.max(1e-9),
+    );
     r.latency("latency", "connect -> first event", &hist);
-    r.opt("relay_cpu_s", "relay CPU (s)", sp.cpu_us.map(|u| u as f64 / 1e6));
-    r.opt("relay_cpu_us_per_handshake", "relay CPU per handshake (us)", sp.cpu_us.filter(|_| ok > 0).map(|u| u as f64 / ok as f64));
-    r.num("client_cpu_s", "client CPU (s)", client1.saturating_sub(client0) as f64 / 1e6);
-    r.opt("relay_rss_after_kb", "relay RSS after (KiB)", p1.rss_kb().map(|v| v as f64));
+    r.opt(
+        "relay_cpu_s",
+        "relay CPU (s)",
+        sp.cpu_us.map(|u| u as f64 / 1e6),
+    );
+    r.opt(
+        "relay_cpu_us_per_handshake",
+        "relay CPU per handshake (us)",
+        sp.cpu_us.filter(|_| ok > 0).map(|u| u as f64 / ok as f64),
+    );
+    r.num(
+        "client_cpu_s",
+        "client CPU (s)",
+        client1.saturating_sub(client0) as f64 / 1e6,
+    );
+    r.opt(
+        "relay_rss_after_kb",
+        "relay RSS after (KiB)",
+        p1.rss_kb().map(|v| v as f64),
+    );
     Ok(r)
 }
 
@@ -564,11 +758,21 @@ pub fn churn(target: &Target, c: &Common, a: &ChurnArgs) -> anyhow::Result<Repor
     let mut specs = layout(a.rooms, a.members, 1, 0, 0);
     let base = specs.len() as u32;
     for i in 0..a.wave_conns {
-        specs.push(ConnSpec { room: i % a.rooms.max(1), id: base + i, role: Role::Churn, publisher: None });
+        specs.push(ConnSpec {
+            room: i % a.rooms.max(1),
+            id: base + i,
+            role: Role::Churn,
+            publisher: None,
+        });
     }
     let mut w = Workers::start(target, &specs, c.procs, None)?;
     let start_point = RelayPoint::take(target, false);
-    let conn = w.connect(&[Role::Member], c.connect_rate, c.connect_in_flight, c.connect_timeout_ms)?;
+    let conn = w.connect(
+        &[Role::Member],
+        c.connect_rate,
+        c.connect_in_flight,
+        c.connect_timeout_ms,
+    )?;
     w.settle(Duration::from_millis(1000), Duration::from_secs(30))?;
     let pubs = publishers_per_worker(&specs, &w);
     // Publish for longer than the waves can take; stopped explicitly after the last wave.
@@ -585,7 +789,12 @@ pub fn churn(target: &Target, c: &Common, a: &ChurnArgs) -> anyhow::Result<Repor
     let mut opened = 0;
     let t0 = Instant::now();
     for k in 0..a.waves {
-        let cn = w.connect(&[Role::Churn], c.connect_rate, c.connect_in_flight, c.connect_timeout_ms)?;
+        let cn = w.connect(
+            &[Role::Churn],
+            c.connect_rate,
+            c.connect_in_flight,
+            c.connect_timeout_ms,
+        )?;
         opened += cn.ok;
         merge_counts(&mut failed_total, &cn.failed);
         let with_wave = RelayPoint::take(target, false);
@@ -614,24 +823,59 @@ pub fn churn(target: &Target, c: &Common, a: &ChurnArgs) -> anyhow::Result<Repor
     let peak_kb = peak.finish();
     let expected = published.sent * a.members as u64;
     r.int("procs", "load processes", w.len() as u64);
-    r.put("shape", "shape", json!(format!("{} rooms x {} steady members; {} waves of {}", a.rooms, a.members, a.waves, a.wave_conns)));
+    r.put(
+        "shape",
+        "shape",
+        json!(format!(
+            "{} rooms x {} steady members; {} waves of {}",
+            a.rooms, a.members, a.waves, a.wave_conns
+        )),
+    );
     put_connect(&mut r, &conn, (a.rooms * a.members) as u64);
     r.int("wave_conns_opened", "wave connections opened", opened);
     r.counts("wave_failures", "wave connect failures", &failed_total);
     r.num("waves_s", "time for all waves (s)", waves_s);
-    r.num("wave_conns_per_s", "wave connections/s (open+close)", opened as f64 / waves_s.max(1e-9));
-    r.opt("relay_rss_start_kb", "relay RSS before any connection (KiB)", start_point.rss_kb().map(|v| v as f64));
-    r.opt("relay_rss_reference_kb", "relay RSS steady, before waves (KiB)", reference.rss_kb().map(|v| v as f64));
-    r.opt("relay_rss_peak_kb", "relay RSS peak during waves (KiB)", peak_kb.map(|v| v as f64));
-    r.opt("relay_rss_end_kb", "relay RSS 2 s after last wave (KiB)", end.rss_kb().map(|v| v as f64));
+    r.num(
+        "wave_conns_per_s",
+        "wave connections/s (open+close)",
+        opened as f64 / waves_s.max(1e-9),
+    );
+    r.opt(
+        "relay_rss_start_kb",
+        "relay RSS before any connection (KiB)",
+        start_point.rss_kb().map(|v| v as f64),
+    );
+    r.opt(
+        "relay_rss_reference_kb",
+        "relay RSS steady, before waves (KiB)",
+        reference.rss_kb().map(|v| v as f64),
+    );
+    r.opt(
+        "relay_rss_peak_kb",
+        "relay RSS peak during waves (KiB)",
+        peak_kb.map(|v| v as f64),
+    );
+    r.opt(
+        "relay_rss_end_kb",
+        "relay RSS 2 s after last wave (KiB)",
+        end.rss_kb().map(|v| v as f64),
+    );
     let ratio = match (reference.rss_kb(), end.rss_kb()) {
         (Some(a0), Some(b)) if a0 > 0 => Some(b as f64 / a0 as f64),
         _ => None,
     };
-    r.opt("rss_end_over_reference", "RSS end / steady reference", ratio);
+    r.opt(
+        "rss_end_over_reference",
+        "RSS end / steady reference",
+        ratio,
+    );
     // After the first wave the allocator has seen the peak working set once; growth past this
     // point across waves would be a leak, while the step from the reference is retention.
-    r.opt("relay_rss_after_first_wave_kb", "relay RSS after first wave (KiB)", first_wave_after.map(|v| v as f64));
+    r.opt(
+        "relay_rss_after_first_wave_kb",
+        "relay RSS after first wave (KiB)",
+        first_wave_after.map(|v| v as f64),
+    );
     r.opt(
         "rss_end_over_first_wave",
         "RSS end / after first wave",
@@ -640,15 +884,35 @@ pub fn churn(target: &Target, c: &Common, a: &ChurnArgs) -> anyhow::Result<Repor
             _ => None,
         },
     );
-    r.int("steady_sent", "messages sent by steady members", published.sent);
-    r.int("steady_expected", "deliveries expected (steady members)", expected);
-    r.int("steady_deliveries", "deliveries received (steady members)", stats.deliveries);
+    r.int(
+        "steady_sent",
+        "messages sent by steady members",
+        published.sent,
+    );
+    r.int(
+        "steady_expected",
+        "deliveries expected (steady members)",
+        expected,
+    );
+    r.int(
+        "steady_deliveries",
+        "deliveries received (steady members)",
+        stats.deliveries,
+    );
     r.int("steady_duplicates", "duplicates", stats.duplicates);
     r.int("steady_gaps", "gaps", stats.gaps);
-    r.latency("steady_latency", "steady members' latency during churn", &stats.latency);
+    r.latency(
+        "steady_latency",
+        "steady members' latency during churn",
+        &stats.latency,
+    );
     r.counts("ended_by_relay", "connections ended by relay", &stats.ended);
     let sp = spend(&reference, &end);
-    r.opt("relay_cpu_s", "relay CPU during waves (s)", sp.cpu_us.map(|u| u as f64 / 1e6));
+    r.opt(
+        "relay_cpu_s",
+        "relay CPU during waves (s)",
+        sp.cpu_us.map(|u| u as f64 / 1e6),
+    );
     r.json.insert("waves".into(), Value::Array(waves));
     w.close(&[Role::Member, Role::Churn], 10_000)?;
     Ok(r)
@@ -660,17 +924,46 @@ pub fn slow(target: &Target, c: &Common, a: &SlowArgs) -> anyhow::Result<Report>
     let total = a.members + a.slow;
     let specs = layout(a.rooms, total, 1, a.slow, 0);
     let mut w = Workers::start(target, &specs, c.procs, Some(a.slow_rcvbuf))?;
-    let conn = w.connect(&[Role::Member], c.connect_rate, c.connect_in_flight, c.connect_timeout_ms)?;
+    let conn = w.connect(
+        &[Role::Member],
+        c.connect_rate,
+        c.connect_in_flight,
+        c.connect_timeout_ms,
+    )?;
     w.settle(Duration::from_millis(1000), Duration::from_secs(30))?;
     let pubs = publishers_per_worker(&specs, &w);
     eprintln!("slow: phase 1, {} healthy members only", conn.ok);
-    let healthy = run_phase(target, &mut w, &pubs, a.rate, a.duration_ms, a.text_bytes, a.members as u64)?;
-    let slow_conn = w.connect(&[Role::Slow], c.connect_rate, c.connect_in_flight, c.connect_timeout_ms)?;
+    let healthy = run_phase(
+        target,
+        &mut w,
+        &pubs,
+        a.rate,
+        a.duration_ms,
+        a.text_bytes,
+        a.members as u64,
+    )?;
+    let slow_conn = w.connect(
+        &[Role::Slow],
+        c.connect_rate,
+        c.connect_in_flight,
+        c.connect_timeout_ms,
+    )?;
     w.settle(Duration::from_millis(500), Duration::from_secs(10))?;
-    eprintln!("slow: phase 2, with {} members that never read", slow_conn.ok);
+    eprintln!(
+        "slow: phase 2, with {} members that never read",
+        slow_conn.ok
+    );
     let m0 = RelayPoint::take(target, true);
     let peak = PeakRss::start(target.pid);
-    let mixed = run_phase(target, &mut w, &pubs, a.rate, a.duration_ms, a.text_bytes, a.members as u64)?;
+    let mixed = run_phase(
+        target,
+        &mut w,
+        &pubs,
+        a.rate,
+        a.duration_ms,
+        a.text_bytes,
+        a.members as u64,
+    )?;
     let peak_kb = peak.finish();
     let m1 = RelayPoint::take(target, true);
     let drained = match w.all(Command::DrainSlow { timeout_ms: 5000 })? {
@@ -686,23 +979,45 @@ pub fn slow(target: &Target, c: &Common, a: &SlowArgs) -> anyhow::Result<Report>
         }
     };
     r.int("procs", "load processes", w.len() as u64);
-    r.put("shape", "shape", json!(format!("{} rooms x ({} healthy + {} never reading)", a.rooms, a.members, a.slow)));
+    r.put(
+        "shape",
+        "shape",
+        json!(format!(
+            "{} rooms x ({} healthy + {} never reading)",
+            a.rooms, a.members, a.slow
+        )),
+    );
     put_connect(&mut r, &conn, (a.rooms * a.members) as u64);
     r.int("slow_joined", "slow members joined", slow_conn.ok);
     put_phase(&mut r, "without_slow_", &healthy);
     put_phase(&mut r, "with_slow_", &mixed);
     r.counts("slow_outcomes", "how slow members ended", &drained.outcomes);
-    r.int("slow_bytes_drained", "bytes the slow members held when drained", drained.bytes_drained);
+    r.int(
+        "slow_bytes_drained",
+        "bytes the slow members held when drained",
+        drained.bytes_drained,
+    );
     r.opt(
         "relay_slow_consumer_closes",
         "relay slow-consumer closes (metric)",
-        match (m0.metric("roomcast_slow_consumer_closes_total"), m1.metric("roomcast_slow_consumer_closes_total")) {
+        match (
+            m0.metric("roomcast_slow_consumer_closes_total"),
+            m1.metric("roomcast_slow_consumer_closes_total"),
+        ) {
             (Some(x), Some(y)) => Some(y - x),
             _ => None,
         },
     );
-    r.opt("relay_rss_before_slow_phase_kb", "relay RSS before slow phase (KiB)", m0.rss_kb().map(|v| v as f64));
-    r.opt("relay_rss_peak_slow_phase_kb", "relay RSS peak in slow phase (KiB)", peak_kb.map(|v| v as f64));
+    r.opt(
+        "relay_rss_before_slow_phase_kb",
+        "relay RSS before slow phase (KiB)",
+        m0.rss_kb().map(|v| v as f64),
+    );
+    r.opt(
+        "relay_rss_peak_slow_phase_kb",
+        "relay RSS peak in slow phase (KiB)",
+        peak_kb.map(|v| v as f64),
+    );
     w.close(&[Role::Member, Role::Slow], 10_000)?;
     Ok(r)
 }

@@ -10,14 +10,20 @@ use std::os::fd::AsRawFd;
 
 /// Raises the soft open-file limit to the hard limit and returns the new soft limit.
 pub fn raise_nofile_limit() -> u64 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit only read and write the struct we own.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
             return 1024;
         }
         if lim.rlim_cur < lim.rlim_max {
-            let wanted = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            let wanted = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
                 lim.rlim_cur = lim.rlim_max;
             }
@@ -29,7 +35,10 @@ pub fn raise_nofile_limit() -> u64 {
 /// Nanoseconds on CLOCK_MONOTONIC. The same clock in every process on the machine, so a send
 /// timestamp written by one load process can be compared with a receive time in another.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes only into the timespec we own.
     unsafe {
         libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
@@ -119,10 +128,18 @@ pub fn sample_process(pid: u32) -> Option<ProcSample> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let syscw = fs::read_to_string(format!("/proc/{pid}/io")).ok().and_then(|io| {
-        io.lines().find_map(|l| l.strip_prefix("syscw:")).and_then(|v| v.trim().parse().ok())
-    });
-    Some(ProcSample { cpu_us, rss_kb, syscw })
+    let syscw = fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|l| l.strip_prefix("syscw:"))
+                .and_then(|v| v.trim().parse().ok())
+        });
+    Some(ProcSample {
+        cpu_us,
+        rss_kb,
+        syscw,
+    })
 }
 
 /// Finds the process listening on a loopback/any TCP port, by matching the listening socket's
@@ -131,13 +148,18 @@ pub fn sample_process(pid: u32) -> Option<ProcSample> {
 pub fn pid_listening_on(port: u16) -> Option<u32> {
     let mut inodes = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = fs::read_to_string(table) else { continue };
+        let Ok(text) = fs::read_to_string(table) else {
+            continue;
+        };
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.len() < 10 || f[3] != "0A" {
                 continue; // 0A = LISTEN
             }
-            let local_port = f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            let local_port = f[1]
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
             if local_port == Some(port) {
                 inodes.push(format!("socket:[{}]", f[9]));
             }
@@ -147,8 +169,12 @@ pub fn pid_listening_on(port: u16) -> Option<u32> {
         return None;
     }
     for entry in fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(fds) = fs::read_dir(entry.path().join("fd")) else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(fds) = fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
         for fd in fds.flatten() {
             if let Ok(target) = fs::read_link(fd.path()) {
                 if inodes.iter().any(|i| target.as_os_str() == i.as_str()) {
@@ -165,4 +191,13 @@ pub fn pid_listening_on(port: u16) -> Option<u32> {
 pub fn source_address(k: u32) -> Ipv4Addr {
     let n = 2 + k;
     Ipv4Addr::new(127, 0, ((n >> 8) & 0xff) as u8, (n & 0xff) as u8)
+}
+
+/// Sets a listening socket's accept backlog (std listens with 128; calling `listen` again on a
+/// listening socket only changes the backlog).
+pub fn set_listen_backlog(sock: &impl AsRawFd, backlog: libc::c_int) {
+    // SAFETY: listen on a descriptor we own, with no memory arguments.
+    unsafe {
+        libc::listen(sock.as_raw_fd(), backlog);
+    }
 }

@@ -28,7 +28,9 @@ pub fn query_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
             _ => out.push_str(&format!("%{b:02X}")),
         }
     }
@@ -133,7 +135,14 @@ pub fn parse_frame(buf: &[u8]) -> Result<Option<(Frame<'_>, usize)>, FrameError>
     if buf.len() < head + len {
         return Ok(None);
     }
-    Ok(Some((Frame { fin, opcode, payload: &buf[head..head + len] }, head + len)))
+    Ok(Some((
+        Frame {
+            fin,
+            opcode,
+            payload: &buf[head..head + len],
+        },
+        head + len,
+    )))
 }
 
 /// What kind of event a text frame carries, read from its `"type"` field.
@@ -148,9 +157,16 @@ pub enum EventKind {
     Other,
 }
 
-fn finders() -> &'static (memmem::Finder<'static>, memmem::Finder<'static>, memmem::Finder<'static>) {
-    static F: OnceLock<(memmem::Finder<'static>, memmem::Finder<'static>, memmem::Finder<'static>)> =
-        OnceLock::new();
+fn finders() -> &'static (
+    memmem::Finder<'static>,
+    memmem::Finder<'static>,
+    memmem::Finder<'static>,
+) {
+    static F: OnceLock<(
+        memmem::Finder<'static>,
+        memmem::Finder<'static>,
+        memmem::Finder<'static>,
+    )> = OnceLock::new();
     F.get_or_init(|| {
         (
             memmem::Finder::new(b"\"type\":\""),
@@ -163,7 +179,9 @@ fn finders() -> &'static (memmem::Finder<'static>, memmem::Finder<'static>, memm
 /// Reads the event type. Both relays put `type` first, so this looks at the first bytes only.
 pub fn event_kind(payload: &[u8]) -> EventKind {
     let head = &payload[..payload.len().min(64)];
-    let Some(at) = finders().0.find(head) else { return EventKind::Other };
+    let Some(at) = finders().0.find(head) else {
+        return EventKind::Other;
+    };
     let rest = &payload[at + 8..];
     if rest.starts_with(b"message\"") {
         EventKind::Message
@@ -204,7 +222,10 @@ pub struct Marker {
 
 /// The client frame payload for one load message of about `text_bytes` characters.
 pub fn message_json(marker: Marker, text_bytes: usize) -> Vec<u8> {
-    let mut text = format!("lt {} {} {}", marker.publisher, marker.counter, marker.sent_ns);
+    let mut text = format!(
+        "lt {} {} {}",
+        marker.publisher, marker.counter, marker.sent_ns
+    );
     if text.len() < text_bytes {
         text.push(' ');
         while text.len() < text_bytes {
@@ -237,7 +258,11 @@ pub fn parse_marker(payload: &[u8]) -> Option<Marker> {
         *n = v;
         rest = rest.get(1..).unwrap_or(&[]);
     }
-    Some(Marker { publisher: nums[0] as u32, counter: nums[1] as u32, sent_ns: nums[2] })
+    Some(Marker {
+        publisher: nums[0] as u32,
+        counter: nums[1] as u32,
+        sent_ns: nums[2],
+    })
 }
 
 #[cfg(test)]
@@ -246,7 +271,11 @@ mod tests {
 
     #[test]
     fn marker_round_trips_through_a_delivered_event() {
-        let m = Marker { publisher: 7, counter: 42, sent_ns: 123456789012 };
+        let m = Marker {
+            publisher: 7,
+            counter: 42,
+            sent_ns: 123456789012,
+        };
         let body = String::from_utf8(message_json(m, 60)).unwrap();
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         let text = v["text"].as_str().unwrap();
@@ -287,6 +316,9 @@ mod tests {
 
     #[test]
     fn error_code_is_read() {
-        assert_eq!(error_code(br#"{"type":"error","code":"rate_limited","message":"x"}"#), "rate_limited");
+        assert_eq!(
+            error_code(br#"{"type":"error","code":"rate_limited","message":"x"}"#),
+            "rate_limited"
+        );
     }
 }

@@ -34,7 +34,9 @@ pub fn new_histogram() -> Histogram<u64> {
 }
 
 pub fn hist_pairs(h: &Histogram<u64>) -> HistPairs {
-    h.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect()
+    h.iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect()
 }
 
 struct Stats {
@@ -201,7 +203,8 @@ async fn open_socket(
     if !plan.sources.is_empty() && plan.addr.is_ipv4() {
         sys::set_bind_address_no_port(&sock);
         let src = plan.sources[source_index % plan.sources.len()];
-        sock.bind(SocketAddr::new(src.into(), 0)).map_err(|e| format!("bind: {}", e.kind()))?;
+        sock.bind(SocketAddr::new(src.into(), 0))
+            .map_err(|e| format!("bind: {}", e.kind()))?;
     }
     let mut stream = sock.connect(plan.addr).await.map_err(|e| match e.kind() {
         io::ErrorKind::ConnectionRefused => "connect_refused".to_owned(),
@@ -219,11 +222,17 @@ async fn open_socket(
         wire::query_escape(&room)
     );
     let request = wire::upgrade_request(&plan.host_header, &path, &plan.origin);
-    stream.write_all(&request).await.map_err(|_| "write_request".to_owned())?;
+    stream
+        .write_all(&request)
+        .await
+        .map_err(|_| "write_request".to_owned())?;
     let mut head = Vec::with_capacity(512);
     let mut chunk = [0u8; 2048];
     loop {
-        let n = stream.read(&mut chunk).await.map_err(|_| "read_response".to_owned())?;
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|_| "read_response".to_owned())?;
         if n == 0 {
             return Err("eof_before_response".to_owned());
         }
@@ -248,7 +257,11 @@ fn process_frames(
     conn: &Conn,
     data: &[u8],
     now_ns: u64,
-    joined: &mut Option<(Instant, mpsc::UnboundedSender<(usize, Result<u64, String>)>, usize)>,
+    joined: &mut Option<(
+        Instant,
+        mpsc::UnboundedSender<(usize, Result<u64, String>)>,
+        usize,
+    )>,
 ) -> (usize, Option<End>) {
     let mut used = 0;
     let mut stats = w.stats.borrow_mut();
@@ -256,14 +269,21 @@ fn process_frames(
         let parsed = match wire::parse_frame(&data[used..]) {
             Ok(Some(p)) => p,
             Ok(None) => return (used, None),
-            Err(e) => return (used, Some(End::Server(format!("protocol_{e:?}").to_lowercase()))),
+            Err(e) => {
+                return (
+                    used,
+                    Some(End::Server(format!("protocol_{e:?}").to_lowercase())),
+                )
+            }
         };
         let (frame, len) = parsed;
         used += len;
         stats.frames += 1;
         let mut assembled;
         let payload: &[u8] = match frame.opcode {
-            wire::OP_TEXT | wire::OP_CONT | wire::OP_BINARY if !frame.fin || frame.opcode == wire::OP_CONT => {
+            wire::OP_TEXT | wire::OP_CONT | wire::OP_BINARY
+                if !frame.fin || frame.opcode == wire::OP_CONT =>
+            {
                 let mut f = conn.fragments.borrow_mut();
                 f.extend_from_slice(frame.payload);
                 if !frame.fin {
@@ -319,7 +339,11 @@ fn process_frames(
             },
             wire::OP_PING => conn.send_control(wire::OP_PONG, payload),
             wire::OP_CLOSE => {
-                let code = if payload.len() >= 2 { u16::from_be_bytes([payload[0], payload[1]]) } else { 1005 };
+                let code = if payload.len() >= 2 {
+                    u16::from_be_bytes([payload[0], payload[1]])
+                } else {
+                    1005
+                };
                 if conn.closing.get() {
                     return (used, Some(End::Ours));
                 }
@@ -338,7 +362,11 @@ fn process_frames(
 fn on_readable(
     w: &Worker,
     conn: &Conn,
-    joined: &mut Option<(Instant, mpsc::UnboundedSender<(usize, Result<u64, String>)>, usize)>,
+    joined: &mut Option<(
+        Instant,
+        mpsc::UnboundedSender<(usize, Result<u64, String>)>,
+        usize,
+    )>,
 ) -> Option<End> {
     let mut buf = w.read_buf.borrow_mut();
     let mut filled = {
@@ -356,7 +384,11 @@ fn on_readable(
         let space = buf.len() - filled;
         match conn.stream.try_read(&mut buf[filled..]) {
             Ok(0) => {
-                end = Some(if conn.closing.get() { End::Ours } else { End::Server("eof".into()) });
+                end = Some(if conn.closing.get() {
+                    End::Ours
+                } else {
+                    End::Server("eof".into())
+                });
                 break;
             }
             Ok(n) => {
@@ -388,7 +420,9 @@ fn on_readable(
                     // without the extra read() that would only return EAGAIN: data arriving
                     // after this point raises a new epoll edge with a newer tick, which this
                     // clear cannot erase. Saves one system call per wake-up.
-                    let _ = conn.stream.try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+                    let _ = conn.stream.try_io(Interest::READABLE, || {
+                        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                    });
                     break;
                 }
             }
@@ -444,7 +478,11 @@ async fn run_conn(w: Rc<Worker>, index: usize, join_deadline: Instant, tx: JoinT
     w.add_open(spec.role, 1);
     let mut joined = Some((t0, tx, index));
     let has_early = !conn.leftover.borrow().is_empty();
-    let mut end = if has_early { process_early(&w, &conn, &mut joined) } else { None };
+    let mut end = if has_early {
+        process_early(&w, &conn, &mut joined)
+    } else {
+        None
+    };
 
     while end.is_none() {
         if conn.role == Role::Slow && joined.is_none() && !conn.draining.get() {
@@ -452,7 +490,11 @@ async fn run_conn(w: Rc<Worker>, index: usize, join_deadline: Instant, tx: JoinT
             continue;
         }
         let want_write = !conn.out.borrow().is_empty();
-        let interest = if want_write { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+        let interest = if want_write {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
         let ready = if joined.is_some() {
             tokio::select! {
                 r = conn.stream.ready(interest) => r,
@@ -499,7 +541,10 @@ async fn run_conn(w: Rc<Worker>, index: usize, join_deadline: Instant, tx: JoinT
         End::Server(r) | End::JoinFailed(r) => r,
     };
     if conn.role == Role::Slow {
-        *w.slow_outcomes.borrow_mut().entry(outcome.clone()).or_default() += 1;
+        *w.slow_outcomes
+            .borrow_mut()
+            .entry(outcome.clone())
+            .or_default() += 1;
     }
     *w.stats.borrow_mut().ended.entry(outcome).or_default() += 1;
 }
@@ -518,7 +563,13 @@ fn process_early(
     end
 }
 
-async fn connect(w: &Rc<Worker>, roles: &[Role], rate: f64, max_in_flight: usize, timeout_ms: u64) -> ConnectReply {
+async fn connect(
+    w: &Rc<Worker>,
+    roles: &[Role],
+    rate: f64,
+    max_in_flight: usize,
+    timeout_ms: u64,
+) -> ConnectReply {
     let t0 = Instant::now();
     let todo: Vec<usize> = {
         let conns = w.conns.borrow();
@@ -530,15 +581,20 @@ async fn connect(w: &Rc<Worker>, roles: &[Role], rate: f64, max_in_flight: usize
     let permits = Rc::new(Semaphore::new(max_in_flight.max(1)));
     let mut reply = ConnectReply::default();
     let mut hist = new_histogram();
-    let interval = if rate > 0.0 { Duration::from_secs_f64(1.0 / rate) } else { Duration::ZERO };
-    let mut done = 0usize;
-    let record = |res: Result<u64, String>, reply: &mut ConnectReply, hist: &mut Histogram<u64>| match res {
-        Ok(us) => {
-            reply.ok += 1;
-            hist.saturating_record(us.max(1));
-        }
-        Err(reason) => *reply.failed.entry(reason).or_default() += 1,
+    let interval = if rate > 0.0 {
+        Duration::from_secs_f64(1.0 / rate)
+    } else {
+        Duration::ZERO
     };
+    let mut done = 0usize;
+    let record =
+        |res: Result<u64, String>, reply: &mut ConnectReply, hist: &mut Histogram<u64>| match res {
+            Ok(us) => {
+                reply.ok += 1;
+                hist.saturating_record(us.max(1));
+            }
+            Err(reason) => *reply.failed.entry(reason).or_default() += 1,
+        };
     for (k, &index) in todo.iter().enumerate() {
         let due = t0 + interval.mul_f64(k as f64);
         tokio::time::sleep_until(due.into()).await;
@@ -579,8 +635,14 @@ async fn connect(w: &Rc<Worker>, roles: &[Role], rate: f64, max_in_flight: usize
 }
 
 async fn publish(w: Rc<Worker>, rate: f64, duration_ms: u64, text_bytes: usize) -> PublishReply {
-    let publishers: Vec<Rc<Conn>> =
-        w.conns.borrow().iter().flatten().filter(|c| c.publisher.is_some()).cloned().collect();
+    let publishers: Vec<Rc<Conn>> = w
+        .conns
+        .borrow()
+        .iter()
+        .flatten()
+        .filter(|c| c.publisher.is_some())
+        .cloned()
+        .collect();
     let mut reply = PublishReply::default();
     let t0 = Instant::now();
     if publishers.is_empty() || rate <= 0.0 {
@@ -640,7 +702,11 @@ async fn close(w: &Rc<Worker>, roles: &[Role], timeout_ms: u64) -> (u64, u64) {
         .borrow()
         .iter()
         .enumerate()
-        .filter_map(|(i, c)| c.as_ref().filter(|c| roles.contains(&c.role)).map(|c| (i, c.clone())))
+        .filter_map(|(i, c)| {
+            c.as_ref()
+                .filter(|c| roles.contains(&c.role))
+                .map(|c| (i, c.clone()))
+        })
         .collect();
     for (_, c) in &targets {
         c.closing.set(true);
@@ -673,8 +739,14 @@ async fn close(w: &Rc<Worker>, roles: &[Role], timeout_ms: u64) -> (u64, u64) {
 }
 
 async fn drain_slow(w: &Rc<Worker>, timeout_ms: u64) -> DrainReply {
-    let slow: Vec<Rc<Conn>> =
-        w.conns.borrow().iter().flatten().filter(|c| c.role == Role::Slow).cloned().collect();
+    let slow: Vec<Rc<Conn>> = w
+        .conns
+        .borrow()
+        .iter()
+        .flatten()
+        .filter(|c| c.role == Role::Slow)
+        .cloned()
+        .collect();
     for c in &slow {
         c.draining.set(true);
         c.wake.notify_one();
@@ -691,21 +763,32 @@ async fn drain_slow(w: &Rc<Worker>, timeout_ms: u64) -> DrainReply {
         close(w, &[Role::Slow], 1000).await;
         w.slow_outcomes.borrow_mut().clear();
     }
-    DrainReply { outcomes, bytes_drained: w.slow_bytes.get() }
+    DrainReply {
+        outcomes,
+        bytes_drained: w.slow_bytes.get(),
+    }
 }
 
 /// One handshake: connect, upgrade, wait for the first event, close. Returns microseconds to
 /// the first event.
 async fn one_handshake(w: &Worker, seq: u64, room: u32) -> Result<u64, String> {
     let t0 = Instant::now();
-    let spec = ConnSpec { room, id: 1_000_000 + seq as u32, role: Role::Churn, publisher: None };
+    let spec = ConnSpec {
+        room,
+        id: 1_000_000 + seq as u32,
+        role: Role::Churn,
+        publisher: None,
+    };
     let (mut stream, mut early) = open_socket(w, &spec, seq as usize).await?;
     let mut chunk = [0u8; 4096];
     loop {
         if let Ok(Some(_)) = wire::parse_frame(&early) {
             break;
         }
-        let n = stream.read(&mut chunk).await.map_err(|_| "read_event".to_owned())?;
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|_| "read_event".to_owned())?;
         if n == 0 {
             return Err("eof_before_event".into());
         }
@@ -714,7 +797,12 @@ async fn one_handshake(w: &Worker, seq: u64, room: u32) -> Result<u64, String> {
     let us = t0.elapsed().as_micros() as u64;
     let mut close = Vec::new();
     let mut seed = seq as u32 | 1;
-    wire::push_client_frame(&mut close, wire::OP_CLOSE, &1000u16.to_be_bytes(), &mut seed);
+    wire::push_client_frame(
+        &mut close,
+        wire::OP_CLOSE,
+        &1000u16.to_be_bytes(),
+        &mut seed,
+    );
     let _ = stream.write_all(&close).await;
     // Wait (bounded) for the server to finish the close handshake so the server, not the
     // client, holds TIME_WAIT.
@@ -730,10 +818,19 @@ async fn one_handshake(w: &Worker, seq: u64, room: u32) -> Result<u64, String> {
     Ok(us)
 }
 
-async fn handshakes(w: &Rc<Worker>, count: u64, concurrency: usize, timeout_ms: u64) -> HandshakeReply {
+async fn handshakes(
+    w: &Rc<Worker>,
+    count: u64,
+    concurrency: usize,
+    timeout_ms: u64,
+) -> HandshakeReply {
     let t0 = Instant::now();
     let next = Rc::new(Cell::new(0u64));
-    let results = Rc::new(RefCell::new((new_histogram(), BTreeMap::<String, u64>::new(), 0u64)));
+    let results = Rc::new(RefCell::new((
+        new_histogram(),
+        BTreeMap::<String, u64>::new(),
+        0u64,
+    )));
     let mut loops = Vec::new();
     for lane in 0..concurrency.max(1) {
         let (w, next, results) = (w.clone(), next.clone(), results.clone());
@@ -745,7 +842,11 @@ async fn handshakes(w: &Rc<Worker>, count: u64, concurrency: usize, timeout_ms: 
                 }
                 next.set(seq + 1);
                 let room = 900_000 + w.plan.worker * 10_000 + lane as u32;
-                let res = tokio::time::timeout(Duration::from_millis(timeout_ms), one_handshake(&w, seq, room)).await;
+                let res = tokio::time::timeout(
+                    Duration::from_millis(timeout_ms),
+                    one_handshake(&w, seq, room),
+                )
+                .await;
                 let mut r = results.borrow_mut();
                 match res {
                     Ok(Ok(us)) => {
@@ -794,12 +895,16 @@ pub fn main() -> anyhow::Result<()> {
                         break;
                     }
                 }
-                Err(e) => reply(&Reply::Failed { error: format!("bad command: {e}") }),
+                Err(e) => reply(&Reply::Failed {
+                    error: format!("bad command: {e}"),
+                }),
             }
         }
         let _ = cmd_tx.send(Command::Exit);
     });
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let local = tokio::task::LocalSet::new();
     let n = plan.conns.len();
     let w = Rc::new(Worker {
@@ -818,7 +923,12 @@ pub fn main() -> anyhow::Result<()> {
         let mut publishing: Option<JoinHandle<PublishReply>> = None;
         while let Some(cmd) = cmd_rx.recv().await {
             match cmd {
-                Command::Connect { roles, rate_per_s, max_in_flight, timeout_ms } => {
+                Command::Connect {
+                    roles,
+                    rate_per_s,
+                    max_in_flight,
+                    timeout_ms,
+                } => {
                     let r = connect(&w, &roles, rate_per_s, max_in_flight, timeout_ms).await;
                     reply(&Reply::Connected(r));
                 }
@@ -826,8 +936,17 @@ pub fn main() -> anyhow::Result<()> {
                     *w.stats.borrow_mut() = Stats::new();
                     reply(&Reply::Done);
                 }
-                Command::PublishStart { rate_per_s, duration_ms, text_bytes } => {
-                    publishing = Some(tokio::task::spawn_local(publish(w.clone(), rate_per_s, duration_ms, text_bytes)));
+                Command::PublishStart {
+                    rate_per_s,
+                    duration_ms,
+                    text_bytes,
+                } => {
+                    publishing = Some(tokio::task::spawn_local(publish(
+                        w.clone(),
+                        rate_per_s,
+                        duration_ms,
+                        text_bytes,
+                    )));
                     reply(&Reply::Done);
                 }
                 Command::PublishWait => {
@@ -869,7 +988,11 @@ pub fn main() -> anyhow::Result<()> {
                     let r = drain_slow(&w, timeout_ms).await;
                     reply(&Reply::Drained(r));
                 }
-                Command::Handshake { count, concurrency, timeout_ms } => {
+                Command::Handshake {
+                    count,
+                    concurrency,
+                    timeout_ms,
+                } => {
                     let r = handshakes(&w, count, concurrency, timeout_ms).await;
                     reply(&Reply::Handshakes(r));
                 }
