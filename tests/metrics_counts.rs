@@ -1,5 +1,5 @@
 //! Drive a REAL relay through every event and check that every metric in the contract's table
-//! (docs/CONTRACT-NOTES.md, "Metric names") moved by exactly the expected amount.
+//! (src/metrics.rs) moved by exactly the expected amount.
 //!
 //! Three relays, each with settings that make its events deterministic:
 //! - the main one: connections, messages, each upgrade rejection (not_found, forbidden_origin,
@@ -55,7 +55,7 @@ const REASONS: [&str; 7] = [
 ];
 const INVALID_CODES: [&str; 4] = ["too_large", "bad_json", "bad_type", "empty"];
 
-/// The metric table of docs/CONTRACT-NOTES.md: name -> Prometheus type.
+/// The metrics of src/metrics.rs: name -> Prometheus type.
 const TABLE: &[(&str, &str)] = &[
     ("roomcast_connections", "gauge"),
     ("roomcast_max_connections", "gauge"),
