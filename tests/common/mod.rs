@@ -40,7 +40,7 @@ pub const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Every setting the relay reads from the environment; cleared before each start so the test
 /// process's own environment cannot leak into a test.
-const RELAY_ENV: &[&str] = &[
+pub const RELAY_ENV: &[&str] = &[
     "HOST",
     "PORT",
     "CHAT_TOKEN",
@@ -60,6 +60,8 @@ const RELAY_ENV: &[&str] = &[
     "SHUTDOWN_DRAIN_MS",
     "HANDSHAKE_TIMEOUT_MS",
     "CLOSE_TIMEOUT_MS",
+    "SEND_BUFFER_BYTES",
+    "WORKER_THREADS",
     "RUST_LOG",
 ];
 
