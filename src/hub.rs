@@ -211,7 +211,6 @@ impl Hub {
             .entry(Arc::from(name))
             .or_insert_with(|| Arc::new(Room::new(Arc::from(name))))
             .clone();
-        self.metrics.rooms.set(self.rooms.len() as f64);
         Ok(room)
     }
 
@@ -235,7 +234,6 @@ impl Hub {
                 }
             })
             .is_some();
-        self.metrics.rooms.set(self.rooms.len() as f64);
         removed
     }
 
