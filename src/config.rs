@@ -28,7 +28,8 @@ pub struct Args {
     #[arg(long, env = "PORT", default_value_t = 8080)]
     pub port: u16,
     /// Shared token a client must present as `token=` in the upgrade URL [default: dev-token, for development only].
-    #[arg(long, env = "CHAT_TOKEN", default_value = DEV_TOKEN, hide_default_value = true)]
+    /// A secret: `--help` never shows its value, and it is never logged.
+    #[arg(long, env = "CHAT_TOKEN", default_value = DEV_TOKEN, hide_default_value = true, hide_env_values = true)]
     pub chat_token: String,
     /// Comma-separated Origin allow-list [default: http://localhost:PORT,http://127.0.0.1:PORT].
     #[arg(long, env = "ALLOWED_ORIGINS")]
@@ -73,6 +74,39 @@ pub struct Args {
     /// Rooms kept in memory (with their history); past it, empty rooms are evicted, else 503.
     #[arg(long, env = "MAX_ROOMS", default_value_t = 10_000)]
     pub max_rooms: usize,
+    /// Pings, pongs and empty data frames a connection may send per control-frame window before
+    /// it is closed with 1008.
+    #[arg(long, env = "CONTROL_FRAME_LIMIT", default_value_t = 100)]
+    pub control_frame_limit: u32,
+    /// Length of the control-frame window in milliseconds.
+    #[arg(long, env = "CONTROL_FRAME_WINDOW_MS", default_value_t = 10_000)]
+    pub control_frame_window_ms: u64,
+    /// A connection with bytes to write that makes no write progress for this many milliseconds
+    /// is closed as a slow consumer (1013).
+    #[arg(long, env = "WRITE_STALL_MS", default_value_t = 10_000)]
+    pub write_stall_ms: u64,
+    /// Outbound bytes queued across all connections; past it the largest queues are closed 1013.
+    #[arg(long, env = "OUTBOX_TOTAL_MAX_BYTES", default_value_t = 256 << 20)]
+    pub outbox_total_max_bytes: usize,
+    /// An incomplete frame or fragmented message older than this many milliseconds closes the
+    /// connection with 1008.
+    #[arg(long, env = "FRAME_TIMEOUT_MS", default_value_t = 10_000)]
+    pub frame_timeout_ms: u64,
+    /// Text messages per rate window from one source address, over all its connections
+    /// (0: no per-address limit).
+    #[arg(long, env = "PUBLISH_RATE_PER_ADDRESS", default_value_t = 200)]
+    pub publish_rate_per_address: u32,
+    /// Comma-separated proxy addresses or CIDRs whose X-Forwarded-For names the client.
+    #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: String,
+    /// Bytes of message history kept across all rooms; past it the history of the room that
+    /// published least recently goes first.
+    #[arg(long, env = "HISTORY_MAX_BYTES", default_value_t = 256 << 20)]
+    pub history_max_bytes: usize,
+    /// What a room name that breaks the naming rule gets: `lobby` (the compatible contract's
+    /// behaviour) or `refuse` (HTTP 400 before the upgrade).
+    #[arg(long, env = "INVALID_ROOM", default_value = "lobby")]
+    pub invalid_room: InvalidRoom,
     /// Runtime worker threads (0: one per CPU core). On a machine shared with a load generator,
     /// fewer workers than cores wake each other less and batch more writes.
     #[arg(long, env = "WORKER_THREADS", default_value_t = 0)]
@@ -88,6 +122,79 @@ pub struct Args {
     pub close_timeout_ms: u64,
 }
 
+/// What happens to an upgrade whose room name breaks the naming rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InvalidRoom {
+    /// Join `lobby`, as the compatible contract's servers do.
+    Lobby,
+    /// Answer 400 before the upgrade.
+    Refuse,
+}
+
+/// A network and prefix length, for `TRUSTED_PROXIES`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    fn parse(s: &str) -> Option<Cidr> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a.parse::<IpAddr>().ok()?, Some(p.parse::<u8>().ok()?)),
+            None => (s.parse::<IpAddr>().ok()?, None),
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        (prefix <= max).then_some(Cidr { network: addr, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        match (self.network, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`) as the IPv4 address they are.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// A secret setting: usable by the relay, never shown by `Debug` (so never logged).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Secret {
+        Secret(s.to_string())
+    }
+}
+
 /// Why settings were refused at start.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -99,6 +206,8 @@ pub enum ConfigError {
     EmptyToken,
     #[error("ALLOWED_ORIGINS must list at least one origin")]
     NoOrigins,
+    #[error("TRUSTED_PROXIES: {0:?} is not an IP address or CIDR")]
+    BadProxy(String),
 }
 
 /// Validated settings. Built by [`Settings::from_args`]; tests may build one from
@@ -106,7 +215,7 @@ pub enum ConfigError {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen_addr: SocketAddr,
-    pub chat_token: String,
+    pub chat_token: Secret,
     pub allowed_origins: Vec<String>,
     pub rate_limit: u32,
     pub rate_window: Duration,
@@ -123,6 +232,16 @@ pub struct Settings {
     pub send_buffer_bytes: Option<usize>,
     pub presence_interval: Duration,
     pub max_rooms: usize,
+    pub control_frame_limit: u32,
+    pub control_frame_window: Duration,
+    pub write_stall: Duration,
+    pub outbox_total_max_bytes: usize,
+    pub frame_timeout: Duration,
+    /// `None`: no per-address publish limit.
+    pub publish_rate_per_address: Option<u32>,
+    pub trusted_proxies: Vec<Cidr>,
+    pub history_max_bytes: usize,
+    pub invalid_room: InvalidRoom,
     /// `None`: one per CPU core.
     pub worker_threads: Option<usize>,
     pub shutdown_drain: Duration,
@@ -157,6 +276,12 @@ impl Settings {
         nonzero(args.handshake_timeout_ms, "HANDSHAKE_TIMEOUT_MS")?;
         nonzero(args.close_timeout_ms, "CLOSE_TIMEOUT_MS")?;
         nonzero(args.shutdown_drain_ms, "SHUTDOWN_DRAIN_MS")?;
+        nonzero(args.control_frame_limit.into(), "CONTROL_FRAME_LIMIT")?;
+        nonzero(args.control_frame_window_ms, "CONTROL_FRAME_WINDOW_MS")?;
+        nonzero(args.write_stall_ms, "WRITE_STALL_MS")?;
+        nonzero(args.outbox_total_max_bytes as u64, "OUTBOX_TOTAL_MAX_BYTES")?;
+        nonzero(args.frame_timeout_ms, "FRAME_TIMEOUT_MS")?;
+        nonzero(args.history_max_bytes as u64, "HISTORY_MAX_BYTES")?;
         if let Some(max) = args.max_connections {
             nonzero(max as u64, "MAX_CONNECTIONS")?;
         }
@@ -180,9 +305,16 @@ impl Settings {
         if allowed_origins.is_empty() {
             return Err(ConfigError::NoOrigins);
         }
+        let trusted_proxies = args
+            .trusted_proxies
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| Cidr::parse(p).ok_or_else(|| ConfigError::BadProxy(p.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Settings {
             listen_addr: SocketAddr::new(args.host, args.port),
-            chat_token: args.chat_token,
+            chat_token: Secret(args.chat_token),
             allowed_origins,
             rate_limit: args.rate_limit,
             rate_window: Duration::from_millis(args.rate_window_ms),
@@ -197,6 +329,16 @@ impl Settings {
             send_buffer_bytes: (args.send_buffer_bytes > 0).then_some(args.send_buffer_bytes),
             presence_interval: Duration::from_millis(args.presence_interval_ms),
             max_rooms: args.max_rooms,
+            control_frame_limit: args.control_frame_limit,
+            control_frame_window: Duration::from_millis(args.control_frame_window_ms),
+            write_stall: Duration::from_millis(args.write_stall_ms),
+            outbox_total_max_bytes: args.outbox_total_max_bytes,
+            frame_timeout: Duration::from_millis(args.frame_timeout_ms),
+            publish_rate_per_address: (args.publish_rate_per_address > 0)
+                .then_some(args.publish_rate_per_address),
+            trusted_proxies,
+            history_max_bytes: args.history_max_bytes,
+            invalid_room: args.invalid_room,
             worker_threads: (args.worker_threads > 0).then_some(args.worker_threads),
             shutdown_drain: Duration::from_millis(args.shutdown_drain_ms),
             handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
@@ -206,7 +348,7 @@ impl Settings {
 
     /// True when the relay runs with the published development token.
     pub fn uses_dev_token(&self) -> bool {
-        self.chat_token == DEV_TOKEN
+        self.chat_token.expose() == DEV_TOKEN
     }
 
     /// When the listening port is chosen by the OS (port 0), the default allow-list must follow
@@ -229,7 +371,7 @@ mod tests {
     fn defaults_match_the_compatible_contract() {
         let s = Settings::default();
         assert_eq!(s.listen_addr.port(), 8080);
-        assert_eq!(s.chat_token, "dev-token");
+        assert_eq!(s.chat_token.expose(), "dev-token");
         assert_eq!(
             s.allowed_origins,
             ["http://localhost:8080", "http://127.0.0.1:8080"]
@@ -249,6 +391,29 @@ mod tests {
             Settings::from_args(args),
             Err(ConfigError::Zero("RATE_LIMIT"))
         ));
+    }
+
+    #[test]
+    fn trusted_proxies_take_addresses_and_cidrs() {
+        let args = Args::parse_from(["roomcast", "--trusted-proxies", "10.0.0.0/8, ::1"]);
+        let s = Settings::from_args(args).unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(s.trusted_proxies[0].contains(ip("10.20.30.40")));
+        assert!(s.trusted_proxies[0].contains(ip("::ffff:10.1.1.1")));
+        assert!(!s.trusted_proxies[0].contains(ip("11.0.0.1")));
+        assert!(s.trusted_proxies[1].contains(ip("::1")));
+        let args = Args::parse_from(["roomcast", "--trusted-proxies", "10.0.0.0/33"]);
+        assert!(matches!(
+            Settings::from_args(args),
+            Err(ConfigError::BadProxy(_))
+        ));
+    }
+
+    #[test]
+    fn secrets_are_not_shown_by_debug() {
+        let args = Args::parse_from(["roomcast", "--chat-token", "supersecret"]);
+        let s = Settings::from_args(args).unwrap();
+        assert!(!format!("{s:?}").contains("supersecret"));
     }
 
     #[test]

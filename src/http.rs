@@ -160,7 +160,7 @@ fn chat(relay: &Arc<Relay>, mut req: Request<Incoming>, is_upgrade: bool) -> Res
     let token_ok = query
         .token
         .as_deref()
-        .is_some_and(|t| bool::from(t.as_bytes().ct_eq(relay.settings.chat_token.as_bytes())));
+        .is_some_and(|t| bool::from(t.as_bytes().ct_eq(relay.settings.chat_token.expose().as_bytes())));
     if !token_ok {
         return refuse(
             Rejection::Unauthorized,
