@@ -59,7 +59,7 @@ fn room_with_members(
 fn drain(outboxes: &[Arc<Outbox>]) {
     for o in outboxes {
         let b = o.take();
-        o.written(b.frames.iter().map(|f| f.len()).sum());
+        o.written(b.frames.iter().map(|f| f.len()).sum(), b.frames.len());
     }
 }
 

@@ -13,6 +13,11 @@ use clap::Parser;
 /// the relay logs a warning when it is in use.
 pub const DEV_TOKEN: &str = "dev-token";
 
+/// The default per-address publish limit is this many connections' worth of RATE_LIMIT: a
+/// household or office behind one address keeps chatting, a reconnect loop does not multiply
+/// one client's allowance.
+pub const PUBLISH_RATE_PER_ADDRESS_FACTOR: u32 = 10;
+
 /// Raw command-line / environment input, before validation.
 #[derive(Debug, Parser)]
 #[command(
@@ -92,10 +97,10 @@ pub struct Args {
     /// connection with 1008.
     #[arg(long, env = "FRAME_TIMEOUT_MS", default_value_t = 10_000)]
     pub frame_timeout_ms: u64,
-    /// Text messages per rate window from one source address, over all its connections
-    /// (0: no per-address limit).
-    #[arg(long, env = "PUBLISH_RATE_PER_ADDRESS", default_value_t = 200)]
-    pub publish_rate_per_address: u32,
+    /// Text messages per rate window from one source address, over all its connections and
+    /// reconnects [default: 10 x RATE_LIMIT] (0: no per-address limit).
+    #[arg(long, env = "PUBLISH_RATE_PER_ADDRESS")]
+    pub publish_rate_per_address: Option<u32>,
     /// Comma-separated proxy addresses or CIDRs whose X-Forwarded-For names the client.
     #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
     pub trusted_proxies: String,
@@ -146,18 +151,25 @@ impl Cidr {
         };
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = prefix.unwrap_or(max);
-        (prefix <= max).then_some(Cidr { network: addr, prefix })
+        (prefix <= max).then_some(Cidr {
+            network: addr,
+            prefix,
+        })
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         match (self.network, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -334,8 +346,14 @@ impl Settings {
             write_stall: Duration::from_millis(args.write_stall_ms),
             outbox_total_max_bytes: args.outbox_total_max_bytes,
             frame_timeout: Duration::from_millis(args.frame_timeout_ms),
-            publish_rate_per_address: (args.publish_rate_per_address > 0)
-                .then_some(args.publish_rate_per_address),
+            publish_rate_per_address: match args.publish_rate_per_address {
+                None => Some(
+                    args.rate_limit
+                        .saturating_mul(PUBLISH_RATE_PER_ADDRESS_FACTOR),
+                ),
+                Some(0) => None,
+                Some(limit) => Some(limit),
+            },
             trusted_proxies,
             history_max_bytes: args.history_max_bytes,
             invalid_room: args.invalid_room,

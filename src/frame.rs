@@ -88,7 +88,11 @@ pub fn parse_header(buf: &[u8], max_payload: usize) -> Result<Option<Header>, Fr
             if buf.len() < 4 {
                 return Ok(None);
             }
-            (2, u16::from_be_bytes([buf[2], buf[3]]) as u64)
+            let len = u16::from_be_bytes([buf[2], buf[3]]) as u64;
+            if len < 126 {
+                return Err(FrameError::Protocol("non-minimal length encoding"));
+            }
+            (2, len)
         }
         127 => {
             if buf.len() < 10 {
@@ -97,6 +101,9 @@ pub fn parse_header(buf: &[u8], max_payload: usize) -> Result<Option<Header>, Fr
             let len = u64::from_be_bytes(buf[2..10].try_into().expect("8 bytes"));
             if len >> 63 != 0 {
                 return Err(FrameError::Protocol("most significant length bit set"));
+            }
+            if len <= u16::MAX as u64 {
+                return Err(FrameError::Protocol("non-minimal length encoding"));
             }
             (8, len)
         }
@@ -124,7 +131,7 @@ pub fn parse_header(buf: &[u8], max_payload: usize) -> Result<Option<Header>, Fr
 /// how many bytes it took.
 fn write_header(head: &mut [u8; MAX_HEADER], opcode: u8, payload_len: usize) -> usize {
     let first = 0x80 | opcode;
-    let used = if payload_len < 126 {
+    if payload_len < 126 {
         head[MAX_HEADER - 2] = first;
         head[MAX_HEADER - 1] = payload_len as u8;
         2
@@ -138,8 +145,7 @@ fn write_header(head: &mut [u8; MAX_HEADER], opcode: u8, payload_len: usize) -> 
         head[1] = 127;
         head[2..].copy_from_slice(&(payload_len as u64).to_be_bytes());
         10
-    };
-    used
+    }
 }
 
 /// Builds one server frame in a single allocation: the payload is written after a reserved
@@ -286,6 +292,29 @@ mod tests {
             parse_header(&bad_opcode, 2048),
             Err(FrameError::Protocol(_))
         ));
+    }
+
+    #[test]
+    fn non_minimal_length_encodings_are_refused() {
+        // 126 announcing 5 bytes, and 127 announcing 200 bytes: RFC 6455 5.2 requires the
+        // minimal number of bytes.
+        let short_in_16 = [0x81, 0x80 | 126, 0, 5, 1, 2, 3, 4];
+        assert_eq!(
+            parse_header(&short_in_16, 2048),
+            Err(FrameError::Protocol("non-minimal length encoding"))
+        );
+        let mut mid_in_64 = vec![0x81, 0x80 | 127];
+        mid_in_64.extend_from_slice(&200u64.to_be_bytes());
+        mid_in_64.extend_from_slice(&[1, 2, 3, 4]);
+        assert_eq!(
+            parse_header(&mid_in_64, 1 << 20),
+            Err(FrameError::Protocol("non-minimal length encoding"))
+        );
+        let minimal = masked(OP_TEXT, true, &[b'a'; 126]);
+        assert_eq!(
+            parse_header(&minimal, 2048).unwrap().unwrap().payload_len,
+            126
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! a URI.
 
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -17,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpStream;
 
+use crate::config::InvalidRoom;
 use crate::connection::{self, Identity};
 use crate::hub::Resume;
 use crate::metrics::Rejection;
@@ -55,10 +57,11 @@ fn json(status: StatusCode, body: String) -> Response<Body> {
 pub(crate) async fn handle(
     relay: Arc<Relay>,
     req: Request<Incoming>,
+    peer: SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
     let is_upgrade = fastwebsockets::upgrade::is_upgrade_request(&req);
     if req.uri().path() == "/chat" {
-        return Ok(chat(&relay, req, is_upgrade));
+        return Ok(chat(&relay, req, is_upgrade, peer.ip()));
     }
     if is_upgrade {
         relay.metrics.rejected(Rejection::NotFound);
@@ -120,6 +123,33 @@ fn parse_query(query: &str) -> ChatQuery {
     q
 }
 
+/// The client's address: the peer's, unless the peer is a trusted proxy, in which case the
+/// rightmost `X-Forwarded-For` entry that is not itself a trusted proxy (entries further left
+/// were written by the client and prove nothing).
+fn client_address(relay: &Relay, headers: &hyper::HeaderMap, peer: IpAddr) -> IpAddr {
+    let trusted = &relay.settings.trusted_proxies;
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let mut client = peer;
+    for value in headers.get_all("x-forwarded-for").iter().rev() {
+        let Ok(list) = value.to_str() else {
+            return client;
+        };
+        for entry in list.rsplit(',') {
+            let Ok(ip) = entry.trim().parse::<IpAddr>() else {
+                return client;
+            };
+            client = ip;
+            if !is_trusted(ip) {
+                return ip;
+            }
+        }
+    }
+    client
+}
+
 fn origin_allowed(relay: &Relay, origin: &[u8]) -> bool {
     relay
         .settings
@@ -131,7 +161,12 @@ fn origin_allowed(relay: &Relay, origin: &[u8]) -> bool {
 /// `/chat`: the upgrade checks, then the handshake. A plain GET runs the same checks and answers
 /// 426 when they pass, so a browser (which only ever sees close 1006 for a refused upgrade) can
 /// learn why it was refused.
-fn chat(relay: &Arc<Relay>, mut req: Request<Incoming>, is_upgrade: bool) -> Response<Body> {
+fn chat(
+    relay: &Arc<Relay>,
+    mut req: Request<Incoming>,
+    is_upgrade: bool,
+    peer: IpAddr,
+) -> Response<Body> {
     let refuse = |why: Rejection, status: StatusCode, body: &'static str| {
         if is_upgrade {
             relay.metrics.rejected(why);
@@ -157,10 +192,12 @@ fn chat(relay: &Arc<Relay>, mut req: Request<Incoming>, is_upgrade: bool) -> Res
         }
     }
     let query = parse_query(req.uri().query().unwrap_or(""));
-    let token_ok = query
-        .token
-        .as_deref()
-        .is_some_and(|t| bool::from(t.as_bytes().ct_eq(relay.settings.chat_token.expose().as_bytes())));
+    let token_ok = query.token.as_deref().is_some_and(|t| {
+        bool::from(
+            t.as_bytes()
+                .ct_eq(relay.settings.chat_token.expose().as_bytes()),
+        )
+    });
     if !token_ok {
         return refuse(
             Rejection::Unauthorized,
@@ -168,6 +205,21 @@ fn chat(relay: &Arc<Relay>, mut req: Request<Incoming>, is_upgrade: bool) -> Res
             "unauthorized: token missing or wrong\n",
         );
     }
+    let room = match (
+        protocol::room_name(query.room.as_deref()),
+        relay.settings.invalid_room,
+    ) {
+        (Some(room), _) => room,
+        (None, InvalidRoom::Lobby) => protocol::DEFAULT_ROOM.to_string(),
+        (None, InvalidRoom::Refuse) if query.room.is_none() => protocol::DEFAULT_ROOM.to_string(),
+        (None, InvalidRoom::Refuse) => {
+            return refuse(
+                Rejection::InvalidRoom,
+                StatusCode::BAD_REQUEST,
+                "invalid room name: 1-32 characters of A-Z a-z 0-9 _ -\n",
+            )
+        }
+    };
     if !is_upgrade {
         let mut r = text(
             StatusCode::UPGRADE_REQUIRED,
@@ -186,14 +238,10 @@ fn chat(relay: &Arc<Relay>, mut req: Request<Incoming>, is_upgrade: bool) -> Res
             "relay full: try again later\n",
         );
     };
-    let room = protocol::sanitize_room(query.room.as_deref());
-    let Ok(room) = relay.hub.reserve(&room) else {
-        return refuse(
-            Rejection::RoomsFull,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "room limit reached: try again later\n",
-        );
-    };
+    // The whole handshake is checked before a room is reserved: a request that cannot become a
+    // WebSocket must never create a room, let alone evict another room's history for it.
+    // (The answer is only built here; nothing reaches the client unless this function returns
+    // it, so a refusal below still leaves the client with a plain HTTP status.)
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(_) => {
@@ -204,6 +252,13 @@ fn chat(relay: &Arc<Relay>, mut req: Request<Incoming>, is_upgrade: bool) -> Res
             )
         }
     };
+    let Ok(room) = relay.hub.reserve(&room) else {
+        return refuse(
+            Rejection::RoomsFull,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "room limit reached: try again later\n",
+        );
+    };
     let who = Identity {
         name: protocol::sanitize_name(query.name.as_deref()),
         room,
@@ -211,6 +266,7 @@ fn chat(relay: &Arc<Relay>, mut req: Request<Incoming>, is_upgrade: bool) -> Res
             since,
             epoch: query.epoch,
         }),
+        address: client_address(relay, req.headers(), peer),
     };
     let task_relay = relay.clone();
     relay.tracker.spawn(async move {

@@ -3,8 +3,9 @@
 //! Start at `server::run`; ARCHITECTURE.md has the map. Module per concept:
 //! `config` (settings), `http` (routes and upgrade checks), `connection` (one socket's task),
 //! `frame` (RFC 6455 codec), `protocol` (JSON), `outbox` (per-connection queue), `hub` (rooms,
-//! history, presence), `broker` (the publish seam), `metrics`, `limits`, `rate` (windows).
+//! history, presence), `broker` (the publish seam), `metrics`, `limits`, `rate` (windows), `address` (per source address state).
 
+pub mod address;
 pub mod alloc;
 pub mod broker;
 pub mod config;

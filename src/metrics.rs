@@ -28,6 +28,8 @@ pub const ROOMS: &str = "roomcast_rooms";
 pub const PUBLISH_RECIPIENTS: &str = "roomcast_publish_recipients";
 pub const PUBLISH_TO_WRITE_SECONDS: &str = "roomcast_publish_to_write_seconds";
 pub const OUTBOX_QUEUED_BYTES: &str = "roomcast_outbox_queued_bytes";
+pub const LIMIT_CLOSES: &str = "roomcast_limit_closes_total";
+pub const ADDRESS_RATE_LIMITED: &str = "roomcast_address_rate_limited_total";
 
 /// Close codes that get their own label value; anything else is counted as `other`.
 pub const CLOSE_CODES: [u16; 11] = [
@@ -44,10 +46,11 @@ pub enum Rejection {
     BadHandshake,
     ShuttingDown,
     RoomsFull,
+    InvalidRoom,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 7] = [
+    pub const ALL: [Rejection; 8] = [
         Rejection::NotFound,
         Rejection::ForbiddenOrigin,
         Rejection::Unauthorized,
@@ -55,6 +58,7 @@ impl Rejection {
         Rejection::BadHandshake,
         Rejection::ShuttingDown,
         Rejection::RoomsFull,
+        Rejection::InvalidRoom,
     ];
 
     pub fn label(self) -> &'static str {
@@ -66,6 +70,39 @@ impl Rejection {
             Rejection::BadHandshake => "bad_handshake",
             Rejection::ShuttingDown => "shutting_down",
             Rejection::RoomsFull => "rooms_full",
+            Rejection::InvalidRoom => "invalid_room",
+        }
+    }
+}
+
+/// A limit that closed a connection (besides the per-connection outbox, which has its own
+/// counter): labels of `roomcast_limit_closes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// CONTROL_FRAME_LIMIT: too many pings, pongs or empty frames (1008).
+    ControlFrames,
+    /// WRITE_STALL_MS: bytes to write and no write progress (1013).
+    WriteStall,
+    /// FRAME_TIMEOUT_MS: a frame or fragmented message incomplete for too long (1008).
+    IncompleteFrame,
+    /// OUTBOX_TOTAL_MAX_BYTES: one of the largest queues when the process-wide budget ran out (1013).
+    OutboxTotal,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 4] = [
+        Limit::ControlFrames,
+        Limit::WriteStall,
+        Limit::IncompleteFrame,
+        Limit::OutboxTotal,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::ControlFrames => "control_frames",
+            Limit::WriteStall => "write_stall",
+            Limit::IncompleteFrame => "incomplete_frame",
+            Limit::OutboxTotal => "outbox_total",
         }
     }
 }
@@ -86,6 +123,8 @@ pub struct Metrics {
     pub bytes_sent: Counter,
     pub socket_writes: Counter,
     pub rate_limited: Counter,
+    pub address_rate_limited: Counter,
+    limit_closes: Arc<[Counter; Limit::ALL.len()]>,
     invalid: Arc<[Counter; INVALID_CODES.len()]>,
     pub heartbeat_terminations: Counter,
     pub slow_consumer_closes: Counter,
@@ -117,6 +156,10 @@ impl Metrics {
             bytes_sent: metrics::counter!(BYTES_SENT),
             socket_writes: metrics::counter!(SOCKET_WRITES),
             rate_limited: metrics::counter!(RATE_LIMITED),
+            address_rate_limited: metrics::counter!(ADDRESS_RATE_LIMITED),
+            limit_closes: Arc::new(
+                Limit::ALL.map(|l| metrics::counter!(LIMIT_CLOSES, "limit" => l.label())),
+            ),
             invalid: Arc::new(
                 INVALID_CODES.map(|c| metrics::counter!(INVALID_MESSAGES, "code" => c)),
             ),
@@ -142,6 +185,14 @@ impl Metrics {
             .position(|&r| r == why)
             .expect("ALL lists every variant");
         self.rejections[i].increment(1);
+    }
+
+    pub fn limit_closed(&self, limit: Limit) {
+        let i = Limit::ALL
+            .iter()
+            .position(|&l| l == limit)
+            .expect("ALL lists every variant");
+        self.limit_closes[i].increment(1);
     }
 
     pub fn invalid_message(&self, code: &str) {
@@ -188,7 +239,18 @@ fn describe() {
         SOCKET_WRITES,
         "Write system calls on WebSocket sockets (frames per write = frames delivered / writes)."
     );
-    describe_counter!(RATE_LIMITED, "Messages refused with rate_limited.");
+    describe_counter!(
+        RATE_LIMITED,
+        "Messages refused with rate_limited (per connection or per source address)."
+    );
+    describe_counter!(
+        ADDRESS_RATE_LIMITED,
+        "Messages refused with rate_limited because their source address passed PUBLISH_RATE_PER_ADDRESS."
+    );
+    describe_counter!(
+        LIMIT_CLOSES,
+        "Connections closed by a limit other than OUTBOX_MAX_BYTES, by limit (control_frames and incomplete_frame: 1008; write_stall and outbox_total: 1013)."
+    );
     describe_counter!(
         INVALID_MESSAGES,
         "Messages refused as invalid, by error code."
@@ -209,7 +271,7 @@ fn describe() {
     );
     describe_gauge!(
         OUTBOX_QUEUED_BYTES,
-        "Outbound bytes queued and not yet written, across all connections."
+        "Outbound bytes queued and not yet written, across all connections, each frame charged its length plus a fixed per-frame overhead."
     );
 }
 

@@ -6,11 +6,20 @@
 //! connection closing with 1013 and drops what it held, so a stalled reader costs at most the
 //! limit. The heartbeat sweeper also works through this struct (flags + wake).
 //!
+//! What a queued frame costs is charged, not only its payload: every frame is charged its length
+//! plus [`FRAME_OVERHEAD`] (its `Bytes` slot in the queue and its share of the allocation header),
+//! so a flood of tiny frames reaches the limit as fast as it grows memory. The charge stays until
+//! the writer reports the frame written, so frames taken into a pending write still count. At most
+//! one pong waits in the queue: a newer pong replaces it (RFC 6455 5.5.3).
+//!
+//! The charges of every outbox are also summed process-wide ([`total_queued_bytes`]); the server
+//! holds that sum under `OUTBOX_TOTAL_MAX_BYTES` by closing the largest queues first.
+//!
 //! Memory: an idle outbox holds an empty `VecDeque` (no allocation), so its cost is this struct
 //! inside one `Arc` — see ARCHITECTURE.md for the byte count.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use std::task::{Context, Poll};
@@ -18,6 +27,22 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use tokio::time::Instant;
+
+/// What a queued frame costs beyond its bytes: its 32-byte `Bytes` slot in the queue and its
+/// share of the shared allocation's header, rounded up. An empty pong is charged 66 bytes, not 2.
+pub const FRAME_OVERHEAD: usize = 64;
+
+/// Bytes charged across every outbox in the process.
+static QUEUED_TOTAL: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes charged across every outbox in the process (the `roomcast_outbox_queued_bytes` gauge).
+pub fn total_queued_bytes() -> usize {
+    QUEUED_TOTAL.load(Ordering::Relaxed)
+}
+
+fn charge(frame: &Bytes) -> usize {
+    frame.len() + FRAME_OVERHEAD
+}
 
 /// Flags shared with publishers and the heartbeat sweeper.
 const ALIVE: u8 = 1;
@@ -39,8 +64,12 @@ pub enum Pushed {
 #[derive(Debug, Default)]
 struct Queue {
     frames: VecDeque<Bytes>,
-    /// Bytes queued here plus bytes taken by the writer and not yet written.
+    /// Charges of the frames queued here plus those taken by the writer and not yet written.
     queued_bytes: usize,
+    /// Index in `frames` of the queued pong, if one waits. Frames are only appended until
+    /// `take` empties the queue, and the pong is re-queued at the back when replaced, so the
+    /// index stays right.
+    pong_at: Option<u32>,
     /// When the oldest unwritten frame was queued (for the publish-to-write histogram).
     oldest: Option<Instant>,
     /// Close code the connection's task must close with, once set.
@@ -74,6 +103,36 @@ impl Default for Outbox {
     }
 }
 
+impl Queue {
+    fn add(&mut self, charged: usize) {
+        self.queued_bytes += charged;
+        QUEUED_TOTAL.fetch_add(charged, Ordering::Relaxed);
+    }
+
+    fn sub(&mut self, charged: usize) {
+        let charged = charged.min(self.queued_bytes);
+        self.queued_bytes -= charged;
+        QUEUED_TOTAL.fetch_sub(charged, Ordering::Relaxed);
+    }
+
+    /// Drop every frame still queued (the connection is closing as a slow consumer).
+    fn discard(&mut self) {
+        let freed: usize = self.frames.iter().map(charge).sum();
+        self.frames = VecDeque::new();
+        self.pong_at = None;
+        self.sub(freed);
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        // Frames a closing connection never wrote are still charged: give the charge back.
+        let q = self.queue.get_mut().unwrap_or_else(|p| p.into_inner());
+        let left = q.queued_bytes;
+        q.sub(left);
+    }
+}
+
 impl Outbox {
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
         // A panic while holding this lock cannot leave the queue inconsistent (every update is a
@@ -84,27 +143,64 @@ impl Outbox {
     /// Queue a frame for this connection, enforcing the byte limit. Never blocks on I/O.
     pub fn push(&self, frame: &Bytes, max_bytes: usize) -> Pushed {
         let mut q = self.lock();
-        if q.closing.is_some() {
-            return Pushed::Closed;
-        }
-        if q.queued_bytes + frame.len() > max_bytes {
-            q.closing = Some(1013);
-            q.frames = VecDeque::new();
-            drop(q);
+        let (pushed, wake) = Self::push_locked(&mut q, frame, max_bytes);
+        drop(q);
+        if wake {
             self.wake();
-            return Pushed::SlowConsumer;
+        }
+        pushed
+    }
+
+    /// `push` under the lock; also says whether the task needs waking.
+    fn push_locked(q: &mut Queue, frame: &Bytes, max_bytes: usize) -> (Pushed, bool) {
+        if q.closing.is_some() {
+            return (Pushed::Closed, false);
+        }
+        if q.queued_bytes + charge(frame) > max_bytes {
+            q.closing = Some(1013);
+            q.discard();
+            return (Pushed::SlowConsumer, true);
         }
         let was_idle = q.frames.is_empty();
         q.frames.push_back(frame.clone());
-        q.queued_bytes += frame.len();
+        q.add(charge(frame));
         if q.oldest.is_none() {
             q.oldest = Some(Instant::now());
         }
+        (Pushed::Queued, was_idle)
+    }
+
+    /// Queue a pong for the peer's latest ping. A pong for an earlier ping that still waits in
+    /// the queue is dropped (RFC 6455 5.5.3 allows answering only the most recent ping), so a
+    /// peer that pings faster than it reads has one pong queued, not one per ping.
+    pub fn push_pong(&self, frame: Bytes, max_bytes: usize) -> Pushed {
+        let mut q = self.lock();
+        if let Some(at) = q.pong_at.take() {
+            if let Some(old) = q.frames.remove(at as usize) {
+                q.sub(charge(&old));
+            }
+        }
+        let at = q.frames.len() as u32;
+        let (pushed, wake) = Self::push_locked(&mut q, &frame, max_bytes);
+        if pushed == Pushed::Queued {
+            q.pong_at = Some(at);
+        }
         drop(q);
-        if was_idle {
+        if wake {
             self.wake();
         }
-        Pushed::Queued
+        pushed
+    }
+
+    /// Close with `code` at once, dropping what is queued (the process-wide budget is spent).
+    pub fn close_discarding(&self, code: u16) {
+        let mut q = self.lock();
+        if q.closing.is_none() {
+            q.closing = Some(code);
+        }
+        q.discard();
+        drop(q);
+        self.wake();
     }
 
     /// Ask the connection to close with `code` after what is already queued (1001 at shutdown,
@@ -126,6 +222,7 @@ impl Outbox {
     /// Take everything queued (the writer keeps it until written).
     pub fn take(&self) -> Batch {
         let mut q = self.lock();
+        q.pong_at = None;
         Batch {
             frames: std::mem::take(&mut q.frames),
             oldest: q.oldest.take(),
@@ -133,11 +230,10 @@ impl Outbox {
         }
     }
 
-    /// Record that `n` bytes left the process (the close frame is written without being
-    /// queued, hence the saturation).
-    pub fn written(&self, n: usize) {
-        let mut q = self.lock();
-        q.queued_bytes = q.queued_bytes.saturating_sub(n);
+    /// Record that `bytes` left the process and `frames` frames were completely written (the
+    /// close frame is written without being queued, hence the saturation).
+    pub fn written(&self, bytes: usize, frames: usize) {
+        self.lock().sub(bytes + frames * FRAME_OVERHEAD);
     }
 
     /// Bytes still counted against this connection (summed for the queued-bytes gauge at scrape
@@ -199,10 +295,11 @@ mod tests {
     async fn push_past_the_limit_closes_with_1013_and_frees_the_queue() {
         let o = Outbox::default();
         let f = Bytes::from_static(&[0; 100]);
-        assert_eq!(o.push(&f, 250), Pushed::Queued);
-        assert_eq!(o.push(&f, 250), Pushed::Queued);
-        assert_eq!(o.push(&f, 250), Pushed::SlowConsumer);
-        assert_eq!(o.push(&f, 250), Pushed::Closed);
+        let max = 2 * (100 + FRAME_OVERHEAD) + 10;
+        assert_eq!(o.push(&f, max), Pushed::Queued);
+        assert_eq!(o.push(&f, max), Pushed::Queued);
+        assert_eq!(o.push(&f, max), Pushed::SlowConsumer);
+        assert_eq!(o.push(&f, max), Pushed::Closed);
         let b = o.take();
         assert!(b.frames.is_empty());
         assert_eq!(b.closing, Some(1013));
@@ -212,19 +309,68 @@ mod tests {
     async fn written_bytes_free_room_in_the_limit() {
         let o = Outbox::default();
         let f = Bytes::from_static(&[0; 100]);
-        o.push(&f, 150);
+        let max = 100 + FRAME_OVERHEAD + 50;
+        o.push(&f, max);
         let b = o.take();
         assert_eq!(b.frames.len(), 1);
         assert_eq!(
-            o.push(&f, 150),
+            o.push(&f, max),
             Pushed::SlowConsumer,
             "taken but unwritten bytes still count"
         );
         let o = Outbox::default();
-        o.push(&f, 150);
+        o.push(&f, max);
         o.take();
-        o.written(100);
-        assert_eq!(o.push(&f, 150), Pushed::Queued);
+        o.written(60, 0);
+        assert_eq!(
+            o.queued_bytes(),
+            40 + FRAME_OVERHEAD,
+            "a partial write keeps the rest"
+        );
+        o.written(40, 1);
+        assert_eq!(o.queued_bytes(), 0);
+        assert_eq!(o.push(&f, max), Pushed::Queued);
+    }
+
+    #[test]
+    fn tiny_frames_are_charged_what_they_cost() {
+        let o = Outbox::default();
+        let empty = Bytes::from_static(&[0x8A, 0]);
+        let mut queued = 0;
+        while o.push(&empty, 4096) == Pushed::Queued {
+            queued += 1;
+        }
+        assert_eq!(queued, 4096 / (2 + FRAME_OVERHEAD));
+    }
+
+    #[test]
+    fn at_most_one_pong_waits() {
+        let o = Outbox::default();
+        let data = Bytes::from_static(b"data");
+        let pong = |i: u32| crate::frame::server_frame(crate::frame::OP_PONG, &i.to_be_bytes());
+        o.push(&data, 1 << 20);
+        for i in 0..500u32 {
+            assert_eq!(o.push_pong(pong(i), 1 << 20), Pushed::Queued);
+        }
+        o.push(&data, 1 << 20);
+        for i in 500..1000u32 {
+            assert_eq!(o.push_pong(pong(i), 1 << 20), Pushed::Queued);
+        }
+        let b = o.take();
+        assert_eq!(b.frames.len(), 3);
+        assert_eq!(
+            b.frames[1], data,
+            "the pong moved behind what was queued before its ping"
+        );
+        assert_eq!(
+            &b.frames[2][2..],
+            &999u32.to_be_bytes(),
+            "the latest ping is answered"
+        );
+        assert_eq!(o.queued_bytes(), 4 + 4 + 6 + 3 * FRAME_OVERHEAD);
+        // Once taken, the next pong queues anew.
+        o.push_pong(pong(1), 1 << 20);
+        assert_eq!(o.take().frames.len(), 1);
     }
 
     #[test]

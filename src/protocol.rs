@@ -163,17 +163,18 @@ pub fn sanitize_name(raw: Option<&str>) -> String {
 
 /// `room`: trimmed, 1..=32 characters of `[A-Za-z0-9_-]`; else `lobby`.
 pub fn sanitize_room(raw: Option<&str>) -> String {
-    let room = js_trim(raw.unwrap_or(""));
+    room_name(raw).unwrap_or_else(|| DEFAULT_ROOM.to_string())
+}
+
+/// `room` when it keeps the naming rule (trimmed, 1..=32 characters of `[A-Za-z0-9_-]`).
+pub fn room_name(raw: Option<&str>) -> Option<String> {
+    let room = js_trim(raw?);
     let ok = !room.is_empty()
         && room.len() <= MAX_ROOM_CHARS
         && room
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
-    if ok {
-        room.to_string()
-    } else {
-        DEFAULT_ROOM.to_string()
-    }
+    ok.then(|| room.to_string())
 }
 
 fn write_json_str(out: &mut Vec<u8>, s: &str) {

@@ -28,6 +28,11 @@ impl Window {
         self.count = self.count.saturating_add(1);
         self.count > limit
     }
+
+    /// Whether the window that holds the counted events has run out by `now_ms`.
+    pub fn ended(&self, now_ms: u32, window_ms: u32) -> bool {
+        now_ms.wrapping_sub(self.start_ms) >= window_ms
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! `SHUTDOWN_DRAIN_MS` for connection tasks (which hyper no longer tracks after an upgrade).
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,10 +20,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::address::Addresses;
 use crate::broker::{Broker, MemoryBroker};
 use crate::config::Settings;
 use crate::hub::{Hub, HubSettings};
-use crate::metrics::Metrics;
+use crate::metrics::{Limit, Metrics};
 use crate::outbox::Outbox;
 
 /// Registry shards; the heartbeat visits one shard per tick, so pings are spread over the
@@ -30,6 +32,14 @@ use crate::outbox::Outbox;
 const REGISTRY_SHARDS: usize = 64;
 /// Open files kept free for the listener, HTTP requests, /metrics scrapes and logs.
 const RESERVED_FDS: u64 = 100;
+/// How often the process-wide outbox budget is checked.
+const OUTBOX_BUDGET_CHECK: Duration = Duration::from_millis(50);
+/// Once over the budget, the largest queues are closed until the total is back under this
+/// share of it, so the check does not close one connection per tick at the edge.
+const OUTBOX_BUDGET_TARGET_PERCENT: usize = 90;
+/// The process figures (/proc reads, a listing of every open file) are gathered at most this
+/// often; a scrape in between reuses them. Relay counters are always current.
+const PROCESS_METRICS_TTL: Duration = Duration::from_secs(1);
 
 /// The default connection limit for an open-file limit.
 pub fn default_max_connections(nofile: u64) -> usize {
@@ -44,8 +54,8 @@ pub struct Registry {
 
 /// Where a connection sits in the [`Registry`].
 pub struct Registration {
-    shard: usize,
-    key: usize,
+    shard: u32,
+    key: u32,
 }
 
 impl Registry {
@@ -65,11 +75,15 @@ impl Registry {
     pub fn register(&self, outbox: &Arc<Outbox>) -> Registration {
         let shard = self.next.fetch_add(1, Ordering::Relaxed) % REGISTRY_SHARDS;
         let key = self.shard(shard).insert(outbox.clone());
-        Registration { shard, key }
+        // A shard holds at most MAX_CONNECTIONS entries, far below u32::MAX.
+        Registration {
+            shard: shard as u32,
+            key: key as u32,
+        }
     }
 
     pub fn unregister(&self, r: Registration) {
-        self.shard(r.shard).try_remove(r.key);
+        self.shard(r.shard as usize).try_remove(r.key as usize);
     }
 
     fn for_each_in(&self, shard: usize, f: impl Fn(&Outbox)) {
@@ -79,15 +93,30 @@ impl Registry {
     }
 
     /// Bytes queued and not yet written, across every connection.
-    fn queued_bytes(&self) -> usize {
-        (0..REGISTRY_SHARDS)
-            .map(|i| {
+    /// Close the connections with the largest queues until the process-wide charge is back
+    /// under `target`. Returns how many were closed.
+    fn close_largest_queues(&self, target: usize) -> usize {
+        let mut queues: Vec<(usize, Arc<Outbox>)> = Vec::new();
+        for i in 0..REGISTRY_SHARDS {
+            queues.extend(
                 self.shard(i)
                     .iter()
-                    .map(|(_, o)| o.queued_bytes())
-                    .sum::<usize>()
-            })
-            .sum()
+                    .map(|(_, o)| (o.queued_bytes(), o.clone()))
+                    .filter(|(queued, _)| *queued > 0),
+            );
+        }
+        queues.sort_unstable_by_key(|q| std::cmp::Reverse(q.0));
+        let mut total = crate::outbox::total_queued_bytes();
+        let mut closed = 0;
+        for (queued, outbox) in queues {
+            if total <= target {
+                break;
+            }
+            outbox.close_discarding(1013);
+            total = total.saturating_sub(queued);
+            closed += 1;
+        }
+        closed
     }
 
     fn close_all(&self, code: u16) {
@@ -104,12 +133,14 @@ pub struct Relay {
     pub broker: Arc<dyn Broker>,
     pub metrics: Metrics,
     pub registry: Registry,
+    pub addresses: Addresses,
     pub tracker: TaskTracker,
     max_connections: usize,
     connections: AtomicUsize,
     started: tokio::time::Instant,
     shutting_down: AtomicBool,
     prometheus: Option<PrometheusHandle>,
+    process_metrics: Mutex<Option<(tokio::time::Instant, String)>>,
 }
 
 /// One reserved connection slot; released when dropped, i.e. exactly when the connection ends.
@@ -154,13 +185,27 @@ impl Relay {
         self.metrics.connections.set(self.connection_count() as f64);
         self.metrics
             .outbox_queued_bytes
-            .set(self.registry.queued_bytes() as f64);
+            .set(crate::outbox::total_queued_bytes() as f64);
         let mut out = self
             .prometheus
             .as_ref()
             .map(|h| h.render())
             .unwrap_or_default();
-        crate::metrics::render_process_metrics(&mut out);
+        let mut cache = self
+            .process_metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let fresh = cache
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < PROCESS_METRICS_TTL);
+        if !fresh {
+            let mut process = String::new();
+            crate::metrics::render_process_metrics(&mut process);
+            *cache = Some((tokio::time::Instant::now(), process));
+        }
+        if let Some((_, process)) = cache.as_ref() {
+            out.push_str(process);
+        }
         out
     }
 }
@@ -198,18 +243,21 @@ pub async fn run(
         hub,
         metrics,
         registry: Registry::new(),
+        addresses: Addresses::default(),
         tracker: TaskTracker::new(),
         max_connections,
         connections: AtomicUsize::new(0),
         started: tokio::time::Instant::now(),
         shutting_down: AtomicBool::new(false),
         prometheus,
+        process_metrics: Mutex::new(None),
         settings,
     });
     let stop = CancellationToken::new();
     let background = [
         tokio::spawn(heartbeat(relay.clone(), stop.clone())),
         tokio::spawn(metrics_upkeep(relay.clone(), stop.clone())),
+        tokio::spawn(outbox_budget(relay.clone(), stop.clone())),
     ];
 
     // While draining, the listener stays open: `/readyz` answers 503 and upgrades are refused
@@ -231,9 +279,9 @@ pub async fn run(
                 }
             }
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    relay.tracker.spawn(serve_http(relay.clone(), stream, stop.clone()));
+                    relay.tracker.spawn(serve_http(relay.clone(), stream, peer, stop.clone()));
                 }
                 Err(e) => {
                     // EMFILE and friends: log, pause, keep serving (never fatal).
@@ -273,11 +321,16 @@ pub async fn run(
 /// HANDSHAKE_TIMEOUT_MS): a client that sends requests and never reads the answers would
 /// otherwise hold hyper in a write with no timeout, and a file descriptor with it. Plain HTTP
 /// here is probes, scrapes and the page; clients simply reconnect.
-async fn serve_http(relay: Arc<Relay>, stream: TcpStream, stop: CancellationToken) {
+async fn serve_http(
+    relay: Arc<Relay>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) {
     let handshake_timeout = relay.settings.handshake_timeout;
     let deadline = tokio::time::sleep(handshake_timeout * 2);
     let service_relay = relay.clone();
-    let service = service_fn(move |req| crate::http::handle(service_relay.clone(), req));
+    let service = service_fn(move |req| crate::http::handle(service_relay.clone(), req, peer));
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(handshake_timeout)
@@ -311,6 +364,32 @@ async fn heartbeat(relay: Arc<Relay>, stop: CancellationToken) {
         }
         relay.registry.for_each_in(shard, |o| o.heartbeat());
         shard = (shard + 1) % REGISTRY_SHARDS;
+        if shard == 0 {
+            let window_ms = relay.settings.rate_window.as_millis().min(u32::MAX as u128) as u32;
+            relay.addresses.sweep(relay.now_ms(), window_ms);
+        }
+    }
+}
+
+/// Hold the bytes queued across all connections under OUTBOX_TOTAL_MAX_BYTES: when the sum
+/// passes it, the connections with the largest queues are closed with 1013 first (a stalled
+/// reader with a full queue goes before a healthy one with a few frames).
+async fn outbox_budget(relay: Arc<Relay>, stop: CancellationToken) {
+    let budget = relay.settings.outbox_total_max_bytes;
+    let target = budget / 100 * OUTBOX_BUDGET_TARGET_PERCENT;
+    let mut interval = tokio::time::interval(OUTBOX_BUDGET_CHECK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        if crate::outbox::total_queued_bytes() > budget {
+            let closed = relay.registry.close_largest_queues(target);
+            for _ in 0..closed {
+                relay.metrics.limit_closed(Limit::OutboxTotal);
+            }
+        }
     }
 }
 

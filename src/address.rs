@@ -1,0 +1,108 @@
+//! Per source address state: the publish rate shared by every connection from one address.
+//!
+//! A connection's own rate window starts afresh when it reconnects, so a client that reconnects
+//! every few messages would never meet it. The window here belongs to the address instead, and
+//! outlives the connections: an entry stays while any connection from its address is open and
+//! until its window has run out, then the sweeper (run with the heartbeat) removes it. The map is
+//! therefore bounded by the open connections plus the addresses seen within one rate window.
+//!
+//! The address is the peer's, or the client named by `X-Forwarded-For` when the peer is one of
+//! `TRUSTED_PROXIES` (see `http.rs`). This module does not look at requests.
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+
+use crate::rate::Window;
+
+/// One source address's shared state (held by each of its connections).
+#[derive(Debug)]
+pub struct AddressState {
+    publish: Mutex<Window>,
+}
+
+impl AddressState {
+    /// Count one published message; false when the address is over `limit` in this window.
+    pub fn allow_publish(&self, now_ms: u32, window_ms: u32, limit: u32) -> bool {
+        let mut w = self.publish.lock().unwrap_or_else(|p| p.into_inner());
+        !w.over(now_ms, window_ms, limit)
+    }
+
+    fn window_over(&self, now_ms: u32, window_ms: u32) -> bool {
+        let w = self.publish.lock().unwrap_or_else(|p| p.into_inner());
+        w.ended(now_ms, window_ms)
+    }
+}
+
+/// Every source address with an open connection or a running window.
+#[derive(Debug, Default)]
+pub struct Addresses {
+    map: DashMap<IpAddr, Arc<AddressState>>,
+}
+
+impl Addresses {
+    /// The state of `ip`, created if needed.
+    pub fn get(&self, ip: IpAddr, now_ms: u32) -> Arc<AddressState> {
+        self.map
+            .entry(crate::config::canonical(ip))
+            .or_insert_with(|| {
+                Arc::new(AddressState {
+                    publish: Mutex::new(Window::new(now_ms)),
+                })
+            })
+            .clone()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Forget addresses with no open connection whose window has run out.
+    pub fn sweep(&self, now_ms: u32, window_ms: u32) {
+        self.map
+            .retain(|_, s| Arc::strong_count(s) > 1 || !s.window_over(now_ms, window_ms));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_is_shared_by_every_connection_of_an_address() {
+        let a = Addresses::default();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let first = a.get(ip, 0);
+        assert!(first.allow_publish(0, 10_000, 2));
+        drop(first);
+        let again = a.get(ip, 5);
+        assert!(again.allow_publish(5, 10_000, 2));
+        assert!(
+            !again.allow_publish(6, 10_000, 2),
+            "a reconnect does not reset it"
+        );
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert!(!a.get(mapped, 7).allow_publish(7, 10_000, 2));
+    }
+
+    #[test]
+    fn sweeping_keeps_open_addresses_and_running_windows() {
+        let a = Addresses::default();
+        let open = a.get("192.0.2.1".parse().unwrap(), 0);
+        let closed = a.get("192.0.2.2".parse().unwrap(), 0);
+        closed.allow_publish(0, 10_000, 5);
+        drop(closed);
+        a.sweep(5_000, 10_000);
+        assert_eq!(a.len(), 2, "the closed address's window still runs");
+        a.sweep(10_000, 10_000);
+        assert_eq!(a.len(), 1);
+        drop(open);
+        a.sweep(20_000, 10_000);
+        assert!(a.is_empty());
+    }
+}
