@@ -2,8 +2,9 @@
 //!
 //! Every check on a WebSocket upgrade happens here, before the handshake, and every refusal is a
 //! plain HTTP response with a counted reason — never a 101 followed by a close. Order: path (404),
-//! Origin (403), token (401), capacity (503). Query strings carry the token, so nothing here logs
-//! a URI.
+//! Origin (403), token (401), room name (400, with INVALID_ROOM=refuse), shutting down (503),
+//! capacity (503), handshake (400), room capacity (503); docs/PROTOCOL.md has the table. Query
+//! strings carry the token, so nothing here logs a URI.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -173,13 +174,6 @@ fn chat(
         }
         text(status, body)
     };
-    if relay.is_shutting_down() {
-        return refuse(
-            Rejection::ShuttingDown,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting down\n",
-        );
-    }
     match req.headers().get(ORIGIN) {
         Some(o) if origin_allowed(relay, o.as_bytes()) => {}
         None if !is_upgrade => {} // same-origin fetches carry no Origin; the probe still checks the token
@@ -220,6 +214,13 @@ fn chat(
             )
         }
     };
+    if relay.is_shutting_down() {
+        return refuse(
+            Rejection::ShuttingDown,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down\n",
+        );
+    }
     if !is_upgrade {
         let mut r = text(
             StatusCode::UPGRADE_REQUIRED,
