@@ -32,8 +32,7 @@ use crate::metrics::Limit;
 use crate::outbox::{Outbox, Pushed};
 use crate::protocol::{self, ErrorCode};
 use crate::rate::Window;
-use crate::server::Registration;
-use crate::server::{ConnectionPermit, Relay};
+use crate::relay::{ConnectionPermit, Registration, Relay};
 
 /// Per worker thread read buffer. Large enough to take many frames in one read; never held
 /// across an await, so it is shared by every connection the thread serves.

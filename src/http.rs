@@ -24,7 +24,7 @@ use crate::connection::{self, Identity};
 use crate::hub::Resume;
 use crate::metrics::Rejection;
 use crate::protocol;
-use crate::server::Relay;
+use crate::relay::Relay;
 
 type Body = Full<Bytes>;
 

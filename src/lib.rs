@@ -1,9 +1,11 @@
 //! roomcast: a WebSocket edge relay for real-time rooms.
 //!
 //! Start at `server::run`; ARCHITECTURE.md has the map. Module per concept:
-//! `config` (settings), `http` (routes and upgrade checks), `connection` (one socket's task),
-//! `frame` (RFC 6455 codec), `protocol` (JSON), `outbox` (per-connection queue), `hub` (rooms,
-//! history, presence), `broker` (the publish seam), `metrics`, `limits`, `rate` (windows), `address` (per source address state).
+//! `config` (settings), `server` (accept loop, background tasks, shutdown), `relay` (the shared
+//! state), `http` (routes and upgrade checks), `connection` (one socket's task), `frame` (RFC 6455
+//! codec), `protocol` (JSON), `outbox` (per-connection queue), `hub` (rooms, history, presence),
+//! `broker` (the publish seam), `address` (per source address state), `metrics`, `limits`,
+//! `rate` (windows).
 
 pub mod address;
 pub mod alloc;
@@ -18,4 +20,5 @@ pub mod metrics;
 pub mod outbox;
 pub mod protocol;
 pub mod rate;
+pub mod relay;
 pub mod server;

@@ -7,7 +7,7 @@ use clap::Parser;
 use tokio::net::TcpSocket;
 
 use roomcast::config::{Args, Settings};
-use roomcast::{limits, metrics, server};
+use roomcast::{limits, metrics, relay, server};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -42,7 +42,7 @@ fn main() -> anyhow::Result<()> {
             let listener = socket.listen(LISTEN_BACKLOG)?;
             let addr = listener.local_addr()?;
             settings.fix_default_origins(explicit_origins, addr.port());
-            let max = *settings.max_connections.get_or_insert(server::default_max_connections(nofile));
+            let max = *settings.max_connections.get_or_insert(relay::default_max_connections(nofile));
             let prometheus = metrics::install_recorder().context("installing the metrics recorder")?;
             if settings.uses_dev_token() {
                 tracing::warn!("CHAT_TOKEN is the development token 'dev-token'; set CHAT_TOKEN before exposing this relay");

@@ -1,4 +1,5 @@
-//! The server: accept loop, shared relay state, connection registry, heartbeat, shutdown.
+//! The server: the accept loop, the HTTP stage of a connection, the background tasks (heartbeat,
+//! outbox budget, metrics upkeep) and the shutdown drain. The state they share is in `relay.rs`.
 //!
 //! `run` takes an already-bound listener, validated settings and any future as its shutdown
 //! trigger, so tests and the binary start the same server. Shutdown: stop accepting, `/readyz`
@@ -7,208 +8,25 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
-use slab::Slab;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::address::Addresses;
-use crate::broker::{Broker, MemoryBroker};
 use crate::config::Settings;
-use crate::hub::{Hub, HubSettings};
-use crate::metrics::{Limit, Metrics};
-use crate::outbox::Outbox;
+use crate::metrics::Limit;
+use crate::relay::{Relay, REGISTRY_SHARDS};
 
-/// Registry shards; the heartbeat visits one shard per tick, so pings are spread over the
-/// whole interval instead of sweeping every socket at once.
-const REGISTRY_SHARDS: usize = 64;
-/// Open files kept free for the listener, HTTP requests, /metrics scrapes and logs.
-const RESERVED_FDS: u64 = 100;
 /// How often the process-wide outbox budget is checked.
 const OUTBOX_BUDGET_CHECK: Duration = Duration::from_millis(50);
 /// Once over the budget, the largest queues are closed until the total is back under this
 /// share of it, so the check does not close one connection per tick at the edge.
 const OUTBOX_BUDGET_TARGET_PERCENT: usize = 90;
-/// The process figures (/proc reads, a listing of every open file) are gathered at most this
-/// often; a scrape in between reuses them. Relay counters are always current.
-const PROCESS_METRICS_TTL: Duration = Duration::from_secs(1);
-
-/// The default connection limit for an open-file limit.
-pub fn default_max_connections(nofile: u64) -> usize {
-    nofile.saturating_sub(RESERVED_FDS).max(1) as usize
-}
-
-/// Every open WebSocket's outbox, for the heartbeat and for shutdown.
-pub struct Registry {
-    shards: Vec<Mutex<Slab<Arc<Outbox>>>>,
-    next: AtomicUsize,
-}
-
-/// Where a connection sits in the [`Registry`].
-pub struct Registration {
-    shard: u32,
-    key: u32,
-}
-
-impl Registry {
-    fn new() -> Registry {
-        Registry {
-            shards: (0..REGISTRY_SHARDS)
-                .map(|_| Mutex::new(Slab::new()))
-                .collect(),
-            next: AtomicUsize::new(0),
-        }
-    }
-
-    fn shard(&self, i: usize) -> std::sync::MutexGuard<'_, Slab<Arc<Outbox>>> {
-        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn register(&self, outbox: &Arc<Outbox>) -> Registration {
-        let shard = self.next.fetch_add(1, Ordering::Relaxed) % REGISTRY_SHARDS;
-        let key = self.shard(shard).insert(outbox.clone());
-        // A shard holds at most MAX_CONNECTIONS entries, far below u32::MAX.
-        Registration {
-            shard: shard as u32,
-            key: key as u32,
-        }
-    }
-
-    pub fn unregister(&self, r: Registration) {
-        self.shard(r.shard as usize).try_remove(r.key as usize);
-    }
-
-    fn for_each_in(&self, shard: usize, f: impl Fn(&Outbox)) {
-        for (_, o) in self.shard(shard).iter() {
-            f(o);
-        }
-    }
-
-    /// Bytes queued and not yet written, across every connection.
-    /// Close the connections with the largest queues until the process-wide charge is back
-    /// under `target`. Returns how many were closed.
-    fn close_largest_queues(&self, target: usize) -> usize {
-        let mut queues: Vec<(usize, Arc<Outbox>)> = Vec::new();
-        for i in 0..REGISTRY_SHARDS {
-            queues.extend(
-                self.shard(i)
-                    .iter()
-                    .map(|(_, o)| (o.queued_bytes(), o.clone()))
-                    .filter(|(queued, _)| *queued > 0),
-            );
-        }
-        queues.sort_unstable_by_key(|q| std::cmp::Reverse(q.0));
-        let mut total = crate::outbox::total_queued_bytes();
-        let mut closed = 0;
-        for (queued, outbox) in queues {
-            if total <= target {
-                break;
-            }
-            outbox.close_discarding(1013);
-            total = total.saturating_sub(queued);
-            closed += 1;
-        }
-        closed
-    }
-
-    fn close_all(&self, code: u16) {
-        for i in 0..REGISTRY_SHARDS {
-            self.for_each_in(i, |o| o.close(code));
-        }
-    }
-}
-
-/// State shared by every connection and request.
-pub struct Relay {
-    pub settings: Settings,
-    pub hub: Arc<Hub>,
-    pub broker: Arc<dyn Broker>,
-    pub metrics: Metrics,
-    pub registry: Registry,
-    pub addresses: Addresses,
-    pub tracker: TaskTracker,
-    max_connections: usize,
-    connections: AtomicUsize,
-    started: tokio::time::Instant,
-    shutting_down: AtomicBool,
-    prometheus: Option<PrometheusHandle>,
-    process_metrics: Mutex<Option<(tokio::time::Instant, String)>>,
-}
-
-/// One reserved connection slot; released when dropped, i.e. exactly when the connection ends.
-pub struct ConnectionPermit {
-    relay: Arc<Relay>,
-}
-
-impl Drop for ConnectionPermit {
-    fn drop(&mut self) {
-        self.relay.connections.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl Relay {
-    pub fn connection_count(&self) -> usize {
-        self.connections.load(Ordering::Acquire)
-    }
-
-    /// Milliseconds since the relay started: the clock of per-connection windows.
-    pub fn now_ms(&self) -> u32 {
-        self.started.elapsed().as_millis() as u32
-    }
-
-    pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Acquire)
-    }
-
-    /// Reserve a connection slot, or `None` when the relay is full.
-    pub fn try_acquire(self: &Arc<Self>) -> Option<ConnectionPermit> {
-        self.connections
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max_connections).then_some(n + 1)
-            })
-            .ok()?;
-        Some(ConnectionPermit {
-            relay: self.clone(),
-        })
-    }
-
-    pub fn render_metrics(&self) -> String {
-        self.metrics.rooms.set(self.hub.room_count() as f64);
-        self.metrics.connections.set(self.connection_count() as f64);
-        self.metrics
-            .outbox_queued_bytes
-            .set(crate::outbox::total_queued_bytes() as f64);
-        let mut out = self
-            .prometheus
-            .as_ref()
-            .map(|h| h.render())
-            .unwrap_or_default();
-        let mut cache = self
-            .process_metrics
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let fresh = cache
-            .as_ref()
-            .is_some_and(|(at, _)| at.elapsed() < PROCESS_METRICS_TTL);
-        if !fresh {
-            let mut process = String::new();
-            crate::metrics::render_process_metrics(&mut process);
-            *cache = Some((tokio::time::Instant::now(), process));
-        }
-        if let Some((_, process)) = cache.as_ref() {
-            out.push_str(process);
-        }
-        out
-    }
-}
 
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -224,35 +42,7 @@ pub async fn run(
     prometheus: Option<PrometheusHandle>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let metrics = Metrics::new();
-    let max_connections = settings
-        .max_connections
-        .unwrap_or_else(|| default_max_connections(crate::limits::nofile_limit()));
-    metrics::gauge!(crate::metrics::MAX_CONNECTIONS).set(max_connections as f64);
-    let hub = Arc::new(Hub::new(
-        HubSettings {
-            history_limit: settings.history_limit,
-            max_rooms: settings.max_rooms,
-            outbox_max_bytes: settings.outbox_max_bytes,
-            presence_interval: settings.presence_interval,
-        },
-        metrics.clone(),
-    ));
-    let relay = Arc::new(Relay {
-        broker: Arc::new(MemoryBroker::new(hub.clone())),
-        hub,
-        metrics,
-        registry: Registry::new(),
-        addresses: Addresses::default(),
-        tracker: TaskTracker::new(),
-        max_connections,
-        connections: AtomicUsize::new(0),
-        started: tokio::time::Instant::now(),
-        shutting_down: AtomicBool::new(false),
-        prometheus,
-        process_metrics: Mutex::new(None),
-        settings,
-    });
+    let relay = Relay::new(settings, prometheus);
     let stop = CancellationToken::new();
     let background = [
         tokio::spawn(heartbeat(relay.clone(), stop.clone())),
@@ -268,8 +58,7 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown, if drain_until.is_none() => {
                 tracing::info!(connections = relay.connection_count(), "shutting down");
-                relay.shutting_down.store(true, Ordering::Release);
-                relay.registry.close_all(1001);
+                relay.begin_shutdown();
                 drain_until = Some(tokio::time::Instant::now() + relay.settings.shutdown_drain);
             }
             _ = tokio::time::sleep(Duration::from_millis(10)), if drain_until.is_some() => {
