@@ -280,8 +280,9 @@ async fn same_request_id_with_different_text_on_one_session_is_a_conflict() {
         "the conflict takes no seq: {next}"
     );
 
-    // Same session on a new connection: still a conflict.
+    // Same session on a new connection (the first one closed): still a conflict.
     let session = session_of(&system);
+    ada.close().await;
     let query = format!("{}&session={session}", relay.chat_query("ada", "conflict"));
     let (mut again, _, _) = join_query(&relay, "ada", &query).await;
     publish_with_id(&mut again, "a third text", "r1").await;
@@ -302,6 +303,8 @@ fn help_and_setting_errors_never_show_the_chat_token() {
         &["--help"][..],
         &["--port", "not-a-port"][..],
         &["--invalid-room", "bogus"][..],
+        &["--trusted-proxies", "not-an-address"][..],
+        &["--heartbeat-ms", "0"][..],
     ] {
         let mut cmd = Command::new(relay_binary());
         for key in RELAY_ENV {
