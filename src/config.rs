@@ -144,7 +144,7 @@ pub struct Cidr {
 }
 
 impl Cidr {
-    fn parse(s: &str) -> Option<Cidr> {
+    pub fn parse(s: &str) -> Option<Cidr> {
         let (addr, prefix) = match s.split_once('/') {
             Some((a, p)) => (a.parse::<IpAddr>().ok()?, Some(p.parse::<u8>().ok()?)),
             None => (s.parse::<IpAddr>().ok()?, None),

@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpStream;
 
-use crate::config::InvalidRoom;
+use crate::config::{Cidr, InvalidRoom};
 use crate::connection::{self, Identity};
 use crate::hub::Resume;
 use crate::metrics::Rejection;
@@ -127,8 +127,7 @@ fn parse_query(query: &str) -> ChatQuery {
 /// The client's address: the peer's, unless the peer is a trusted proxy, in which case the
 /// rightmost `X-Forwarded-For` entry that is not itself a trusted proxy (entries further left
 /// were written by the client and prove nothing).
-fn client_address(relay: &Relay, headers: &hyper::HeaderMap, peer: IpAddr) -> IpAddr {
-    let trusted = &relay.settings.trusted_proxies;
+fn client_address(trusted: &[Cidr], headers: &hyper::HeaderMap, peer: IpAddr) -> IpAddr {
     let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
     if !is_trusted(peer) {
         return peer;
@@ -267,7 +266,7 @@ fn chat(
             since,
             epoch: query.epoch,
         }),
-        address: client_address(relay, req.headers(), peer),
+        address: client_address(&relay.settings.trusted_proxies, req.headers(), peer),
     };
     let task_relay = relay.clone();
     relay.tracker.spawn(async move {
@@ -291,4 +290,45 @@ fn chat(
         .headers
         .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Response::from_parts(parts, Full::new(Bytes::new()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_address_is_the_rightmost_untrusted_forwarded_one() {
+        let trusted = [Cidr::parse("127.0.0.1").expect("valid")];
+        let ip = |s: &str| s.parse::<IpAddr>().expect("valid");
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("192.0.2.99, 10.0.0.1"),
+        );
+        assert_eq!(
+            client_address(&trusted, &headers, ip("127.0.0.1")),
+            ip("10.0.0.1")
+        );
+        assert_eq!(
+            client_address(&trusted, &headers, ip("192.0.2.7")),
+            ip("192.0.2.7"),
+            "an untrusted peer's header is ignored"
+        );
+        headers.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("10.0.0.9, 127.0.0.1"),
+        );
+        assert_eq!(
+            client_address(&trusted, &headers, ip("127.0.0.1")),
+            ip("10.0.0.9")
+        );
+        headers.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("junk, 10.0.0.3"),
+        );
+        assert_eq!(
+            client_address(&trusted, &headers, ip("127.0.0.1")),
+            ip("10.0.0.3")
+        );
+    }
 }
