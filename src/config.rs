@@ -112,6 +112,21 @@ pub struct Args {
     /// behaviour) or `refuse` (HTTP 400 before the upgrade).
     #[arg(long, env = "INVALID_ROOM", default_value = "lobby")]
     pub invalid_room: InvalidRoom,
+    /// Redis URL (`redis://HOST:PORT`): switches to the Redis broker, so several nodes share their
+    /// rooms. Unset: this node works alone, in memory. May carry a password, so --help and the
+    /// logs never show its value.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Longest wait for Redis, in milliseconds: a publish not taken by then is answered
+    /// `unavailable`.
+    #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 2_000)]
+    pub redis_timeout_ms: u64,
+    /// Bytes of publishes waiting for Redis across the node; past it the sender gets `unavailable`.
+    #[arg(long, env = "REDIS_QUEUE_MAX_BYTES", default_value_t = 16 << 20)]
+    pub redis_queue_max_bytes: usize,
+    /// How long a room's keys stay in Redis after its last publish or join, in seconds.
+    #[arg(long, env = "REDIS_KEY_TTL_SECS", default_value_t = 86_400)]
+    pub redis_key_ttl_secs: u64,
     /// Runtime worker threads (0: one per CPU core). On a machine shared with a load generator,
     /// fewer workers than cores wake each other less and batch more writes.
     #[arg(long, env = "WORKER_THREADS", default_value_t = 0)]
@@ -220,6 +235,8 @@ pub enum ConfigError {
     NoOrigins,
     #[error("TRUSTED_PROXIES: {0:?} is not an IP address or CIDR")]
     BadProxy(String),
+    #[error("REDIS_URL must start with redis:// (or rediss://)")]
+    RedisUrl,
 }
 
 /// Validated settings. Built by [`Settings::from_args`]; tests may build one from
@@ -254,6 +271,11 @@ pub struct Settings {
     pub trusted_proxies: Vec<Cidr>,
     pub history_max_bytes: usize,
     pub invalid_room: InvalidRoom,
+    /// `None`: the in-memory broker (one node alone).
+    pub redis_url: Option<Secret>,
+    pub redis_timeout: Duration,
+    pub redis_queue_max_bytes: usize,
+    pub redis_key_ttl: Duration,
     /// `None`: one per CPU core.
     pub worker_threads: Option<usize>,
     pub shutdown_drain: Duration,
@@ -294,6 +316,14 @@ impl Settings {
         nonzero(args.outbox_total_max_bytes as u64, "OUTBOX_TOTAL_MAX_BYTES")?;
         nonzero(args.frame_timeout_ms, "FRAME_TIMEOUT_MS")?;
         nonzero(args.history_max_bytes as u64, "HISTORY_MAX_BYTES")?;
+        nonzero(args.redis_timeout_ms, "REDIS_TIMEOUT_MS")?;
+        nonzero(args.redis_queue_max_bytes as u64, "REDIS_QUEUE_MAX_BYTES")?;
+        nonzero(args.redis_key_ttl_secs, "REDIS_KEY_TTL_SECS")?;
+        if let Some(url) = &args.redis_url {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(ConfigError::RedisUrl);
+            }
+        }
         if let Some(max) = args.max_connections {
             nonzero(max as u64, "MAX_CONNECTIONS")?;
         }
@@ -357,6 +387,10 @@ impl Settings {
             trusted_proxies,
             history_max_bytes: args.history_max_bytes,
             invalid_room: args.invalid_room,
+            redis_url: args.redis_url.as_deref().map(Secret::from),
+            redis_timeout: Duration::from_millis(args.redis_timeout_ms),
+            redis_queue_max_bytes: args.redis_queue_max_bytes,
+            redis_key_ttl: Duration::from_secs(args.redis_key_ttl_secs),
             worker_threads: (args.worker_threads > 0).then_some(args.worker_threads),
             shutdown_drain: Duration::from_millis(args.shutdown_drain_ms),
             handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
