@@ -40,6 +40,8 @@ const READ_BUF_BYTES: usize = 64 * 1024;
 /// Reads per wake before yielding to other connections (fairness under a flood): a socket that
 /// is still readable after this many reads waits its turn behind the runtime's other tasks.
 const READS_PER_WAKE: usize = 8;
+/// Bytes a closing connection's peer may still send before we stop waiting for its close.
+const CLOSE_DISCARD_BYTES: usize = 64 * 1024;
 /// Frames gathered into one vectored write.
 const IOV_MAX: usize = 64;
 
@@ -743,16 +745,23 @@ impl Connection {
             return Ok(());
         }
         self.stream.shutdown().await?;
-        let mut scratch = [0u8; 512];
-        loop {
+        // A peer that answers our close sends a few bytes more at most; one that keeps flooding
+        // is dropped after CLOSE_DISCARD_BYTES. Each read spends tokio's cooperative budget, so a
+        // flooding peer cannot keep this task on its worker (readiness and `try_read` alone do
+        // not), and CLOSE_TIMEOUT_MS is checked whenever the budget runs out.
+        let mut scratch = [0u8; 4096];
+        let mut discarded = 0;
+        while discarded < CLOSE_DISCARD_BYTES {
+            tokio::task::coop::consume_budget().await;
             self.stream.readable().await?;
             match self.stream.try_read(&mut scratch) {
                 Ok(0) => return Ok(()),
-                Ok(_) => {}
+                Ok(n) => discarded += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
         }
+        Ok(())
     }
 }
 

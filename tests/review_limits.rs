@@ -14,6 +14,8 @@ mod common;
 
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use common::*;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
@@ -214,6 +216,54 @@ async fn ping_flood_is_closed_1008_and_queues_at_most_one_pong() {
         &relay,
         "roomcast_connections_closed_total",
         &[("code", "1008")],
+        METRIC_WAIT,
+        |v| v >= 1.0,
+    )
+    .await;
+}
+
+/// A flooder that keeps writing after its 1008 must not hold the relay in the close handshake:
+/// the relay stops discarding after a bounded number of bytes and drops the connection, long
+/// before CLOSE_TIMEOUT_MS (found by the `flood` load scenario: four such peers held both
+/// runtime workers and pushed everyone else's p99 to seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_keeps_flooding_after_its_close_is_dropped_without_waiting() {
+    let relay = Relay::start(&[("CONTROL_FRAME_LIMIT", "20"), ("CLOSE_TIMEOUT_MS", "30000")]);
+    let raw = RawClient::connect(&relay, "flooder", "flood-on").await;
+    let (mut rd, mut wr) = raw.stream.into_split();
+    let flood: Vec<u8> = (0..2000).flat_map(|_| masked_frame(OP_PING, b"")).collect();
+    // Keep writing pings for up to 10 s, whatever the relay answers; stop when it hangs up.
+    let writer = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if wr.write_all(&flood).await.is_err() {
+                return Some(started.elapsed());
+            }
+        }
+        None
+    });
+    // Read (and drop) whatever comes, until the relay ends the stream.
+    let mut buf = vec![0u8; 64 * 1024];
+    let read_end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    let writer_ended = writer.await.expect("writer task");
+    assert!(
+        read_end.is_ok() && writer_ended.is_some(),
+        "the relay kept a flooding peer after closing it 1008 (CLOSE_TIMEOUT_MS=30000): stream \
+         ended {:?}, writes failed after {writer_ended:?}",
+        read_end.is_ok()
+    );
+    wait_for_metric(
+        &relay,
+        LIMIT_CLOSES,
+        &[("limit", "control_frames")],
         METRIC_WAIT,
         |v| v >= 1.0,
     )
