@@ -1019,18 +1019,13 @@ pub fn slow(target: &Target, c: &Common, a: &SlowArgs) -> anyhow::Result<Report>
     )?;
     let peak_kb = peak.finish();
     let m1 = RelayPoint::take(target, true);
-    let drained = match w.all(Command::DrainSlow { timeout_ms: 5000 })? {
-        replies => {
-            let mut d = DrainReply::default();
-            for rep in replies {
-                if let Reply::Drained(x) = rep {
-                    merge_counts(&mut d.outcomes, &x.outcomes);
-                    d.bytes_drained += x.bytes_drained;
-                }
-            }
-            d
+    let mut drained = DrainReply::default();
+    for rep in w.all(Command::DrainSlow { timeout_ms: 5000 })? {
+        if let Reply::Drained(x) = rep {
+            merge_counts(&mut drained.outcomes, &x.outcomes);
+            drained.bytes_drained += x.bytes_drained;
         }
-    };
+    }
     r.int("procs", "load processes", w.len() as u64);
     r.put(
         "shape",

@@ -29,6 +29,11 @@ use crate::wire::{self, EventKind};
 /// characters, escaped) plus whatever else is queued behind it.
 const READ_BUFFER_BYTES: usize = 256 * 1024;
 
+/// Where a connection reports that it joined (or failed to): the connect command's channel.
+type JoinTx = mpsc::UnboundedSender<(usize, Result<u64, String>)>;
+/// A connection waiting for its history event: when it started, whom to tell, its index.
+type Joining = Option<(Instant, JoinTx, usize)>;
+
 pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 120_000_000, 3).expect("static histogram bounds are valid")
 }
@@ -260,11 +265,7 @@ fn process_frames(
     conn: &Conn,
     data: &[u8],
     now_ns: u64,
-    joined: &mut Option<(
-        Instant,
-        mpsc::UnboundedSender<(usize, Result<u64, String>)>,
-        usize,
-    )>,
+    joined: &mut Joining,
 ) -> (usize, Option<End>) {
     let mut used = 0;
     let mut stats = w.stats.borrow_mut();
@@ -362,15 +363,7 @@ fn process_frames(
 
 /// Reads everything queued on the socket and handles it. Returns Some(End) when the
 /// connection is over.
-fn on_readable(
-    w: &Worker,
-    conn: &Conn,
-    joined: &mut Option<(
-        Instant,
-        mpsc::UnboundedSender<(usize, Result<u64, String>)>,
-        usize,
-    )>,
-) -> Option<End> {
+fn on_readable(w: &Worker, conn: &Conn, joined: &mut Joining) -> Option<End> {
     let mut buf = w.read_buf.borrow_mut();
     let mut filled = {
         let mut lo = conn.leftover.borrow_mut();
@@ -445,8 +438,6 @@ fn on_readable(
     let _ = conn.flush();
     end
 }
-
-type JoinTx = mpsc::UnboundedSender<(usize, Result<u64, String>)>;
 
 async fn run_conn(w: Rc<Worker>, index: usize, join_deadline: Instant, tx: JoinTx) {
     let spec = w.plan.conns[index].clone();
@@ -557,11 +548,7 @@ async fn run_conn(w: Rc<Worker>, index: usize, join_deadline: Instant, tx: JoinT
 }
 
 /// Handles frames that arrived together with the upgrade response.
-fn process_early(
-    w: &Worker,
-    conn: &Conn,
-    joined: &mut Option<(Instant, JoinTx, usize)>,
-) -> Option<End> {
+fn process_early(w: &Worker, conn: &Conn, joined: &mut Joining) -> Option<End> {
     let data = std::mem::take(&mut *conn.leftover.borrow_mut());
     let (used, end) = process_frames(w, conn, &data, sys::monotonic_ns(), joined);
     if end.is_none() {
