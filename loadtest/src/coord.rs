@@ -243,6 +243,40 @@ impl Workers {
         Ok(p)
     }
 
+    /// Starts every worker's attackers flooding (`flood`); they stop by themselves after
+    /// `duration_ms`.
+    pub fn attack_start(
+        &mut self,
+        kind: AttackKind,
+        reads: AttackReads,
+        duration_ms: u64,
+    ) -> anyhow::Result<()> {
+        self.all(Command::AttackStart {
+            kind,
+            reads,
+            duration_ms,
+        })
+        .map(|_| ())
+    }
+
+    pub fn attack_wait(&mut self) -> anyhow::Result<AttackReply> {
+        let mut a = AttackReply::default();
+        for r in self.all(Command::AttackWait)? {
+            let Reply::Attacked(r) = r else {
+                return Err(anyhow!("unexpected reply to attack"));
+            };
+            merge_counts(&mut a.outcomes, &r.outcomes);
+            a.ended_after_ms.extend(r.ended_after_ms);
+            a.frames_sent += r.frames_sent;
+            a.bytes_sent += r.bytes_sent;
+            a.bytes_read += r.bytes_read;
+            a.elapsed_us = a.elapsed_us.max(r.elapsed_us);
+            a.cpu_us += r.cpu_us;
+        }
+        a.ended_after_ms.sort_unstable();
+        Ok(a)
+    }
+
     pub fn close(&mut self, roles: &[Role], timeout_ms: u64) -> anyhow::Result<(u64, u64)> {
         let mut t = (0, 0);
         for r in self.all(Command::Close {

@@ -96,6 +96,9 @@ enum Cmd {
     Churn(ChurnArgs),
     /// Members that never read: healthy latency with and without them, how they were closed.
     Slow(SlowArgs),
+    /// Attackers flood control frames during a fan-out: victims' latency and loss without and
+    /// with them, how the attackers were ended, relay memory and CPU.
+    Flood(FloodArgs),
     /// Raw loopback TCP send cost on this machine (no relay involved).
     Floor(floor::FloorArgs),
     /// Run scenarios against roomcast and the Node baseline back to back and print ratios.
@@ -182,6 +185,7 @@ fn main() -> anyhow::Result<()> {
                 Cmd::Handshake(a) => handshake(&t, &c, a)?,
                 Cmd::Churn(a) => churn(&t, &c, a)?,
                 Cmd::Slow(a) => slow(&t, &c, a)?,
+                Cmd::Flood(a) => flood(&t, &c, a)?,
                 _ => unreachable!("other commands handled above"),
             }
         }

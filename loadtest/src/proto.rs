@@ -18,6 +18,31 @@ pub enum Role {
     Slow,
     /// Comes and goes in waves (the `churn` scenario); reads but counts nothing.
     Churn,
+    /// Joins a room of its own, reads like any client, and floods the relay with control frames
+    /// when told to (the `flood` scenario).
+    Attacker,
+}
+
+/// What an attacker writes, as fast as it can.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum AttackKind {
+    /// Empty masked pings (each one asks the relay for a pong).
+    Ping,
+    /// One non-final text frame, then empty continuation frames forever.
+    Continuation,
+    /// Unsolicited empty pongs.
+    Pong,
+}
+
+/// How an attacker reads its socket while it floods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum AttackReads {
+    /// One read of at most 4 KiB every 100 ms (~40 KB/s).
+    Slow,
+    /// Not at all until the attack is over.
+    None,
 }
 
 /// One connection a worker is responsible for.
@@ -81,6 +106,15 @@ pub enum Command {
     DrainSlow {
         timeout_ms: u64,
     },
+    /// Every `Attacker` connection floods the relay with `kind` frames for `duration_ms`, then
+    /// stops by itself and finds out how the relay ended it. Replies at once; `AttackWait`
+    /// replies when every attacker is done.
+    AttackStart {
+        kind: AttackKind,
+        reads: AttackReads,
+        duration_ms: u64,
+    },
+    AttackWait,
     /// Connect, wait for the first event, close; `count` times with `concurrency` at once.
     Handshake {
         count: u64,
@@ -142,6 +176,24 @@ pub struct DrainReply {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AttackReply {
+    /// How each attacker ended: `close_1008` (the relay's close frame), `eof`, `reset`, `open`.
+    pub outcomes: BTreeMap<String, u64>,
+    /// Milliseconds from the start of the attack to the first sign, seen while flooding, that
+    /// the relay ended an attacker (a failed write; with slow reads also its close frame or end
+    /// of stream). Attackers found ended only afterwards have no entry.
+    pub ended_after_ms: Vec<u64>,
+    /// Flood frames written (the first, non-final text frame of `continuation` included).
+    pub frames_sent: u64,
+    pub bytes_sent: u64,
+    /// Bytes the attackers read from the relay, during the attack and when finding the outcome.
+    pub bytes_read: u64,
+    pub elapsed_us: u64,
+    /// This worker's CPU time during the attack (microseconds).
+    pub cpu_us: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HandshakeReply {
     pub ok: u64,
     pub failed: BTreeMap<String, u64>,
@@ -158,6 +210,7 @@ pub enum Reply {
     Stats(StatsReply),
     Closed { closed: u64, forced: u64 },
     Drained(DrainReply),
+    Attacked(AttackReply),
     Handshakes(HandshakeReply),
     Failed { error: String },
 }

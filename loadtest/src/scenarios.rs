@@ -1,4 +1,5 @@
-//! The load scenarios of issue 3: idle, fanout, saturate, handshake, churn, slow. Each lays out
+//! The load scenarios of issue 3 (idle, fanout, saturate, handshake, churn, slow) and flood
+//! (control-frame floods against a fan-out). Each lays out
 //! its connections, drives the workers through phases, reads the relay's CPU and memory around
 //! the phase that matters, and returns a `Report`. Every loop here is bounded in count and time.
 
@@ -150,6 +151,32 @@ pub struct SlowArgs {
     pub slow_rcvbuf: u32,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct FloodArgs {
+    #[arg(long, default_value_t = 10)]
+    pub rooms: u32,
+    /// Victims per room (one of them publishes); they read everything.
+    #[arg(long, default_value_t = 20)]
+    pub members: u32,
+    /// Messages per second in total from the victims.
+    #[arg(long, default_value_t = 200.0)]
+    pub rate: f64,
+    /// Length of each phase, baseline and then attack (ms).
+    #[arg(long, default_value_t = 10_000)]
+    pub duration_ms: u64,
+    #[arg(long, default_value_t = 64)]
+    pub text_bytes: usize,
+    /// Attacking connections, each in a room of its own, in a load process of their own.
+    #[arg(long, default_value_t = 4)]
+    pub attackers: u32,
+    /// What the attackers write as fast as they can during the attack phase.
+    #[arg(long, value_enum, default_value_t = AttackKind::Ping)]
+    pub kind: AttackKind,
+    /// How the attackers read while they flood: `slow` (4 KiB every 100 ms) or `none`.
+    #[arg(long, value_enum, default_value_t = AttackReads::None)]
+    pub attacker_reads: AttackReads,
+}
+
 /// Lays out `rooms x members` connections: member m of room r is connection `m * rooms + r`
 /// (so every worker gets a share of every room); the first `publishers` members of a room
 /// publish; the last `slow` members are slow.
@@ -281,10 +308,36 @@ fn run_phase(
     text_bytes: usize,
     receivers_per_room: u64,
 ) -> anyhow::Result<Phase> {
+    run_phase_with(
+        target,
+        workers,
+        pubs,
+        rate,
+        duration_ms,
+        text_bytes,
+        receivers_per_room,
+        || Ok(()),
+    )
+}
+
+/// `run_phase`, calling `on_start` right after publishing started (the `flood` scenario starts
+/// its attackers there, so the relay's CPU and the latencies cover the attack).
+#[allow(clippy::too_many_arguments)]
+fn run_phase_with(
+    target: &Target,
+    workers: &mut Workers,
+    pubs: &[usize],
+    rate: f64,
+    duration_ms: u64,
+    text_bytes: usize,
+    receivers_per_room: u64,
+    on_start: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<Phase> {
     workers.reset()?;
     let client0 = workers.report()?.cpu_us + own_cpu_us();
     let p0 = RelayPoint::take(target, true);
     workers.publish_start(pubs, rate, duration_ms, text_bytes)?;
+    on_start()?;
     let published = workers.publish_wait()?;
     let expected = published.sent * receivers_per_room;
     // The tail: wait until everything expected arrived, or nothing moved for 500 ms (max 5 s).
@@ -966,18 +1019,13 @@ pub fn slow(target: &Target, c: &Common, a: &SlowArgs) -> anyhow::Result<Report>
     )?;
     let peak_kb = peak.finish();
     let m1 = RelayPoint::take(target, true);
-    let drained = match w.all(Command::DrainSlow { timeout_ms: 5000 })? {
-        replies => {
-            let mut d = DrainReply::default();
-            for rep in replies {
-                if let Reply::Drained(x) = rep {
-                    merge_counts(&mut d.outcomes, &x.outcomes);
-                    d.bytes_drained += x.bytes_drained;
-                }
-            }
-            d
+    let mut drained = DrainReply::default();
+    for rep in w.all(Command::DrainSlow { timeout_ms: 5000 })? {
+        if let Reply::Drained(x) = rep {
+            merge_counts(&mut drained.outcomes, &x.outcomes);
+            drained.bytes_drained += x.bytes_drained;
         }
-    };
+    }
     r.int("procs", "load processes", w.len() as u64);
     r.put(
         "shape",
@@ -1019,5 +1067,202 @@ pub fn slow(target: &Target, c: &Common, a: &SlowArgs) -> anyhow::Result<Report>
         peak_kb.map(|v| v as f64),
     );
     w.close(&[Role::Member, Role::Slow], 10_000)?;
+    Ok(r)
+}
+
+/// Change of a relay counter (a full `name{labels}` key, as in the exposition) between two points.
+fn metric_delta(a: &RelayPoint, b: &RelayPoint, key: &str) -> Option<f64> {
+    Some(b.metric(key)? - a.metric(key)?)
+}
+
+/// Relay counters that tell what a flood made the relay do, per phase (null where the relay does
+/// not export them).
+fn put_flood_counters(r: &mut Report, p: &str, a: &RelayPoint, b: &RelayPoint) {
+    for (key, label, metric) in [
+        (
+            "relay_control_frame_closes",
+            "relay closes for control frames (metric)",
+            r#"roomcast_limit_closes_total{limit="control_frames"}"#,
+        ),
+        (
+            "relay_closes_1008",
+            "relay closes with 1008 (metric)",
+            r#"roomcast_connections_closed_total{code="1008"}"#,
+        ),
+        (
+            "relay_slow_consumer_closes",
+            "relay slow-consumer closes (metric)",
+            "roomcast_slow_consumer_closes_total",
+        ),
+    ] {
+        r.opt(&format!("{p}{key}"), label, metric_delta(a, b, metric));
+    }
+}
+
+pub fn flood(target: &Target, c: &Common, a: &FloodArgs) -> anyhow::Result<Report> {
+    let mut r = Report::new("flood", target);
+    need_pid(&mut r, target);
+    let specs = layout(a.rooms, a.members, 1, 0, 0);
+    let base = specs.len() as u32;
+    let attackers: Vec<ConnSpec> = (0..a.attackers)
+        .map(|i| ConnSpec {
+            room: a.rooms + i,
+            id: base + i,
+            role: Role::Attacker,
+            publisher: None,
+        })
+        .collect();
+    let mut w = Workers::start(target, &specs, c.procs, None)?;
+    // Attackers write as fast as they can: a process of their own keeps that busy thread away
+    // from the one that timestamps the victims' deliveries.
+    let mut atk = Workers::start(target, &attackers, 1, None)?;
+    let conn = w.connect(
+        &[Role::Member],
+        c.connect_rate,
+        c.connect_in_flight,
+        c.connect_timeout_ms,
+    )?;
+    let atk_conn = atk.connect(
+        &[Role::Attacker],
+        c.connect_rate,
+        c.connect_in_flight,
+        c.connect_timeout_ms,
+    )?;
+    w.settle(Duration::from_millis(1000), Duration::from_secs(30))?;
+    let pubs = publishers_per_worker(&specs, &w);
+    eprintln!(
+        "flood: phase 1 (baseline), {} victims, {} attackers idle",
+        conn.ok, atk_conn.ok
+    );
+    let m0 = RelayPoint::take(target, true);
+    let peak = PeakRss::start(target.pid);
+    let baseline = run_phase(
+        target,
+        &mut w,
+        &pubs,
+        a.rate,
+        a.duration_ms,
+        a.text_bytes,
+        a.members as u64,
+    )?;
+    let baseline_peak = peak.finish();
+    let m1 = RelayPoint::take(target, true);
+    eprintln!(
+        "flood: phase 2 (attack), {} attackers write {:?} frames, reads {:?}",
+        atk_conn.ok, a.kind, a.attacker_reads
+    );
+    let peak = PeakRss::start(target.pid);
+    let attack = run_phase_with(
+        target,
+        &mut w,
+        &pubs,
+        a.rate,
+        a.duration_ms,
+        a.text_bytes,
+        a.members as u64,
+        || atk.attack_start(a.kind, a.attacker_reads, a.duration_ms),
+    )?;
+    let attacked = atk.attack_wait()?;
+    let attack_peak = peak.finish();
+    let m2 = RelayPoint::take(target, true);
+
+    r.int("procs", "load processes (victims)", w.len() as u64);
+    r.put(
+        "shape",
+        "shape",
+        json!(format!(
+            "{} rooms x {} victims (1 publisher/room); {} attackers, a room each",
+            a.rooms, a.members, a.attackers
+        )),
+    );
+    r.int("rooms", "rooms", a.rooms as u64);
+    r.int("members", "victims per room", a.members as u64);
+    r.int("text_bytes", "text characters", a.text_bytes as u64);
+    r.put("attack_kind", "attack", json!(a.kind));
+    r.put("attacker_reads", "attackers read", json!(a.attacker_reads));
+    put_connect(&mut r, &conn, specs.len() as u64);
+    r.int("attackers", "attackers", a.attackers as u64);
+    r.int("attackers_joined", "attackers joined", atk_conn.ok);
+    put_phase(&mut r, "baseline_", &baseline);
+    put_phase(&mut r, "attack_", &attack);
+    let q = |ph: &Phase, q: f64| {
+        (!ph.latency.is_empty()).then(|| ph.latency.value_at_quantile(q) as f64)
+    };
+    for (key, label, quantile) in [
+        ("p50", "victim p50 attack / baseline", 0.5),
+        ("p99", "victim p99 attack / baseline", 0.99),
+        ("p999", "victim p99.9 attack / baseline", 0.999),
+    ] {
+        r.opt(
+            &format!("victim_{key}_attack_over_baseline"),
+            label,
+            match (q(&attack, quantile), q(&baseline, quantile)) {
+                (Some(x), Some(y)) if y > 0.0 => Some(x / y),
+                _ => None,
+            },
+        );
+    }
+    r.counts(
+        "attacker_outcomes",
+        "how attackers ended",
+        &attacked.outcomes,
+    );
+    r.put(
+        "attacker_ended_after_ms",
+        "attackers ended after (ms into the attack)",
+        json!(attacked.ended_after_ms),
+    );
+    r.int(
+        "attack_frames_sent",
+        "flood frames written",
+        attacked.frames_sent,
+    );
+    r.int(
+        "attack_bytes_sent",
+        "flood bytes written",
+        attacked.bytes_sent,
+    );
+    r.num(
+        "attack_frames_per_s",
+        "flood frames/s",
+        attacked.frames_sent as f64 / (attacked.elapsed_us as f64 / 1e6).max(1e-9),
+    );
+    r.int(
+        "attacker_bytes_read",
+        "bytes the attackers read",
+        attacked.bytes_read,
+    );
+    r.num(
+        "attacker_client_cpu_s",
+        "attackers' client CPU (s)",
+        attacked.cpu_us as f64 / 1e6,
+    );
+    put_flood_counters(&mut r, "baseline_", &m0, &m1);
+    put_flood_counters(&mut r, "attack_", &m1, &m2);
+    r.opt(
+        "relay_rss_start_kb",
+        "relay RSS before baseline (KiB)",
+        m0.rss_kb().map(|v| v as f64),
+    );
+    r.opt(
+        "baseline_relay_rss_peak_kb",
+        "relay RSS peak in baseline (KiB)",
+        baseline_peak.map(|v| v as f64),
+    );
+    r.opt(
+        "attack_relay_rss_peak_kb",
+        "relay RSS peak in attack (KiB)",
+        attack_peak.map(|v| v as f64),
+    );
+    r.opt(
+        "relay_rss_peak_kb",
+        "relay RSS peak (KiB)",
+        baseline_peak.max(attack_peak).map(|v| v as f64),
+    );
+    if attacked.outcomes.get("open").copied().unwrap_or(0) > 0 {
+        r.note("attackers still open at the end of the attack stopped flooding by themselves");
+    }
+    w.close(&[Role::Member], 10_000)?;
+    atk.close(&[Role::Attacker], 3_000)?;
     Ok(r)
 }

@@ -3,9 +3,9 @@
 //! buffer (many frames per read), and classifies each text event by looking at a few bytes
 //! instead of parsing the whole JSON.
 //!
-//! It does not validate `Sec-WebSocket-Accept` beyond the status line, negotiate extensions, or
-//! send fragmented frames: a load client needs none of that, and every byte it skips is CPU
-//! left to the relay on a 2-core machine.
+//! It does not validate `Sec-WebSocket-Accept` beyond the status line or negotiate extensions,
+//! and it sends fragmented frames only to attack (`flood`): a load client needs none of that,
+//! and every byte it skips is CPU left to the relay on a 2-core machine.
 
 use memchr::memmem;
 use std::sync::OnceLock;
@@ -51,7 +51,19 @@ pub fn response_status(head: &[u8]) -> Option<u16> {
 
 /// Appends one masked client frame. The mask key varies per call; masking is a cheap XOR.
 pub fn push_client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask_seed: &mut u32) {
-    out.push(0x80 | opcode);
+    push_client_frame_fin(out, true, opcode, payload, mask_seed);
+}
+
+/// Appends one masked client frame with FIN set or not (a non-final frame starts a fragmented
+/// message; the `flood` scenario's continuation attack needs one).
+pub fn push_client_frame_fin(
+    out: &mut Vec<u8>,
+    fin: bool,
+    opcode: u8,
+    payload: &[u8],
+    mask_seed: &mut u32,
+) {
+    out.push(if fin { 0x80 } else { 0 } | opcode);
     let len = payload.len();
     if len < 126 {
         out.push(0x80 | len as u8);

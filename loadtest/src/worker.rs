@@ -29,6 +29,11 @@ use crate::wire::{self, EventKind};
 /// characters, escaped) plus whatever else is queued behind it.
 const READ_BUFFER_BYTES: usize = 256 * 1024;
 
+/// Where a connection reports that it joined (or failed to): the connect command's channel.
+type JoinTx = mpsc::UnboundedSender<(usize, Result<u64, String>)>;
+/// A connection waiting for its history event: when it started, whom to tell, its index.
+type Joining = Option<(Instant, JoinTx, usize)>;
+
 pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 120_000_000, 3).expect("static histogram bounds are valid")
 }
@@ -90,6 +95,8 @@ struct Conn {
     wake: Notify,
     closing: Cell<bool>,
     draining: Cell<bool>,
+    /// An attacker's flood owns the socket: the connection's own task neither reads nor writes.
+    paused: Cell<bool>,
     mask_seed: Cell<u32>,
     next_counter: Cell<u32>,
 }
@@ -143,7 +150,7 @@ struct Worker {
     stats: RefCell<Stats>,
     conns: RefCell<Vec<Option<Rc<Conn>>>>,
     tasks: RefCell<Vec<Option<AbortHandle>>>,
-    open: Cell<[u64; 3]>,
+    open: Cell<[u64; 4]>,
     read_buf: RefCell<Vec<u8>>,
     slow_outcomes: RefCell<BTreeMap<String, u64>>,
     slow_bytes: Cell<u64>,
@@ -156,6 +163,7 @@ fn role_index(r: Role) -> usize {
         Role::Member => 0,
         Role::Slow => 1,
         Role::Churn => 2,
+        Role::Attacker => 3,
     }
 }
 
@@ -257,11 +265,7 @@ fn process_frames(
     conn: &Conn,
     data: &[u8],
     now_ns: u64,
-    joined: &mut Option<(
-        Instant,
-        mpsc::UnboundedSender<(usize, Result<u64, String>)>,
-        usize,
-    )>,
+    joined: &mut Joining,
 ) -> (usize, Option<End>) {
     let mut used = 0;
     let mut stats = w.stats.borrow_mut();
@@ -359,15 +363,7 @@ fn process_frames(
 
 /// Reads everything queued on the socket and handles it. Returns Some(End) when the
 /// connection is over.
-fn on_readable(
-    w: &Worker,
-    conn: &Conn,
-    joined: &mut Option<(
-        Instant,
-        mpsc::UnboundedSender<(usize, Result<u64, String>)>,
-        usize,
-    )>,
-) -> Option<End> {
+fn on_readable(w: &Worker, conn: &Conn, joined: &mut Joining) -> Option<End> {
     let mut buf = w.read_buf.borrow_mut();
     let mut filled = {
         let mut lo = conn.leftover.borrow_mut();
@@ -443,8 +439,6 @@ fn on_readable(
     end
 }
 
-type JoinTx = mpsc::UnboundedSender<(usize, Result<u64, String>)>;
-
 async fn run_conn(w: Rc<Worker>, index: usize, join_deadline: Instant, tx: JoinTx) {
     let spec = w.plan.conns[index].clone();
     let t0 = Instant::now();
@@ -471,6 +465,7 @@ async fn run_conn(w: Rc<Worker>, index: usize, join_deadline: Instant, tx: JoinT
         wake: Notify::new(),
         closing: Cell::new(false),
         draining: Cell::new(false),
+        paused: Cell::new(false),
         mask_seed: Cell::new(0x9e37_79b9 ^ (spec.id.wrapping_mul(2_654_435_761))),
         next_counter: Cell::new(1),
     });
@@ -485,7 +480,10 @@ async fn run_conn(w: Rc<Worker>, index: usize, join_deadline: Instant, tx: JoinT
     };
 
     while end.is_none() {
-        if conn.role == Role::Slow && joined.is_none() && !conn.draining.get() {
+        if (conn.role == Role::Slow || conn.paused.get())
+            && joined.is_none()
+            && !conn.draining.get()
+        {
             conn.wake.notified().await;
             continue;
         }
@@ -550,11 +548,7 @@ async fn run_conn(w: Rc<Worker>, index: usize, join_deadline: Instant, tx: JoinT
 }
 
 /// Handles frames that arrived together with the upgrade response.
-fn process_early(
-    w: &Worker,
-    conn: &Conn,
-    joined: &mut Option<(Instant, JoinTx, usize)>,
-) -> Option<End> {
+fn process_early(w: &Worker, conn: &Conn, joined: &mut Joining) -> Option<End> {
     let data = std::mem::take(&mut *conn.leftover.borrow_mut());
     let (used, end) = process_frames(w, conn, &data, sys::monotonic_ns(), joined);
     if end.is_none() {
@@ -769,6 +763,263 @@ async fn drain_slow(w: &Rc<Worker>, timeout_ms: u64) -> DrainReply {
     }
 }
 
+/// Flood frames written per `write`: about 16 KiB of them, so the attacker spends its CPU on
+/// the relay rather than on system calls.
+const FLOOD_BATCH_BYTES: usize = 16 * 1024;
+/// `--attacker-reads slow`: one read of at most this many bytes...
+const SLOW_READ_BYTES: usize = 4096;
+/// ...every this many milliseconds.
+const SLOW_READ_EVERY_MS: u64 = 100;
+/// After the attack, how long an attacker may read to learn how the relay ended it, and how much.
+const OUTCOME_READ_MS: u64 = 2000;
+const OUTCOME_READ_MAX_BYTES: u64 = 64 << 20;
+
+/// How one attacker's flood went.
+struct Flooded {
+    outcome: String,
+    ended_after_ms: Option<u64>,
+    frames: u64,
+    bytes_sent: u64,
+    bytes_read: u64,
+}
+
+/// How a failed read or write ended the connection.
+fn io_end(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => "reset".into(),
+        k => format!("error_{k:?}").to_lowercase(),
+    }
+}
+
+/// Takes every complete server frame off the front of `inbox`; the code of a close frame if one
+/// came (the rest is pongs and events nobody looks at).
+fn take_close(inbox: &mut Vec<u8>) -> Option<String> {
+    let mut used = 0;
+    let mut close = None;
+    loop {
+        match wire::parse_frame(&inbox[used..]) {
+            Ok(Some((f, len))) => {
+                used += len;
+                if f.opcode == wire::OP_CLOSE {
+                    let code = match f.payload {
+                        [a, b, ..] => u16::from_be_bytes([*a, *b]),
+                        _ => 1005,
+                    };
+                    close = Some(format!("close_{code}"));
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                close = Some(format!("protocol_{e:?}").to_lowercase());
+                break;
+            }
+        }
+    }
+    inbox.drain(..used);
+    close
+}
+
+/// One read into `inbox`: Ok(false) when nothing was waiting, Err(how) when the stream ended.
+fn read_some(conn: &Conn, inbox: &mut Vec<u8>, max: usize, read: &mut u64) -> Result<bool, String> {
+    let at = inbox.len();
+    inbox.resize(at + max, 0);
+    let r = conn.stream.try_read(&mut inbox[at..]);
+    let n = match &r {
+        Ok(n) => *n,
+        Err(_) => 0,
+    };
+    inbox.truncate(at + n);
+    *read += n as u64;
+    match r {
+        Ok(0) => Err("eof".into()),
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(io_end(&e)),
+    }
+}
+
+/// One attacker: writes `kind` frames as fast as the socket takes them until `deadline` or until
+/// the relay ends the connection, reading as `reads` says; then reads (bounded) what the relay
+/// sent to tell how it ended: its close frame, end of stream, reset, or still `open`.
+async fn flood_one(
+    conn: Rc<Conn>,
+    kind: AttackKind,
+    reads: AttackReads,
+    t0: Instant,
+    deadline: Instant,
+) -> Flooded {
+    conn.paused.set(true);
+    conn.wake.notify_one();
+    let mut seed = conn.mask_seed.get();
+    // Whatever the connection had queued goes first, so the byte stream stays whole.
+    let mut head = std::mem::take(&mut *conn.out.borrow_mut());
+    let (opcode, mut frames) = match kind {
+        AttackKind::Ping => (wire::OP_PING, 0),
+        AttackKind::Pong => (wire::OP_PONG, 0),
+        AttackKind::Continuation => {
+            let start = br#"{"type":"message","text":"flood"#;
+            wire::push_client_frame_fin(&mut head, false, wire::OP_TEXT, start, &mut seed);
+            (wire::OP_CONT, 1)
+        }
+    };
+    let mut batch = Vec::with_capacity(FLOOD_BATCH_BYTES + 16);
+    // Continuation frames are never final: the message never ends.
+    let fin = opcode != wire::OP_CONT;
+    while batch.len() < FLOOD_BATCH_BYTES {
+        wire::push_client_frame_fin(&mut batch, fin, opcode, &[], &mut seed);
+    }
+    conn.mask_seed.set(seed);
+    let frame_len = 6u64; // 2 header bytes and a 4-byte mask, no payload
+    let mut inbox = std::mem::take(&mut *conn.leftover.borrow_mut());
+    let (mut bytes_sent, mut batch_bytes, mut bytes_read) = (0u64, 0u64, 0u64);
+    let mut off = 0usize;
+    let mut in_head = !head.is_empty();
+    let mut ended: Option<String> = None;
+    let mut ended_at: Option<Instant> = None;
+    let mut next_read = Instant::now();
+    let mut writes_since_yield = 0u32;
+    while ended.is_none() && Instant::now() < deadline {
+        if reads == AttackReads::Slow && Instant::now() >= next_read {
+            next_read += Duration::from_millis(SLOW_READ_EVERY_MS);
+            match read_some(&conn, &mut inbox, SLOW_READ_BYTES, &mut bytes_read) {
+                Ok(_) => ended = take_close(&mut inbox),
+                Err(how) => ended = Some(how),
+            }
+            if ended.is_some() {
+                ended_at = Some(Instant::now());
+                break;
+            }
+        }
+        let buf: &[u8] = if in_head { &head[off..] } else { &batch[off..] };
+        match conn.stream.try_write(buf) {
+            Ok(n) => {
+                bytes_sent += n as u64;
+                if !in_head {
+                    batch_bytes += n as u64;
+                }
+                off += n;
+                if off == if in_head { head.len() } else { batch.len() } {
+                    off = 0;
+                    in_head = false;
+                }
+                writes_since_yield += 1;
+                if writes_since_yield >= 16 {
+                    // Let the other attackers and the command loop run.
+                    writes_since_yield = 0;
+                    tokio::task::yield_now().await;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let until = match reads {
+                    AttackReads::Slow => deadline.min(next_read),
+                    AttackReads::None => deadline,
+                };
+                let _ = tokio::time::timeout_at(until.into(), conn.stream.writable()).await;
+            }
+            Err(e) => {
+                ended = Some(io_end(&e));
+                ended_at = Some(Instant::now());
+            }
+        }
+    }
+    frames += batch_bytes / frame_len;
+    // Find out how it ended: the relay's close frame (wherever it is behind the pongs), end of
+    // stream, reset. The relay gets OUTCOME_READ_MS after the flood to show it (a relay busy
+    // with the flood may send its close frame only once the flood stops); a connection it has
+    // not ended by then is `open`.
+    let read_deadline = Instant::now() + Duration::from_millis(OUTCOME_READ_MS);
+    let mut outcome: Option<String> = ended.as_ref().filter(|e| e.starts_with("close_")).cloned();
+    let mut stream_end: Option<String> = None;
+    while outcome.is_none()
+        && stream_end.is_none()
+        && bytes_read < OUTCOME_READ_MAX_BYTES
+        && Instant::now() < read_deadline
+    {
+        match read_some(&conn, &mut inbox, 64 * 1024, &mut bytes_read) {
+            Ok(true) => outcome = take_close(&mut inbox),
+            Ok(false) => {
+                let _ = tokio::time::timeout_at(read_deadline.into(), conn.stream.readable()).await;
+            }
+            Err(how) => stream_end = Some(how),
+        }
+    }
+    let outcome = outcome.or(stream_end).or(ended).unwrap_or_else(|| {
+        // Still open: the connection's own task takes the socket back.
+        *conn.leftover.borrow_mut() = std::mem::take(&mut inbox);
+        "open".into()
+    });
+    Flooded {
+        ended_after_ms: (outcome != "open")
+            .then(|| ended_at.map(|t| t.saturating_duration_since(t0).as_millis() as u64))
+            .flatten(),
+        outcome,
+        frames,
+        bytes_sent,
+        bytes_read,
+    }
+}
+
+/// Every attacker of this worker floods at once for `duration_ms`; the ones the relay ended are
+/// forgotten, the others go back to reading like any client.
+async fn attack(
+    w: Rc<Worker>,
+    kind: AttackKind,
+    reads: AttackReads,
+    duration_ms: u64,
+) -> AttackReply {
+    let cpu0 = sys::process_cpu_us();
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_millis(duration_ms);
+    let attackers: Vec<(usize, Rc<Conn>)> = w
+        .conns
+        .borrow()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| {
+            c.as_ref()
+                .filter(|c| c.role == Role::Attacker)
+                .map(|c| (i, c.clone()))
+        })
+        .collect();
+    let floods: Vec<JoinHandle<Flooded>> = attackers
+        .iter()
+        .map(|(_, c)| tokio::task::spawn_local(flood_one(c.clone(), kind, reads, t0, deadline)))
+        .collect();
+    let mut reply = AttackReply::default();
+    for ((index, conn), flood) in attackers.into_iter().zip(floods) {
+        let f = match flood.await {
+            Ok(f) => f,
+            Err(_) => Flooded {
+                outcome: "attacker_panicked".into(),
+                ended_after_ms: None,
+                frames: 0,
+                bytes_sent: 0,
+                bytes_read: 0,
+            },
+        };
+        *reply.outcomes.entry(f.outcome.clone()).or_default() += 1;
+        reply.ended_after_ms.extend(f.ended_after_ms);
+        reply.frames_sent += f.frames;
+        reply.bytes_sent += f.bytes_sent;
+        reply.bytes_read += f.bytes_read;
+        conn.paused.set(false);
+        if f.outcome == "open" {
+            conn.wake.notify_one();
+        } else {
+            if let Some(t) = w.tasks.borrow_mut()[index].take() {
+                t.abort();
+            }
+            w.conns.borrow_mut()[index] = None;
+            w.add_open(Role::Attacker, -1);
+        }
+    }
+    reply.ended_after_ms.sort_unstable();
+    reply.elapsed_us = t0.elapsed().as_micros() as u64;
+    reply.cpu_us = sys::process_cpu_us().saturating_sub(cpu0);
+    reply
+}
+
 /// One handshake: connect, upgrade, wait for the first event, close. Returns microseconds to
 /// the first event.
 async fn one_handshake(w: &Worker, seq: u64, room: u32) -> Result<u64, String> {
@@ -912,7 +1163,7 @@ pub fn main() -> anyhow::Result<()> {
         stats: RefCell::new(Stats::new()),
         conns: RefCell::new(vec![None; n]),
         tasks: RefCell::new(vec![None; n]),
-        open: Cell::new([0; 3]),
+        open: Cell::new([0; 4]),
         read_buf: RefCell::new(vec![0u8; READ_BUFFER_BYTES]),
         slow_outcomes: RefCell::new(BTreeMap::new()),
         slow_bytes: Cell::new(0),
@@ -921,6 +1172,7 @@ pub fn main() -> anyhow::Result<()> {
     });
     local.block_on(&rt, async move {
         let mut publishing: Option<JoinHandle<PublishReply>> = None;
+        let mut attacking: Option<JoinHandle<AttackReply>> = None;
         while let Some(cmd) = cmd_rx.recv().await {
             match cmd {
                 Command::Connect {
@@ -988,6 +1240,26 @@ pub fn main() -> anyhow::Result<()> {
                     let r = drain_slow(&w, timeout_ms).await;
                     reply(&Reply::Drained(r));
                 }
+                Command::AttackStart {
+                    kind,
+                    reads,
+                    duration_ms,
+                } => {
+                    attacking = Some(tokio::task::spawn_local(attack(
+                        w.clone(),
+                        kind,
+                        reads,
+                        duration_ms,
+                    )));
+                    reply(&Reply::Done);
+                }
+                Command::AttackWait => {
+                    let r = match attacking.take() {
+                        Some(h) => h.await.unwrap_or_default(),
+                        None => AttackReply::default(),
+                    };
+                    reply(&Reply::Attacked(r));
+                }
                 Command::Handshake {
                     count,
                     concurrency,
@@ -1001,4 +1273,44 @@ pub fn main() -> anyhow::Result<()> {
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_close_frame_is_found_behind_pongs_and_split_reads() {
+        let mut stream = Vec::new();
+        for _ in 0..1000 {
+            stream.extend_from_slice(&[0x80 | wire::OP_PONG, 0]);
+        }
+        stream.extend_from_slice(&[0x80 | wire::OP_CLOSE, 4, 0x03, 0xf0, b'n', b'o']);
+        let mut inbox = Vec::new();
+        let mut found = None;
+        for chunk in stream.chunks(7) {
+            inbox.extend_from_slice(chunk);
+            if let Some(c) = take_close(&mut inbox) {
+                found = Some(c);
+                break;
+            }
+        }
+        assert_eq!(found.as_deref(), Some("close_1008"));
+    }
+
+    #[test]
+    fn a_continuation_flood_starts_a_message_it_never_ends() {
+        let mut seed = 7;
+        let mut out = Vec::new();
+        wire::push_client_frame_fin(&mut out, false, wire::OP_TEXT, b"{", &mut seed);
+        wire::push_client_frame_fin(&mut out, false, wire::OP_CONT, &[], &mut seed);
+        assert_eq!(out[0], wire::OP_TEXT, "first frame: text, FIN clear");
+        assert_eq!(out[1], 0x80 | 1, "masked, one byte");
+        assert_eq!(
+            &out[7..9],
+            &[wire::OP_CONT, 0x80],
+            "then an empty masked continuation"
+        );
+        assert_eq!(out.len(), 7 + 6);
+    }
 }
