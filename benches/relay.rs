@@ -4,6 +4,11 @@
 //!   push the same `Bytes` into every member's outbox (outboxes drained between iterations).
 //! - `fanout_encode_per_recipient/1000`: the same delivery if each recipient got its own
 //!   serialisation — the cost encode-once avoids.
+//! - `room_lock/publish_10000`: one publish into a room of 10,000 members, timed alone (the
+//!   outboxes are drained between iterations, outside the timing).
+//! - `room_lock/wait_while_publishing_10000`: taking and releasing that room's lock while another
+//!   thread publishes into it non-stop (and drains the outboxes): the wait every join, leave and
+//!   concurrent publisher into a busy room pays, for an attempt at a random moment.
 //! - `inbound/message`: a masked client frame → header → unmask → UTF-8 → JSON validation.
 //! - `rate_window/over`: one rate-limit check.
 //! - `history/remember+resume`: append to a full 50-entry history and find a `since` position.
@@ -110,6 +115,82 @@ fn fanout(c: &mut Criterion) {
     });
 }
 
+fn room_lock(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let hub = hub(Metrics::new());
+    let outboxes = Arc::new(room_with_members(&rt, &hub, "busy", 10_000));
+    let room = hub.room("busy").unwrap();
+    let broker = Arc::new(MemoryBroker::new(hub.clone()));
+    let from: Arc<str> = "ada".into();
+    let mut group = c.benchmark_group("room_lock");
+    group.bench_function("publish_10000", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let msg = ClientMessage {
+                    text: "deploy 4312 finished in 41 s".into(),
+                    request_id: None,
+                };
+                let start = std::time::Instant::now();
+                black_box(broker.publish(&room, &from, &msg));
+                total += start.elapsed();
+                drain(&outboxes);
+            }
+            total
+        })
+    });
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = {
+        let (stop, broker, room, from, outboxes) = (
+            stop.clone(),
+            broker.clone(),
+            room.clone(),
+            from.clone(),
+            outboxes.clone(),
+        );
+        std::thread::spawn(move || {
+            let msg = ClientMessage {
+                text: "deploy 4312 finished in 41 s".into(),
+                request_id: None,
+            };
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                black_box(broker.publish(&room, &from, &msg));
+                drain(&outboxes);
+            }
+        })
+    };
+    // Each lock is taken after a pseudo-random pause of 0–2 ms without it, so the attempts land
+    // anywhere in the publisher's cycle: the mean is then (share of time the lock is held) ×
+    // (mean rest of a hold). A tight lock/unlock loop would instead starve the publisher (std's
+    // Mutex is not fair) or sample each hold only once.
+    group.bench_function("wait_while_publishing_10000", |b| {
+        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let pause = Duration::from_nanos(rng % 2_000_000);
+                let paused = std::time::Instant::now();
+                while paused.elapsed() < pause {
+                    std::hint::spin_loop();
+                }
+                let start = std::time::Instant::now();
+                drop(black_box(room.lock()));
+                total += start.elapsed();
+            }
+            total
+        })
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    publisher.join().unwrap();
+    group.finish();
+}
+
 fn masked_text_frame(payload: &[u8]) -> Vec<u8> {
     let mask = [0x11, 0x22, 0x33, 0x44];
     let mut out = vec![0x81, 0x80 | payload.len() as u8];
@@ -209,6 +290,6 @@ fn metrics_cost(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = metrics_cost, fanout, inbound, rate_window, history, presence
+    targets = metrics_cost, fanout, room_lock, inbound, rate_window, history, presence
 }
 criterion_main!(benches);
