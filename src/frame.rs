@@ -124,7 +124,7 @@ pub fn parse_header(buf: &[u8], max_payload: usize) -> Result<Option<Header>, Fr
 /// how many bytes it took.
 fn write_header(head: &mut [u8; MAX_HEADER], opcode: u8, payload_len: usize) -> usize {
     let first = 0x80 | opcode;
-    let used = if payload_len < 126 {
+    if payload_len < 126 {
         head[MAX_HEADER - 2] = first;
         head[MAX_HEADER - 1] = payload_len as u8;
         2
@@ -138,8 +138,7 @@ fn write_header(head: &mut [u8; MAX_HEADER], opcode: u8, payload_len: usize) -> 
         head[1] = 127;
         head[2..].copy_from_slice(&(payload_len as u64).to_be_bytes());
         10
-    };
-    used
+    }
 }
 
 /// Builds one server frame in a single allocation: the payload is written after a reserved

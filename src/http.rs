@@ -157,10 +157,12 @@ fn chat(relay: &Arc<Relay>, mut req: Request<Incoming>, is_upgrade: bool) -> Res
         }
     }
     let query = parse_query(req.uri().query().unwrap_or(""));
-    let token_ok = query
-        .token
-        .as_deref()
-        .is_some_and(|t| bool::from(t.as_bytes().ct_eq(relay.settings.chat_token.expose().as_bytes())));
+    let token_ok = query.token.as_deref().is_some_and(|t| {
+        bool::from(
+            t.as_bytes()
+                .ct_eq(relay.settings.chat_token.expose().as_bytes()),
+        )
+    });
     if !token_ok {
         return refuse(
             Rejection::Unauthorized,

@@ -210,7 +210,7 @@ async fn every_dashboard_metric_is_exported_by_a_relay_with_traffic() {
     b.expect_error("bad_json").await;
     match ws_connect(
         relay.addr,
-        &format!("/chat?token=wrong&name=x&room=dash"),
+        "/chat?token=wrong&name=x&room=dash",
         Some(ORIGIN),
     )
     .await
@@ -233,7 +233,7 @@ async fn every_dashboard_metric_is_exported_by_a_relay_with_traffic() {
         // A histogram suffix must belong to a family exported as a histogram.
         for suffix in ["_bucket", "_sum", "_count"] {
             if let Some(base) = name.strip_suffix(suffix) {
-                if exp.types.get(name).is_none()
+                if !exp.types.contains_key(name)
                     && exp.types.get(base).map(String::as_str) != Some("histogram")
                 {
                     problems.push(format!("{name} (used by {panels:?}): {base} is not exported as a histogram (TYPE {:?})", exp.types.get(base)));
