@@ -24,7 +24,7 @@ use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criteri
 
 use roomcast::broker::{Broker, MemoryBroker};
 use roomcast::frame;
-use roomcast::hub::{HistoryEntry, Hub, HubSettings, Resume};
+use roomcast::hub::{HistoryEntry, Hub, HubSettings, Resume, Sender};
 use roomcast::metrics::Metrics;
 use roomcast::outbox::Outbox;
 use roomcast::protocol::{self, ClientMessage};
@@ -34,12 +34,20 @@ fn hub(metrics: Metrics) -> Arc<Hub> {
     Arc::new(Hub::new(
         HubSettings {
             history_limit: 50,
+            history_max_bytes: usize::MAX,
             max_rooms: 1000,
             outbox_max_bytes: 1 << 30,
             presence_interval: Duration::from_millis(150),
         },
         metrics,
     ))
+}
+
+fn ada() -> Arc<Sender> {
+    Arc::new(Sender {
+        name: "ada".into(),
+        session: 2,
+    })
 }
 
 fn room_with_members(
@@ -49,12 +57,16 @@ fn room_with_members(
     n: usize,
 ) -> Vec<Arc<Outbox>> {
     let _guard = rt.enter();
-    let name: Arc<str> = "member".into();
+    let sender = Arc::new(Sender {
+        name: "member".into(),
+        session: 1,
+    });
     (0..n)
         .map(|_| {
             let outbox = Arc::new(Outbox::default());
             let reservation = hub.reserve(room).expect("room");
-            std::mem::forget(hub.join(reservation, &outbox, &name, None));
+            // Forgotten: a dropped membership leaves the room.
+            std::mem::forget(hub.join(reservation, &outbox, sender.clone(), None));
             outbox.take();
             outbox
         })
@@ -80,14 +92,14 @@ fn fanout(c: &mut Criterion) {
         let outboxes = room_with_members(&rt, &hub, "bench", n);
         let room = hub.room("bench").unwrap();
         let broker = MemoryBroker::new(hub.clone());
-        let from: Arc<str> = "ada".into();
+        let from = ada();
         let msg = ClientMessage {
             text: "deploy 4312 finished in 41 s".into(),
             request_id: None,
         };
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| {
-                black_box(broker.publish(&room, &from, &msg));
+                black_box(broker.publish(&room, &from, &msg).unwrap());
                 drain(&outboxes);
             })
         });
@@ -100,14 +112,15 @@ fn fanout(c: &mut Criterion) {
     c.bench_function("fanout_encode_per_recipient/1000", |b| {
         b.iter(|| {
             for o in &outboxes {
-                let (frame, _) = protocol::message_event(&protocol::MessageFields {
+                let frame = protocol::message_event(&protocol::MessageFields {
                     id: &id,
                     room: "bench",
                     from: "ada",
                     text: "deploy 4312 finished in 41 s",
                     sent_at: "2026-11-22T07:20:57.123Z",
                     seq: 1,
-                });
+                })
+                .frame;
                 o.push(&frame, usize::MAX);
             }
             drain(&outboxes);
@@ -124,7 +137,7 @@ fn room_lock(c: &mut Criterion) {
     let outboxes = Arc::new(room_with_members(&rt, &hub, "busy", 10_000));
     let room = hub.room("busy").unwrap();
     let broker = Arc::new(MemoryBroker::new(hub.clone()));
-    let from: Arc<str> = "ada".into();
+    let from = ada();
     let mut group = c.benchmark_group("room_lock");
     group.bench_function("publish_10000", |b| {
         b.iter_custom(|iters| {
@@ -135,7 +148,7 @@ fn room_lock(c: &mut Criterion) {
                     request_id: None,
                 };
                 let start = std::time::Instant::now();
-                black_box(broker.publish(&room, &from, &msg));
+                black_box(broker.publish(&room, &from, &msg).unwrap());
                 total += start.elapsed();
                 drain(&outboxes);
             }
@@ -157,7 +170,7 @@ fn room_lock(c: &mut Criterion) {
                 request_id: None,
             };
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                black_box(broker.publish(&room, &from, &msg));
+                black_box(broker.publish(&room, &from, &msg).unwrap());
                 drain(&outboxes);
             }
         })
@@ -230,23 +243,14 @@ fn history(c: &mut Criterion) {
     let room = hub.room("h").unwrap();
     let json =
         Bytes::from_static(br#"{"id":"x","room":"h","from":"a","text":"t","sentAt":"s","seq":1}"#);
-    let mut seq = 0u64;
     c.bench_function("history/remember+resume", |b| {
         b.iter(|| {
             let mut st = room.lock();
-            seq += 1;
-            st.next_seq = seq + 1;
-            st.remember(
-                HistoryEntry {
-                    seq,
-                    id: uuid::Uuid::nil(),
-                    from: "a".into(),
-                    request_id: None,
-                    json: json.clone(),
-                },
-                50,
-            );
-            let epoch = Some(st.epoch.to_string());
+            let seq = st.take_seq();
+            let entry =
+                HistoryEntry::new(seq, uuid::Uuid::nil(), 1, None, json.clone(), json.len());
+            hub.remember(&room, &mut st, entry);
+            let epoch = Some(st.epoch().to_string());
             black_box(st.history_for(Some(&Resume {
                 since: seq.saturating_sub(10),
                 epoch,
