@@ -2,14 +2,19 @@
 //!
 //! A broker decides a message's identity and order (id, per-room `seq`), keeps history for
 //! resume and de-duplication, and gets the encoded frame to every local member. The in-memory
-//! broker does all of that inside the room's lock, in one step. A Redis broker (several nodes)
-//! would assign `seq` and keep history in Redis and call the hub's local delivery when its
+//! broker does the first two under the room's lock and queues the frame there; the hub delivers
+//! it after the lock is released, in `seq` order ([`Hub::settle`]). A Redis broker (several nodes)
+//! would assign `seq` and keep history in Redis and queue the frame for local delivery when its
 //! subscription receives the message; connection code would not change, because it only ever
 //! calls [`Broker::publish`].
+//!
+//! De-duplication is keyed on (room, session, requestId). The session is issued by the relay
+//! (`http.rs`), never taken from what a client says about itself: a display name is a label that
+//! anyone may pick, so two clients both called `guest` must never swallow each other's messages.
 
 use std::sync::Arc;
 
-use crate::hub::{HistoryEntry, Hub, Room};
+use crate::hub::{HistoryEntry, Hub, Room, Sender};
 use crate::protocol::{self, ClientMessage};
 
 /// What a publish did, for the sender's ack.
@@ -17,14 +22,31 @@ use crate::protocol::{self, ClientMessage};
 pub struct Published {
     pub id: uuid::Uuid,
     pub seq: u64,
-    /// True when the same name already published this `requestId` in this room, within the
-    /// history window: nothing was broadcast again.
+    /// True when the same session already published this `requestId` with the same text in
+    /// this room, within the history window: nothing was broadcast again.
     pub duplicate: bool,
+}
+
+/// Why a publish was refused. Nothing was broadcast and no `seq` was used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// The same session already published this `requestId` with a different text.
+    #[error("requestId already used by this session for a different text")]
+    Conflict,
+    /// The room's delivery queue is full (`hub::DELIVERY_QUEUE_MAX`): the room cannot take
+    /// messages faster than it delivers them.
+    #[error("the room's delivery queue is full")]
+    Busy,
 }
 
 pub trait Broker: Send + Sync + 'static {
     /// Publish `message` from `from` into `room`. Must not block or await.
-    fn publish(&self, room: &Room, from: &Arc<str>, message: &ClientMessage<'_>) -> Published;
+    fn publish(
+        &self,
+        room: &Arc<Room>,
+        from: &Sender,
+        message: &ClientMessage<'_>,
+    ) -> Result<Published, PublishError>;
 }
 
 /// Single-node broker: ordering and history live in the room state in this process.
@@ -39,50 +61,146 @@ impl MemoryBroker {
 }
 
 impl Broker for MemoryBroker {
-    fn publish(&self, room: &Room, from: &Arc<str>, message: &ClientMessage<'_>) -> Published {
-        let settings = self.hub.settings();
-        let metrics = self.hub.metrics();
+    fn publish(
+        &self,
+        room: &Arc<Room>,
+        from: &Sender,
+        message: &ClientMessage<'_>,
+    ) -> Result<Published, PublishError> {
         let mut st = room.lock();
         if let Some(rid) = message.request_id.as_deref() {
-            let seen = st
-                .history
-                .iter()
-                .rev()
-                .find(|e| e.request_id.as_deref() == Some(rid) && e.from == *from);
-            if let Some(e) = seen {
-                return Published {
+            if let Some(e) = st.find_request(from.session, rid) {
+                // Same session, same requestId: a retry when the text is the same, a client bug
+                // (or a reused id) when it is not — then nothing is published and it is told so.
+                if !protocol::message_text_is(&e.json, &message.text) {
+                    return Err(PublishError::Conflict);
+                }
+                return Ok(Published {
                     id: e.id,
                     seq: e.seq,
                     duplicate: true,
-                };
+                });
             }
         }
-        let seq = st.next_seq;
-        st.next_seq += 1;
+        if st.delivery_full() {
+            return Err(PublishError::Busy);
+        }
+        let seq = st.take_seq();
         let id = uuid::Uuid::new_v4();
         let sent_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-        let (frame, inner) = protocol::message_event(&protocol::MessageFields {
+        let event = protocol::message_event(&protocol::MessageFields {
             id: &id,
-            room: &room.name,
-            from,
+            room: room.name(),
+            from: &from.name,
             text: &message.text,
             sent_at: &sent_at,
             seq,
         });
-        let entry = HistoryEntry {
+        let entry = HistoryEntry::new(
             seq,
             id,
-            from: from.clone(),
-            request_id: message.request_id.as_deref().map(Box::from),
-            json: inner,
-        };
-        st.remember(entry, settings.history_limit);
-        let recipients = st.deliver(&frame, metrics, settings.outbox_max_bytes);
-        metrics.publish_recipients.record(recipients as f64);
-        Published {
+            from.session,
+            message.request_id.as_deref(),
+            event.inner,
+            event.frame.len(),
+        );
+        self.hub.remember(room, &mut st, entry);
+        st.enqueue(event.frame);
+        drop(st);
+        self.hub.settle(room);
+        Ok(Published {
             id,
             seq,
             duplicate: false,
-        }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::tests::{events, message, sender, settings};
+    use crate::hub::HubSettings;
+    use crate::metrics::Metrics;
+    use crate::outbox::Outbox;
+
+    fn setup() -> (MemoryBroker, Arc<Room>, Arc<Outbox>, crate::hub::Membership) {
+        let hub = Arc::new(Hub::new(
+            HubSettings {
+                history_limit: 10,
+                ..settings(10)
+            },
+            Metrics::new(),
+        ));
+        let room = hub.room("r").unwrap();
+        let watcher = Arc::new(Outbox::default());
+        let m = hub.join(
+            hub.reserve("r").unwrap(),
+            &watcher,
+            sender("watcher", 9),
+            None,
+        );
+        events(&watcher);
+        (MemoryBroker::new(hub), room, watcher, m)
+    }
+
+    fn broadcast_texts(watcher: &Outbox) -> Vec<String> {
+        events(watcher)
+            .into_iter()
+            .filter(|e| e["type"] == "message")
+            .map(|e| e["message"]["text"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn request_ids_are_per_session_never_per_name() {
+        let (broker, room, watcher, _m) = setup();
+        // Two different clients who both call themselves guest, both using requestId "1".
+        let (one, two) = (sender("guest", 1), sender("guest", 2));
+        let a = broker
+            .publish(&room, &one, &message("from one", Some("1")))
+            .unwrap();
+        let b = broker
+            .publish(&room, &two, &message("from two", Some("1")))
+            .unwrap();
+        assert!(!a.duplicate && !b.duplicate);
+        assert_ne!((a.id, a.seq), (b.id, b.seq));
+        assert_eq!(broadcast_texts(&watcher), ["from one", "from two"]);
+
+        // The same session retrying (after a reconnect, under another name even) is a duplicate.
+        let retry = Sender {
+            name: "renamed".into(),
+            session: 1,
+        };
+        let again = broker
+            .publish(&room, &retry, &message("from one", Some("1")))
+            .unwrap();
+        assert_eq!((again.id, again.seq, again.duplicate), (a.id, a.seq, true));
+        assert!(broadcast_texts(&watcher).is_empty(), "not broadcast again");
+    }
+
+    #[tokio::test]
+    async fn same_request_id_with_other_text_is_a_conflict_and_not_broadcast() {
+        let (broker, room, watcher, _m) = setup();
+        let me = sender("ada", 7);
+        let first = broker
+            .publish(&room, &me, &message("hello", Some("r1")))
+            .unwrap();
+        assert_eq!(broadcast_texts(&watcher), ["hello"]);
+        assert_eq!(
+            broker.publish(&room, &me, &message("goodbye", Some("r1"))),
+            Err(PublishError::Conflict)
+        );
+        assert!(broadcast_texts(&watcher).is_empty());
+        assert_eq!(room.lock().next_seq(), first.seq + 1, "no seq was used");
+        // Text with escapes compares by its value, not its encoding.
+        let tricky = "a \"quoted\" \\ line\nbreak é";
+        broker
+            .publish(&room, &me, &message(tricky, Some("r2")))
+            .unwrap();
+        let dup = broker
+            .publish(&room, &me, &message(tricky, Some("r2")))
+            .unwrap();
+        assert!(dup.duplicate);
     }
 }

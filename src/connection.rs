@@ -26,8 +26,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::address::AddressState;
+use crate::broker::PublishError;
 use crate::frame::{self, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT};
-use crate::hub::{Membership, Resume, RoomReservation};
+use crate::hub::{Membership, Resume, RoomReservation, Sender};
 use crate::metrics::Limit;
 use crate::outbox::{Outbox, Pushed};
 use crate::protocol::{self, ErrorCode};
@@ -53,6 +54,9 @@ thread_local! {
 #[derive(Debug)]
 pub struct Identity {
     pub name: String,
+    /// Issued by the relay (or given back by the client from an earlier greeting): the key of
+    /// requestId de-duplication.
+    pub session: u128,
     pub room: RoomReservation,
     pub resume: Option<Resume>,
     /// The client's source address (the peer, or X-Forwarded-For from a trusted proxy).
@@ -195,7 +199,7 @@ struct Connection {
     relay: Arc<Relay>,
     stream: TcpStream,
     outbox: Arc<Outbox>,
-    name: Arc<str>,
+    /// Also who this connection is (`membership.sender()`); leaves the room when dropped.
     membership: Membership,
     registration: Option<Registration>,
     rate: Window,
@@ -229,10 +233,13 @@ pub(crate) fn spawn(
     permit: ConnectionPermit,
 ) {
     let outbox = Arc::new(Outbox::default());
-    let name: Arc<str> = who.name.into();
+    let sender = Arc::new(Sender {
+        name: who.name.into(),
+        session: who.session,
+    });
     let membership = relay
         .hub
-        .join(who.room, &outbox, &name, who.resume.as_ref());
+        .join(who.room, &outbox, sender, who.resume.as_ref());
     if let Some(bytes) = relay.settings.send_buffer_bytes {
         // Bound what the kernel buffers for a reader that stalls, so OUTBOX_MAX_BYTES (and 1013)
         // is reached after kilobytes rather than megabytes of someone else's messages.
@@ -255,7 +262,6 @@ pub(crate) fn spawn(
         relay: relay.clone(),
         stream,
         outbox,
-        name,
         membership,
         registration,
         rate: Window::new(now_ms),
@@ -266,7 +272,7 @@ pub(crate) fn spawn(
         pending: None,
         _permit: permit,
     };
-    tracing::debug!(client_id = conn.membership.client_id, "connected");
+    tracing::debug!(client_id = conn.membership.client_id(), "connected");
     // `early` may be a slice of hyper's whole read buffer: copy what it holds and let the
     // buffer go now, or every idle connection would pin it.
     let flow = if early.is_empty() {
@@ -586,9 +592,16 @@ impl Connection {
         }
         match protocol::parse_client_message(text, settings.max_text_chars) {
             Ok(message) => {
-                let published = relay
-                    .broker
-                    .publish(&self.membership.room, &self.name, &message);
+                let published = match relay.broker.publish(
+                    self.membership.room(),
+                    self.membership.sender(),
+                    &message,
+                ) {
+                    Ok(published) => published,
+                    Err(PublishError::Conflict) => return self.refuse(ErrorCode::Conflict, now_ms),
+                    // The room delivers slower than it is published to: same answer as a rate limit.
+                    Err(PublishError::Busy) => return self.refuse(ErrorCode::RateLimited, now_ms),
+                };
                 if let Some(request_id) = message.request_id.as_deref() {
                     let ack = protocol::ack_event(
                         request_id,
@@ -623,20 +636,13 @@ impl Connection {
         Flow::Continue
     }
 
-    /// Queue a frame for this connection only, under the same byte limit as broadcasts.
+    /// Queue a frame for this connection only (an ack, an error event), under the same byte
+    /// limit as broadcasts, and behind the room's frames still waiting for delivery, so it never
+    /// overtakes the message it answers (the hub counts it like any delivered frame).
     fn send_own(&self, frame: &Bytes) {
-        let metrics = &self.relay.metrics;
-        match self
-            .outbox
-            .push(frame, self.relay.settings.outbox_max_bytes)
-        {
-            Pushed::Queued => {
-                metrics.frames_delivered.increment(1);
-                metrics.bytes_sent.increment(frame.len() as u64);
-            }
-            Pushed::SlowConsumer => metrics.slow_consumer_closes.increment(1),
-            Pushed::Closed => {}
-        }
+        self.relay
+            .hub
+            .send_in_order(self.membership.room(), &self.outbox, frame.clone());
     }
 
     /// Queue a control frame (a ping): same byte limit, not counted as a delivered frame.
@@ -696,12 +702,12 @@ impl Connection {
             }
         };
         relay.metrics.connection_closed(code);
-        tracing::debug!(client_id = self.membership.client_id, code, "closing");
+        tracing::debug!(client_id = self.membership.client_id(), code, "closing");
         // Leave first: the room stops queueing to a connection that is on its way out.
         if let Some(r) = self.registration.take() {
             relay.registry.unregister(r);
         }
-        relay.hub.leave(&self.membership, &self.name);
+        self.membership.leave(); // idempotent; dropping the membership would leave too
         if let Some((send, reason)) = send {
             let mut pending = self.pending.take().map(|p| *p).unwrap_or_default();
             if send == 1013 || matches!(flow, Flow::PeerClosed(_)) {
@@ -796,7 +802,7 @@ mod budget {
         let outbox = std::mem::size_of::<crate::outbox::Outbox>();
         eprintln!("Connection = {conn} B, Outbox = {outbox} B");
         assert!(
-            conn <= 168,
+            conn <= 152,
             "Connection grew to {conn} B; update ARCHITECTURE.md's budget"
         );
         assert!(

@@ -105,6 +105,7 @@ struct ChatQuery {
     room: Option<String>,
     since: Option<u64>,
     epoch: Option<String>,
+    session: Option<u128>,
 }
 
 fn parse_query(query: &str) -> ChatQuery {
@@ -118,6 +119,9 @@ fn parse_query(query: &str) -> ChatQuery {
             // everything kept and complete:false, never taken for a fresh join.
             "since" => q.since = Some(v.parse().unwrap_or(u64::MAX)),
             "epoch" if v.len() <= 64 => q.epoch = Some(v.into_owned()),
+            // A session the relay issued earlier, given back to keep requestId de-duplication
+            // across a reconnect; anything malformed gets a fresh one.
+            "session" => q.session = protocol::parse_session(&v),
             _ => {}
         }
     }
@@ -261,6 +265,9 @@ fn chat(
     };
     let who = Identity {
         name: protocol::sanitize_name(query.name.as_deref()),
+        session: query
+            .session
+            .unwrap_or_else(|| uuid::Uuid::new_v4().as_u128()),
         room,
         resume: query.since.map(|since| Resume {
             since,

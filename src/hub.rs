@@ -2,22 +2,66 @@
 //!
 //! The hub never awaits and never touches a socket: delivering means pushing a shared frame into
 //! each member's [`Outbox`]. Rooms live in a sharded `DashMap`; each room's state sits behind one
-//! short `Mutex`, which is what makes a join atomic: the joiner's history snapshot and its entry
-//! in the member list are taken under the same lock as publishes, so a joiner can never miss or
-//! double a message between history and live delivery.
+//! std `Mutex` that is only ever held for a few small steps, never for a fan-out.
+//!
+//! **Publishing and ordered delivery.** Under the room lock a publish only gives the message its
+//! `seq`, appends it to history and queues `(frame, member snapshot)` on the room's delivery
+//! queue. The snapshot is an `Arc<[Arc<Outbox>]>` built copy-on-write: rebuilt (O(members)) only
+//! by the first publish after a join or leave, shared by every publish until the next one. The
+//! fan-out itself happens outside the lock, in [`Hub::settle`]: whoever finds no delivery in
+//! progress claims it (a flag under the lock) and drains the queue, popping one entry at a time
+//! under the lock and pushing to its members without it; everyone else only enqueues. One
+//! deliverer per room at a time, popping in queue order, is what keeps every member's frames in
+//! `seq` order. A deliverer that has pushed `DRAIN_PUSHES` frames hands the rest of the queue to
+//! a task of its own, so one connection does not spend its turn delivering a busy room's traffic.
+//!
+//! **Bounds.** The delivery queue holds at most [`DELIVERY_QUEUE_MAX`] broadcast frames per room.
+//! A publish that finds it full is refused before it gets a `seq` ([`RoomState::delivery_full`];
+//! the sender gets `rate_limited`); a presence event that finds it full waits one more interval.
+//! A connection's own answers (acks, error events) go through the same queue while it is busy
+//! ([`Hub::send_in_order`]), so they never overtake the messages they answer; they may take it
+//! to twice the bound, and past that are pushed at once.
+//!
+//! **Joins stay exact.** A joiner's greeting and history snapshot are queued into its outbox and
+//! it is added to the members under the room lock. Frames already queued carry snapshots taken
+//! before it joined, frames queued later carry it: it gets every message exactly once — from
+//! history if its `seq` was assigned before the join, live otherwise — and live ones after its
+//! history. Leaving is a [`Membership`] drop guard, so a panicking connection task still leaves.
+//!
+//! **Members** are a `HashMap` keyed by the relay's unique client id (not a `Slab`, which never
+//! shrinks): its capacity is cut back when occupancy falls under a quarter of it.
+//!
+//! **MAX_ROOMS.** At capacity the empty room that has been empty longest is evicted (its history
+//! goes, and a new epoch tells resuming clients so). Empty, unreserved rooms are kept in an
+//! ordered index keyed by (the hub clock when they became empty, room id); a room leaves it when
+//! it gets a member or a reservation. Eviction takes the first entry: no scan of all rooms.
+//!
+//! **HISTORY_MAX_BYTES.** History frames are stored at exact size and each entry is charged its
+//! frame, its requestId and its own struct against one process-wide count. Past the budget the
+//! history of the room that published least recently is dropped whole (its `seq` and epoch stay,
+//! so a resume into it gets `complete:false`). Rooms holding history are listed in a second
+//! ordered index keyed by (the room's last-publish stamp *when listed*, room id). A publish only
+//! writes its stamp into the room state — it takes no shared lock and touches no index; a room
+//! is listed once, when its history becomes non-empty. Enforcing the budget takes the first
+//! entry: if the room has published since it was listed, it is re-listed under its current stamp
+//! and the next entry is tried; otherwise it is the least recently published room (every other
+//! entry's stamp is ≤ its room's current stamp and ≥ this one) and its history goes. Each
+//! re-listing pays for at least one publish, so the cost is O(log rooms) per publish at most,
+//! and only while the process is over budget.
+//!
+//! **Lock order:** DashMap shard → room → (empty-room index | history index). The two index locks
+//! are leaves; no two room locks are ever held at once.
 //!
 //! Sequence numbers and history are kept in the room state on behalf of the in-memory broker
-//! (see `broker.rs`); the hub only stores them. The map is bounded by `MAX_ROOMS`: at capacity an
-//! empty room is evicted (its history goes, and a new epoch tells resuming clients so).
+//! (see `broker.rs`); the hub only stores them.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use slab::Slab;
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
@@ -26,11 +70,25 @@ use crate::protocol;
 
 /// Most names listed in one presence event; the count says how many more there were.
 const PRESENCE_NAMES: usize = 20;
+/// Frames waiting for delivery in one room. Each entry pins its frame and a member snapshot;
+/// at 10,000 members a frame takes about a millisecond to deliver, so this is a quarter second
+/// of backlog before publishers into the room are told to slow down.
+pub const DELIVERY_QUEUE_MAX: usize = 256;
+/// Outbox pushes one deliverer makes before handing the rest of the queue to a task.
+const DRAIN_PUSHES: usize = 16 * 1024;
+/// A drained delivery queue keeps at most this capacity.
+const QUEUE_KEEP: usize = 16;
+/// Member maps are not shrunk below this capacity.
+const MEMBERS_MIN_CAPACITY: usize = 16;
+/// Shortest wait before presence is tried again when the delivery queue is full.
+const PRESENCE_RETRY_MIN: Duration = Duration::from_millis(10);
 
 /// The limits the hub enforces.
 #[derive(Debug, Clone)]
 pub struct HubSettings {
     pub history_limit: usize,
+    /// Bytes of history across all rooms (see the module docs for what an entry is charged).
+    pub history_max_bytes: usize,
     pub max_rooms: usize,
     pub outbox_max_bytes: usize,
     pub presence_interval: Duration,
@@ -48,18 +106,83 @@ pub struct Resume {
     pub epoch: Option<String>,
 }
 
+/// Who publishes. The session is issued by the relay and is the identity (requestIds are
+/// de-duplicated per session); the name is a display label and is never used as a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sender {
+    pub name: Arc<str>,
+    pub session: u128,
+}
+
 /// One stored message.
 pub struct HistoryEntry {
     pub seq: u64,
     pub id: uuid::Uuid,
-    pub from: Arc<str>,
+    /// The publisher's session, for requestId de-duplication.
+    pub session: u128,
     pub request_id: Option<Box<str>>,
     /// The inner message object, a slice of the broadcast frame.
     pub json: Bytes,
+    /// Bytes this entry keeps alive, as counted against `HISTORY_MAX_BYTES`.
+    charge: usize,
 }
 
-struct Member {
-    outbox: Arc<Outbox>,
+impl HistoryEntry {
+    /// `frame_bytes` is the length of the frame `json` is a slice of: the entry keeps all of it.
+    pub fn new(
+        seq: u64,
+        id: uuid::Uuid,
+        session: u128,
+        request_id: Option<&str>,
+        json: Bytes,
+        frame_bytes: usize,
+    ) -> HistoryEntry {
+        let charge = std::mem::size_of::<HistoryEntry>()
+            + frame_bytes.max(json.len())
+            + request_id.map_or(0, str::len);
+        HistoryEntry {
+            seq,
+            id,
+            session,
+            request_id: request_id.map(Box::from),
+            json,
+            charge,
+        }
+    }
+
+    /// Bytes counted against `HISTORY_MAX_BYTES` for this entry.
+    pub fn charged_bytes(&self) -> usize {
+        self.charge
+    }
+}
+
+/// The members a frame goes to, shared by every frame queued between two membership changes.
+type Snapshot = Arc<[Arc<Outbox>]>;
+
+/// Who a queued frame goes to.
+enum Recipients {
+    /// The members when it was queued: a published message (its delivery is recorded in
+    /// `roomcast_publish_recipients`).
+    Message(Snapshot),
+    /// The members when it was queued: a presence event.
+    Members(Snapshot),
+    /// One connection (its ack or error event, kept behind the messages it answers).
+    One(Arc<Outbox>),
+}
+
+impl Recipients {
+    fn outboxes(&self) -> &[Arc<Outbox>] {
+        match self {
+            Recipients::Message(members) | Recipients::Members(members) => members,
+            Recipients::One(outbox) => std::slice::from_ref(outbox),
+        }
+    }
+}
+
+/// A frame waiting for delivery.
+struct Queued {
+    frame: Bytes,
+    to: Recipients,
 }
 
 #[derive(Default)]
@@ -72,44 +195,80 @@ struct Presence {
     flush_scheduled: bool,
 }
 
+/// Everything about a room that changes, behind its lock.
 pub struct RoomState {
     evicted: bool,
     /// Upgrades that passed the HTTP checks for this room and have not joined yet; a reserved
     /// room is never evicted, so a 101 is never followed by "no room".
     reserved: usize,
-    members: Slab<Member>,
-    pub epoch: Arc<str>,
-    pub next_seq: u64,
-    pub history: VecDeque<HistoryEntry>,
+    /// Set while the room is listed in the hub's empty-room index: the stamp it is listed under.
+    empty_since: Option<u64>,
+    members: HashMap<u64, Arc<Outbox>>,
+    /// The members as of the last snapshot; `None` once membership changed since.
+    snapshot: Option<Snapshot>,
+    epoch: Arc<str>,
+    next_seq: u64,
+    /// Hub clock at this room's last publish (the history budget's recency).
+    last_publish: u64,
+    history: VecDeque<HistoryEntry>,
+    /// Sum of the entries' charges.
+    history_bytes: usize,
+    /// Set while the room is listed in the hub's history index: the stamp it is listed under.
+    history_listed: Option<u64>,
+    queue: VecDeque<Queued>,
+    /// Someone is delivering this room's queue (only they pop from it).
+    delivering: bool,
     presence: Presence,
 }
 
+/// One room: its name and its state.
 pub struct Room {
-    pub name: Arc<str>,
+    name: Arc<str>,
+    /// Unique per room created (a name can come back after an eviction): the indexes' tie-break.
+    id: u64,
+    hub: Weak<Hub>,
     state: Mutex<RoomState>,
 }
 
+/// Lock a mutex whose every update is completed before it is released: a poisoned lock (a
+/// panic elsewhere) leaves consistent state and is used as is.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Room {
-    fn new(name: Arc<str>) -> Room {
+    fn new(name: Arc<str>, id: u64, hub: Weak<Hub>) -> Room {
         let epoch: Arc<str> = format!("{:016x}", uuid::Uuid::new_v4().as_u64_pair().0).into();
         Room {
             name,
+            id,
+            hub,
             state: Mutex::new(RoomState {
                 evicted: false,
                 reserved: 0,
-                members: Slab::new(),
+                empty_since: None,
+                members: HashMap::new(),
+                snapshot: None,
                 epoch,
                 next_seq: 1,
+                last_publish: 0,
                 history: VecDeque::new(),
+                history_bytes: 0,
+                history_listed: None,
+                queue: VecDeque::new(),
+                delivering: false,
                 presence: Presence::default(),
             }),
         }
     }
 
-    /// Lock the room. Every update under this lock is completed before it is released, so a
-    /// poisoned lock (a panic elsewhere) leaves consistent state and is used as is.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Lock the room. Hold it only for small steps: never deliver under it.
     pub fn lock(&self) -> MutexGuard<'_, RoomState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 }
 
@@ -118,38 +277,81 @@ impl RoomState {
         self.members.len()
     }
 
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    /// The `seq` the next message will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Give the next message its `seq`.
+    pub fn take_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    /// Stored messages, oldest first.
+    pub fn history(&self) -> impl Iterator<Item = &HistoryEntry> + '_ {
+        self.history.iter()
+    }
+
+    /// Bytes of history this room is charged.
+    pub fn history_bytes(&self) -> usize {
+        self.history_bytes
+    }
+
+    /// The stored message `session` published with `request_id`, if still in history.
+    pub fn find_request(&self, session: u128, request_id: &str) -> Option<&HistoryEntry> {
+        self.history
+            .iter()
+            .rev()
+            .find(|e| e.session == session && e.request_id.as_deref() == Some(request_id))
+    }
+
+    /// The delivery queue is at its bound: a publish must be refused before it takes a `seq`.
+    pub fn delivery_full(&self) -> bool {
+        self.queue.len() >= DELIVERY_QUEUE_MAX
+    }
+
+    /// Queue a published message for everyone who is a member now, behind what is already
+    /// queued; it is delivered by [`Hub::settle`], outside the lock (which also records how many
+    /// members it reached). Returns how many members that is. Callers check
+    /// [`RoomState::delivery_full`] first: that is what bounds the queue.
+    pub fn enqueue(&mut self, frame: Bytes) -> usize {
+        debug_assert!(
+            self.queue.len() <= DELIVERY_QUEUE_MAX,
+            "callers keep the bound"
+        );
+        let to = self.snapshot();
+        let recipients = to.len();
+        self.queue.push_back(Queued {
+            frame,
+            to: Recipients::Message(to),
+        });
+        recipients
+    }
+
+    fn snapshot(&mut self) -> Snapshot {
+        let members = &self.members;
+        self.snapshot
+            .get_or_insert_with(|| members.values().cloned().collect())
+            .clone()
+    }
+
     fn is_evictable(&self) -> bool {
         self.members.is_empty() && self.reserved == 0
     }
 
-    /// Push one shared frame to every member. Counted once per call, not once per member.
-    pub fn deliver(&self, frame: &Bytes, metrics: &Metrics, outbox_max_bytes: usize) -> usize {
-        let mut delivered = 0u64;
-        let mut slow = 0u64;
-        for (_, m) in self.members.iter() {
-            match m.outbox.push(frame, outbox_max_bytes) {
-                Pushed::Queued => delivered += 1,
-                Pushed::SlowConsumer => slow += 1,
-                Pushed::Closed => {}
-            }
+    /// Give memory back once occupancy falls well under what the map can hold.
+    fn shrink_members(&mut self) {
+        let capacity = self.members.capacity();
+        if capacity > MEMBERS_MIN_CAPACITY && self.members.len() < capacity / 4 {
+            self.members
+                .shrink_to((self.members.len() * 2).max(MEMBERS_MIN_CAPACITY));
         }
-        metrics.frames_delivered.increment(delivered);
-        metrics.bytes_sent.increment(delivered * frame.len() as u64);
-        if slow > 0 {
-            metrics.slow_consumer_closes.increment(slow);
-        }
-        delivered as usize
-    }
-
-    /// Keep a message, evicting the oldest past `limit`.
-    pub fn remember(&mut self, entry: HistoryEntry, limit: usize) {
-        if limit == 0 {
-            return;
-        }
-        while self.history.len() >= limit {
-            self.history.pop_front();
-        }
-        self.history.push_back(entry);
     }
 
     /// The history a joiner gets — how many held entries to skip — and whether it is complete
@@ -167,12 +369,24 @@ impl RoomState {
     }
 }
 
-/// Rooms by name, and the client id counter.
+/// An ordered index of rooms: (stamp, room id) → room.
+type RoomIndex = Mutex<BTreeMap<(u64, u64), Weak<Room>>>;
+
+/// Rooms by name, the indexes that keep MAX_ROOMS and HISTORY_MAX_BYTES cheap, and the client
+/// id counter.
 pub struct Hub {
     rooms: DashMap<Arc<str>, Arc<Room>>,
     settings: HubSettings,
     metrics: Metrics,
     next_client_id: AtomicU64,
+    next_room_id: AtomicU64,
+    /// Orders events (a room becoming empty, a publish) across rooms.
+    clock: AtomicU64,
+    /// Empty, unreserved rooms by when they became empty.
+    empty_rooms: RoomIndex,
+    /// Rooms holding history, by their last publish when listed (see the module docs).
+    history_rooms: RoomIndex,
+    history_bytes: AtomicUsize,
 }
 
 impl Hub {
@@ -182,6 +396,11 @@ impl Hub {
             settings,
             metrics,
             next_client_id: AtomicU64::new(1),
+            next_room_id: AtomicU64::new(1),
+            clock: AtomicU64::new(1),
+            empty_rooms: Mutex::default(),
+            history_rooms: Mutex::default(),
+            history_bytes: AtomicUsize::new(0),
         }
     }
 
@@ -197,9 +416,18 @@ impl Hub {
         self.rooms.len()
     }
 
-    /// The room called `name`, created if needed. At `MAX_ROOMS`, an empty room is evicted to
-    /// make space; when none is empty the caller gets [`RoomsFull`].
-    pub fn room(&self, name: &str) -> Result<Arc<Room>, RoomsFull> {
+    /// Bytes of history held across all rooms, as charged against `HISTORY_MAX_BYTES`.
+    pub fn history_bytes(&self) -> usize {
+        self.history_bytes.load(Ordering::Relaxed)
+    }
+
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The room called `name`, created if needed. At `MAX_ROOMS`, the empty room idle longest is
+    /// evicted to make space; when none is empty the caller gets [`RoomsFull`].
+    pub fn room(self: &Arc<Self>, name: &str) -> Result<Arc<Room>, RoomsFull> {
         if let Some(r) = self.rooms.get(name) {
             return Ok(r.clone());
         }
@@ -209,37 +437,98 @@ impl Hub {
         let room = self
             .rooms
             .entry(Arc::from(name))
-            .or_insert_with(|| Arc::new(Room::new(Arc::from(name))))
+            .or_insert_with(|| {
+                let id = self.next_room_id.fetch_add(1, Ordering::Relaxed);
+                let room = Arc::new(Room::new(Arc::from(name), id, Arc::downgrade(self)));
+                self.sync_empty_listing(&room, &mut room.lock());
+                room
+            })
             .clone();
         Ok(room)
     }
 
+    /// Keep the empty-room index in step with the room: listed exactly while it is empty,
+    /// unreserved and not evicted. Called under the room lock after every change to those.
+    fn sync_empty_listing(&self, room: &Arc<Room>, st: &mut RoomState) {
+        let evictable = st.is_evictable() && !st.evicted;
+        match (evictable, st.empty_since) {
+            (true, None) => {
+                let stamp = self.tick();
+                lock(&self.empty_rooms).insert((stamp, room.id), Arc::downgrade(room));
+                st.empty_since = Some(stamp);
+            }
+            (false, Some(stamp)) => {
+                lock(&self.empty_rooms).remove(&(stamp, room.id));
+                st.empty_since = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// Evict the room that has been empty longest. False when no room is empty.
     fn evict_one_empty_room(&self) -> bool {
-        // Find a candidate without holding a shard lock while removing (DashMap would deadlock).
-        let candidate = self
-            .rooms
-            .iter()
-            .find(|r| r.value().lock().is_evictable())
-            .map(|r| r.key().clone());
-        let Some(name) = candidate else { return false };
-        let removed = self
-            .rooms
-            .remove_if(&name, |_, room| {
-                let mut st = room.lock();
-                if st.is_evictable() {
-                    st.evicted = true;
-                    true
-                } else {
-                    false
-                }
-            })
-            .is_some();
-        removed
+        loop {
+            let first = lock(&self.empty_rooms)
+                .first_key_value()
+                .map(|(key, room)| (*key, room.clone()));
+            let Some((key, room)) = first else {
+                return false;
+            };
+            let Some(room) = room.upgrade() else {
+                lock(&self.empty_rooms).remove(&key);
+                continue;
+            };
+            // The index lock is not held here: DashMap shard, then room, then index.
+            let removed = self
+                .rooms
+                .remove_if(&room.name, |_, r| {
+                    if !Arc::ptr_eq(r, &room) {
+                        return false;
+                    }
+                    let mut st = r.lock();
+                    let evictable = st.empty_since == Some(key.0) && st.is_evictable();
+                    if evictable {
+                        self.retire(r, &mut st);
+                    }
+                    evictable
+                })
+                .is_some();
+            if removed {
+                return true;
+            }
+            // It got a member or a reservation meanwhile (and left the index itself), or the
+            // entry is stale: make sure it is gone, then try the next one.
+            let mut st = room.lock();
+            if st.empty_since == Some(key.0) {
+                lock(&self.empty_rooms).remove(&key);
+                st.empty_since = None;
+            }
+        }
+    }
+
+    /// Take an evicted room out of both indexes and drop its history. Under its lock.
+    fn retire(&self, room: &Room, st: &mut RoomState) {
+        st.evicted = true;
+        if let Some(stamp) = st.empty_since.take() {
+            lock(&self.empty_rooms).remove(&(stamp, room.id));
+        }
+        self.drop_history(room, st);
+    }
+
+    /// Drop a room's whole history (its `seq` and epoch stay). Under its lock.
+    fn drop_history(&self, room: &Room, st: &mut RoomState) {
+        if let Some(stamp) = st.history_listed.take() {
+            lock(&self.history_rooms).remove(&(stamp, room.id));
+        }
+        self.history_bytes
+            .fetch_sub(st.history_bytes, Ordering::Relaxed);
+        st.history_bytes = 0;
+        st.history = VecDeque::new();
     }
 
     /// Reserve a place in `room_name` for an upgrade that passed its checks: the room exists
     /// (created, or made space for) and stays until the reservation joins or is dropped.
-    pub fn reserve(&self, room_name: &str) -> Result<RoomReservation, RoomsFull> {
+    pub fn reserve(self: &Arc<Self>, room_name: &str) -> Result<RoomReservation, RoomsFull> {
         loop {
             let room = self.room(room_name)?;
             let mut st = room.lock();
@@ -247,6 +536,7 @@ impl Hub {
                 continue; // evicted between lookup and lock: look it up again
             }
             st.reserved += 1;
+            self.sync_empty_listing(&room, &mut st);
             drop(st);
             return Ok(RoomReservation { room });
         }
@@ -258,14 +548,14 @@ impl Hub {
         self: &Arc<Self>,
         reservation: RoomReservation,
         outbox: &Arc<Outbox>,
-        name: &Arc<str>,
+        sender: Arc<Sender>,
         resume: Option<&Resume>,
     ) -> Membership {
         let client_id = self.next_client_id.fetch_add(1, Ordering::Relaxed);
         let room = reservation.room.clone();
         let mut st = room.lock();
         let (skip, complete) = st.history_for(resume);
-        let greeting = protocol::system_connected(name, client_id);
+        let greeting = protocol::system_connected(&sender.name, client_id, sender.session);
         let history = protocol::history_event(
             &room.name,
             &st.epoch,
@@ -280,29 +570,184 @@ impl Hub {
         self.metrics
             .bytes_sent
             .increment((greeting.len() + history.len()) as u64);
-        let key = st.members.insert(Member {
-            outbox: outbox.clone(),
-        });
-        self.note_presence(&room, &mut st, Some(name.clone()), None);
+        st.members.insert(client_id, outbox.clone());
+        st.snapshot = None;
+        self.sync_empty_listing(&room, &mut st);
+        self.note_presence(&room, &mut st, Some(sender.name.clone()), None);
         drop(st);
         drop(reservation); // the room has a member now; it stays without the reservation
+        self.settle(&room);
         Membership {
             room,
-            key,
             client_id,
+            sender,
         }
     }
 
-    /// Leave the room joined through `membership`.
-    pub fn leave(self: &Arc<Self>, membership: &Membership, name: &Arc<str>) {
-        let mut st = membership.room.lock();
-        if st.members.try_remove(membership.key).is_some() {
-            self.note_presence(&membership.room, &mut st, None, Some(name.clone()));
+    /// Keep `entry` in the room's history (evicting the oldest past `HISTORY_LIMIT`) and note
+    /// the publish for the history budget. Under the room lock; the budget itself is enforced
+    /// by [`Hub::settle`], after the lock is released.
+    pub fn remember(&self, room: &Arc<Room>, st: &mut RoomState, entry: HistoryEntry) {
+        st.last_publish = self.tick();
+        let limit = self.settings.history_limit;
+        if limit == 0 || st.evicted {
+            return;
+        }
+        let mut freed = 0;
+        while st.history.len() >= limit {
+            match st.history.pop_front() {
+                Some(old) => freed += old.charge,
+                None => break,
+            }
+        }
+        let added = entry.charge;
+        st.history.push_back(entry);
+        st.history_bytes = st.history_bytes + added - freed;
+        if added >= freed {
+            self.history_bytes
+                .fetch_add(added - freed, Ordering::Relaxed);
+        } else {
+            self.history_bytes
+                .fetch_sub(freed - added, Ordering::Relaxed);
+        }
+        if st.history_listed.is_none() {
+            let stamp = st.last_publish;
+            lock(&self.history_rooms).insert((stamp, room.id), Arc::downgrade(room));
+            st.history_listed = Some(stamp);
+        }
+    }
+
+    /// After the room lock is released: deliver what is queued (unless someone already is),
+    /// then hold the history budget. Every path that queues a frame calls this.
+    pub fn settle(self: &Arc<Self>, room: &Arc<Room>) {
+        let claimed = {
+            let mut st = room.lock();
+            let claim = !st.delivering && !st.queue.is_empty();
+            if claim {
+                st.delivering = true;
+            }
+            claim
+        };
+        if claimed {
+            self.deliver_queue(room);
+        }
+        if self.history_bytes.load(Ordering::Relaxed) > self.settings.history_max_bytes {
+            self.enforce_history_budget();
+        }
+    }
+
+    /// Deliver the room's queue in order until it is empty. The caller owns delivery (it set
+    /// `delivering`); ownership ends when the queue is found empty, or passes to a task.
+    fn deliver_queue(self: &Arc<Self>, room: &Arc<Room>) {
+        let mut pushes = 0;
+        while let Some(next) = next_queued(room) {
+            if pushes >= DRAIN_PUSHES {
+                // This caller is some connection's task: hand the rest of the room's traffic to
+                // a task of its own rather than keep that connection from its own socket.
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let (hub, room) = (self.clone(), room.clone());
+                    runtime.spawn(async move {
+                        hub.deliver(&next);
+                        drop(next);
+                        hub.deliver_queue(&room);
+                    });
+                    return;
+                }
+                pushes = 0;
+            }
+            pushes += self.deliver(&next);
+        }
+    }
+
+    /// Send a frame to one connection of the room (an ack, an error event) behind every frame
+    /// still waiting for delivery in the room, so a connection's answers arrive in the order of
+    /// the frames they answer: an ack never overtakes its message, an error never overtakes the
+    /// ack of an earlier message. Pushed at once when nothing is queued or being delivered.
+    ///
+    /// Answers are queued past [`DELIVERY_QUEUE_MAX`] (publishes are refused there, answers are
+    /// not), up to twice it; past that a rare answer is pushed at once, out of order rather
+    /// than grow the queue.
+    pub fn send_in_order(self: &Arc<Self>, room: &Arc<Room>, outbox: &Arc<Outbox>, frame: Bytes) {
+        {
+            let mut st = room.lock();
+            let busy = st.delivering || !st.queue.is_empty();
+            if busy && st.queue.len() < 2 * DELIVERY_QUEUE_MAX {
+                st.queue.push_back(Queued {
+                    frame,
+                    to: Recipients::One(outbox.clone()),
+                });
+                drop(st);
+                self.settle(room);
+                return;
+            }
+        }
+        self.deliver(&Queued {
+            frame,
+            to: Recipients::One(outbox.clone()),
+        });
+    }
+
+    /// Push one shared frame to all its recipients. Counted once per call, not once per
+    /// recipient. Returns the pushes made.
+    fn deliver(&self, queued: &Queued) -> usize {
+        let (frame, to) = (&queued.frame, queued.to.outboxes());
+        let max = self.settings.outbox_max_bytes;
+        let mut delivered = 0u64;
+        let mut slow = 0u64;
+        for outbox in to {
+            match outbox.push(frame, max) {
+                Pushed::Queued => delivered += 1,
+                Pushed::SlowConsumer => slow += 1,
+                Pushed::Closed => {}
+            }
+        }
+        self.metrics.frames_delivered.increment(delivered);
+        self.metrics
+            .bytes_sent
+            .increment(delivered * frame.len() as u64);
+        if slow > 0 {
+            self.metrics.slow_consumer_closes.increment(slow);
+        }
+        if let Recipients::Message(_) = queued.to {
+            // Members whose outbox took it (not those closing), as before delivery moved here.
+            self.metrics.publish_recipients.record(delivered as f64);
+        }
+        to.len()
+    }
+
+    /// Drop the history of the rooms that published least recently until the process-wide
+    /// count is within `HISTORY_MAX_BYTES` (see the module docs for why the first entry of the
+    /// index, once confirmed, is the least recently published room).
+    fn enforce_history_budget(&self) {
+        while self.history_bytes.load(Ordering::Relaxed) > self.settings.history_max_bytes {
+            let first = lock(&self.history_rooms)
+                .first_key_value()
+                .map(|(key, room)| (*key, room.clone()));
+            let Some((key, weak)) = first else { return };
+            let Some(room) = weak.upgrade() else {
+                lock(&self.history_rooms).remove(&key);
+                continue;
+            };
+            let mut st = room.lock();
+            if st.history_listed != Some(key.0) {
+                // The entry changed while we looked; this key is not the room's any more.
+                lock(&self.history_rooms).remove(&key);
+                continue;
+            }
+            if st.last_publish != key.0 {
+                let mut index = lock(&self.history_rooms);
+                index.remove(&key);
+                index.insert((st.last_publish, room.id), weak);
+                st.history_listed = Some(st.last_publish);
+                continue;
+            }
+            self.drop_history(&room, &mut st);
         }
     }
 
     /// Record a join or leave and send presence now (leading edge) or schedule one coalesced
     /// event per room at most every `presence_interval` — so a join storm of N costs O(N) frames.
+    /// Under the room lock; the caller settles the room afterwards.
     fn note_presence(
         self: &Arc<Self>,
         room: &Arc<Room>,
@@ -327,24 +772,40 @@ impl Hub {
             return;
         }
         let interval = self.settings.presence_interval;
-        let now = Instant::now();
         match p.last_sent {
-            Some(t) if now < t + interval => {
-                p.flush_scheduled = true;
-                let (hub, room) = (self.clone(), room.clone());
-                let at = t + interval;
-                tokio::spawn(async move {
-                    tokio::time::sleep_until(at).await;
-                    let mut st = room.lock();
-                    st.presence.flush_scheduled = false;
-                    hub.flush_presence(&mut st);
-                });
+            Some(t) if Instant::now() < t + interval => {
+                self.schedule_presence(room, st, t + interval)
             }
-            _ => self.flush_presence(st),
+            _ => self.flush_presence(room, st),
         }
     }
 
-    fn flush_presence(&self, st: &mut RoomState) {
+    /// Flush presence at `at` from a timer task. Without a runtime (it is shutting down) the
+    /// pending names wait for the next join or leave.
+    fn schedule_presence(self: &Arc<Self>, room: &Arc<Room>, st: &mut RoomState, at: Instant) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        st.presence.flush_scheduled = true;
+        let (hub, room) = (self.clone(), room.clone());
+        runtime.spawn(async move {
+            tokio::time::sleep_until(at).await;
+            {
+                let mut st = room.lock();
+                st.presence.flush_scheduled = false;
+                hub.flush_presence(&room, &mut st);
+            }
+            hub.settle(&room);
+        });
+    }
+
+    /// Queue one presence event with everything noted since the last one.
+    fn flush_presence(self: &Arc<Self>, room: &Arc<Room>, st: &mut RoomState) {
+        if st.delivery_full() {
+            let retry = self.settings.presence_interval.max(PRESENCE_RETRY_MIN);
+            self.schedule_presence(room, st, Instant::now() + retry);
+            return;
+        }
         let p = std::mem::take(&mut st.presence);
         st.presence.last_sent = Some(Instant::now());
         if p.joined_count + p.left_count == 0 || st.members.is_empty() {
@@ -352,8 +813,23 @@ impl Hub {
         }
         let message = presence_message(&p);
         let frame = protocol::presence_event(&message, st.members.len(), &p.joined, &p.left);
-        st.deliver(&frame, &self.metrics, self.settings.outbox_max_bytes);
+        let to = Recipients::Members(st.snapshot());
+        st.queue.push_back(Queued { frame, to });
     }
+}
+
+/// Pop the next frame to deliver; when there is none, delivery ends (under the same lock, so a
+/// publisher that enqueues afterwards finds nobody delivering and claims it).
+fn next_queued(room: &Room) -> Option<Queued> {
+    let mut st = room.lock();
+    let next = st.queue.pop_front();
+    if next.is_none() {
+        st.delivering = false;
+        if st.queue.capacity() > QUEUE_KEEP {
+            st.queue = VecDeque::new();
+        }
+    }
+    next
 }
 
 fn describe_names(names: &[Arc<str>], count: usize, verb: &str) -> String {
@@ -384,7 +860,11 @@ pub struct RoomReservation {
 
 impl Drop for RoomReservation {
     fn drop(&mut self) {
-        self.room.lock().reserved -= 1;
+        let mut st = self.room.lock();
+        st.reserved -= 1;
+        if let Some(hub) = self.room.hub.upgrade() {
+            hub.sync_empty_listing(&self.room, &mut st);
+        }
     }
 }
 
@@ -396,102 +876,180 @@ impl std::fmt::Debug for RoomReservation {
     }
 }
 
-/// A connection's place in a room; given back to [`Hub::leave`].
+/// A connection's place in a room. Dropping it leaves the room (so a connection task that
+/// panics still leaves); [`Membership::leave`] leaves earlier, and leaving twice is harmless.
 pub struct Membership {
-    pub room: Arc<Room>,
-    key: usize,
-    pub client_id: u64,
+    room: Arc<Room>,
+    client_id: u64,
+    sender: Arc<Sender>,
+}
+
+impl Membership {
+    pub fn room(&self) -> &Arc<Room> {
+        &self.room
+    }
+
+    pub fn client_id(&self) -> u64 {
+        self.client_id
+    }
+
+    pub fn sender(&self) -> &Arc<Sender> {
+        &self.sender
+    }
+
+    /// Leave the room now: no frame queued from here on includes this connection, and the room
+    /// hears about it through presence. Idempotent.
+    pub fn leave(&self) {
+        let hub = self.room.hub.upgrade();
+        {
+            let mut st = self.room.lock();
+            if st.members.remove(&self.client_id).is_none() {
+                return;
+            }
+            st.snapshot = None;
+            st.shrink_members();
+            let Some(hub) = &hub else { return };
+            hub.note_presence(&self.room, &mut st, None, Some(self.sender.name.clone()));
+            hub.sync_empty_listing(&self.room, &mut st);
+        }
+        if let Some(hub) = hub {
+            hub.settle(&self.room);
+        }
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.leave();
+    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::broker::{Broker, MemoryBroker, PublishError};
+    use crate::protocol::ClientMessage;
+
+    pub(crate) fn settings(max_rooms: usize) -> HubSettings {
+        HubSettings {
+            history_limit: 3,
+            history_max_bytes: usize::MAX,
+            max_rooms,
+            outbox_max_bytes: 1 << 20,
+            presence_interval: Duration::from_millis(100),
+        }
+    }
 
     fn hub(max_rooms: usize) -> Arc<Hub> {
-        Arc::new(Hub::new(
-            HubSettings {
-                history_limit: 3,
-                max_rooms,
-                outbox_max_bytes: 1 << 20,
-                presence_interval: Duration::from_millis(100),
-            },
-            Metrics::new(),
-        ))
+        Arc::new(Hub::new(settings(max_rooms), Metrics::new()))
+    }
+
+    pub(crate) fn sender(name: &str, session: u128) -> Arc<Sender> {
+        Arc::new(Sender {
+            name: name.into(),
+            session,
+        })
+    }
+
+    pub(crate) fn message(text: &str, request_id: Option<&str>) -> ClientMessage<'static> {
+        ClientMessage {
+            text: text.to_string().into(),
+            request_id: request_id.map(|r| r.to_string().into()),
+        }
+    }
+
+    /// The JSON of every frame queued to `outbox` since the last call.
+    pub(crate) fn events(outbox: &Outbox) -> Vec<serde_json::Value> {
+        let batch = outbox.take();
+        outbox.written(batch.frames.iter().map(|f| f.len()).sum(), batch.frames.len());
+        batch
+            .frames
+            .iter()
+            .map(|f| {
+                let payload = match f[1] {
+                    126 => &f[4..],
+                    127 => &f[10..],
+                    _ => &f[2..],
+                };
+                serde_json::from_slice(payload).unwrap()
+            })
+            .collect()
+    }
+
+    /// The seqs a member saw, history first, then live messages.
+    fn seqs_seen(outbox: &Outbox) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        for e in events(outbox) {
+            match e["type"].as_str() {
+                Some("history") => seqs.extend(
+                    e["messages"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|m| m["seq"].as_u64().unwrap()),
+                ),
+                Some("message") => seqs.push(e["message"]["seq"].as_u64().unwrap()),
+                _ => {}
+            }
+        }
+        seqs
+    }
+
+    fn member(hub: &Arc<Hub>, room: &str, name: &str) -> (Arc<Outbox>, Membership) {
+        let outbox = Arc::new(Outbox::default());
+        let m = hub.join(
+            hub.reserve(room).unwrap(),
+            &outbox,
+            sender(name, uuid::Uuid::new_v4().as_u128()),
+            None,
+        );
+        (outbox, m)
     }
 
     fn entry(seq: u64) -> HistoryEntry {
-        HistoryEntry {
+        HistoryEntry::new(
             seq,
-            id: uuid::Uuid::nil(),
-            from: "a".into(),
-            request_id: None,
-            json: Bytes::from(format!("{{\"seq\":{seq}}}")),
-        }
+            uuid::Uuid::nil(),
+            1,
+            None,
+            Bytes::from(format!("{{\"seq\":{seq}}}")),
+            0,
+        )
     }
 
     #[test]
     fn resume_gives_the_exact_tail_or_says_incomplete() {
-        let room = Room::new("r".into());
+        let hub = hub(10);
+        let room = hub.room("r").unwrap();
         let mut st = room.lock();
-        for seq in 1..=5 {
-            st.remember(entry(seq), 3);
-            st.next_seq = seq + 1;
+        for _ in 1..=5 {
+            let seq = st.take_seq();
+            hub.remember(&room, &mut st, entry(seq));
         }
-        let epoch = Some(st.epoch.to_string());
+        let epoch = Some(st.epoch().to_string());
+        let at = |since: u64, epoch: &Option<String>| {
+            st.history_for(Some(&Resume {
+                since,
+                epoch: epoch.clone(),
+            }))
+        };
         assert_eq!(st.history_for(None), (0, true));
-        assert_eq!(
-            st.history_for(Some(&Resume {
-                since: 4,
-                epoch: epoch.clone()
-            })),
-            (2, true)
-        );
-        assert_eq!(
-            st.history_for(Some(&Resume {
-                since: 2,
-                epoch: epoch.clone()
-            })),
-            (0, true)
-        );
-        assert_eq!(
-            st.history_for(Some(&Resume {
-                since: 5,
-                epoch: epoch.clone()
-            })),
-            (3, true)
-        );
-        assert_eq!(
-            st.history_for(Some(&Resume {
-                since: 1,
-                epoch: epoch.clone()
-            })),
-            (0, false),
-            "seq 2 was evicted"
-        );
-        assert_eq!(
-            st.history_for(Some(&Resume { since: 9, epoch })),
-            (0, false),
-            "seq from the future"
-        );
-        assert_eq!(
-            st.history_for(Some(&Resume {
-                since: 4,
-                epoch: Some("other".into())
-            })),
-            (0, false)
-        );
+        assert_eq!(at(4, &epoch), (2, true));
+        assert_eq!(at(2, &epoch), (0, true));
+        assert_eq!(at(5, &epoch), (3, true));
+        assert_eq!(at(1, &epoch), (0, false), "seq 2 was evicted");
+        assert_eq!(at(9, &epoch), (0, false), "seq from the future");
+        assert_eq!(at(4, &Some("other".into())), (0, false));
     }
 
     #[tokio::test]
     async fn full_room_map_evicts_an_empty_room_but_never_an_occupied_one() {
         let hub = hub(2);
-        let outbox = Arc::new(Outbox::default());
-        let name: Arc<str> = "n".into();
-        let _m = hub.join(hub.reserve("busy").unwrap(), &outbox, &name, None);
+        let (outbox, _m) = member(&hub, "busy", "n");
         let quiet = hub.room("quiet").unwrap();
         assert!(hub.room("third").is_ok(), "the empty room made space");
         assert!(quiet.lock().evicted);
-        let _m2 = hub.join(hub.reserve("third").unwrap(), &outbox, &name, None);
+        let _m2 = hub.join(hub.reserve("third").unwrap(), &outbox, sender("n", 1), None);
         assert!(hub.room("fourth").is_err());
     }
 
@@ -504,8 +1062,379 @@ mod tests {
             "the only room is reserved, so not evictable"
         );
         let outbox = Arc::new(Outbox::default());
-        let _m = hub.join(held, &outbox, &"n".into(), None);
+        let _m = hub.join(held, &outbox, sender("n", 1), None);
         assert_eq!(hub.room_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn eviction_takes_the_room_that_has_been_empty_longest() {
+        let hub = hub(3);
+        let (_, a) = member(&hub, "a", "n");
+        let (_, b) = member(&hub, "b", "n");
+        let (_, c) = member(&hub, "c", "n");
+        let rooms: Vec<_> = ["a", "b", "c"].map(|r| hub.room(r).unwrap()).into();
+        // Emptied in the order c, a, b: c has been idle longest whatever the map order is.
+        drop(c);
+        drop(a);
+        drop(b);
+        hub.room("d").unwrap();
+        assert!(rooms[2].lock().evicted, "c was empty longest");
+        assert!(!rooms[0].lock().evicted && !rooms[1].lock().evicted);
+        hub.room("e").unwrap();
+        assert!(rooms[0].lock().evicted, "then a");
+        assert!(!rooms[1].lock().evicted);
+        // A room that gets a member leaves the empty index: b is safe now, d (empty) goes.
+        let (_, _b_again) = member(&hub, "b", "n");
+        hub.room("f").unwrap();
+        assert!(!rooms[1].lock().evicted);
+        assert_eq!(hub.room_count(), 3);
+        assert!(hub.rooms.get("d").is_none(), "d was the empty one left");
+        assert_eq!(
+            lock(&hub.empty_rooms).len(),
+            2,
+            "e and f are empty, b is not"
+        );
+    }
+
+    #[tokio::test]
+    async fn dropping_a_membership_leaves_the_room_once() {
+        let hub = Arc::new(Hub::new(
+            HubSettings {
+                presence_interval: Duration::ZERO,
+                ..settings(10)
+            },
+            Metrics::new(),
+        ));
+        let (watcher, _w) = member(&hub, "r", "watcher");
+        let (_, m) = member(&hub, "r", "leaver");
+        let room = m.room().clone();
+        assert_eq!(room.lock().member_count(), 2);
+        events(&watcher);
+        m.leave();
+        m.leave();
+        drop(m);
+        assert_eq!(room.lock().member_count(), 1);
+        let left: Vec<_> = events(&watcher)
+            .into_iter()
+            .filter(|e| e["type"] == "presence")
+            .collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(left[0]["left"], serde_json::json!(["leaver"]));
+
+        // A task that panics while holding its membership still leaves.
+        let (_, m) = member(&hub, "r", "panicky");
+        let task = tokio::spawn(async move {
+            let _m = m;
+            panic!("connection task bug");
+        });
+        assert!(task.await.is_err());
+        assert_eq!(room.lock().member_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn member_storage_shrinks_when_occupancy_falls() {
+        let hub = hub(10);
+        let members: Vec<_> = (0..1000).map(|_| member(&hub, "r", "n")).collect();
+        let room = members[0].1.room().clone();
+        let full = room.lock().members.capacity();
+        assert!(full >= 1000);
+        drop(members);
+        let st = room.lock();
+        assert_eq!(st.member_count(), 0);
+        assert!(
+            st.members.capacity() <= MEMBERS_MIN_CAPACITY * 2,
+            "{} of {full} kept",
+            st.members.capacity()
+        );
+    }
+
+    #[test]
+    fn publishers_only_queue_while_someone_else_delivers() {
+        let hub = hub(10);
+        let broker = MemoryBroker::new(hub.clone());
+        let room = hub.room("r").unwrap();
+        let outbox = Arc::new(Outbox::default());
+        let _m = hub.join(hub.reserve("r").unwrap(), &outbox, sender("n", 1), None);
+        events(&outbox);
+        // As if another thread were in the middle of delivering this room's queue.
+        room.lock().delivering = true;
+        let from = sender("ada", 2);
+        let p = broker.publish(&room, &from, &message("hi", None)).unwrap();
+        assert_eq!(p.seq, 1);
+        assert!(events(&outbox).is_empty(), "queued, not delivered");
+        assert_eq!(room.lock().queue.len(), 1);
+        // Fill the queue to its bound: the next publish is refused and takes no seq.
+        for _ in 1..DELIVERY_QUEUE_MAX {
+            broker
+                .publish(&room, &from, &message("more", None))
+                .unwrap();
+        }
+        assert_eq!(
+            broker.publish(&room, &from, &message("one too many", None)),
+            Err(PublishError::Busy)
+        );
+        assert_eq!(room.lock().next_seq(), DELIVERY_QUEUE_MAX as u64 + 1);
+        // The other deliverer is done: the next settle delivers everything, in order.
+        room.lock().delivering = false;
+        hub.settle(&room);
+        let seqs = seqs_seen(&outbox);
+        assert_eq!(seqs, (1..=DELIVERY_QUEUE_MAX as u64).collect::<Vec<_>>());
+        let st = room.lock();
+        assert!(!st.delivering && st.queue.is_empty());
+    }
+
+    #[test]
+    fn answers_never_overtake_the_messages_they_answer() {
+        let hub = hub(10);
+        let broker = MemoryBroker::new(hub.clone());
+        let room = hub.room("r").unwrap();
+        let outbox = Arc::new(Outbox::default());
+        let me = sender("n", 1);
+        let _m = hub.join(hub.reserve("r").unwrap(), &outbox, me.clone(), None);
+        events(&outbox);
+        // Nothing queued: an answer goes out at once.
+        hub.send_in_order(
+            &room,
+            &outbox,
+            protocol::error_event(protocol::ErrorCode::Empty),
+        );
+        assert_eq!(events(&outbox)[0]["code"], "empty");
+        // Another deliverer is busy: the message waits in the queue, and so does its ack and the
+        // error answering the next frame.
+        room.lock().delivering = true;
+        let p = broker
+            .publish(&room, &me, &message("hi", Some("r1")))
+            .unwrap();
+        let ack = protocol::ack_event("r1", &p.id, p.seq, false);
+        hub.send_in_order(&room, &outbox, ack);
+        hub.send_in_order(
+            &room,
+            &outbox,
+            protocol::error_event(protocol::ErrorCode::Empty),
+        );
+        assert!(events(&outbox).is_empty());
+        room.lock().delivering = false;
+        hub.settle(&room);
+        let kinds: Vec<_> = events(&outbox)
+            .into_iter()
+            .map(|e| e["type"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(kinds, ["message", "ack", "error"]);
+    }
+
+    /// Many publishers on many threads: every member sees every seq once, in order.
+    #[test]
+    fn concurrent_publishers_deliver_in_seq_order_to_every_member() {
+        let hub = Arc::new(Hub::new(
+            HubSettings {
+                history_limit: 0,
+                outbox_max_bytes: usize::MAX,
+                ..settings(10)
+            },
+            Metrics::new(),
+        ));
+        let broker = MemoryBroker::new(hub.clone());
+        let room = hub.room("r").unwrap();
+        let members: Vec<_> = {
+            let _rt = tokio::runtime::Runtime::new().unwrap();
+            let _g = _rt.enter();
+            (0..50).map(|_| member(&hub, "r", "n")).collect()
+        };
+        for (o, _) in &members {
+            events(o);
+        }
+        let (threads, each) = (4, 300);
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let (broker, room) = (&broker, &room);
+                s.spawn(move || {
+                    let from = sender("p", t);
+                    for _ in 0..each {
+                        loop {
+                            match broker.publish(room, &from, &message("x", None)) {
+                                Ok(_) => break,
+                                Err(PublishError::Busy) => std::thread::yield_now(),
+                                Err(e) => panic!("{e}"),
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let all: Vec<u64> = (1..=threads as u64 * each).collect();
+        for (o, _) in &members {
+            assert_eq!(seqs_seen(o), all);
+        }
+    }
+
+    /// Members join while others publish: each gets every message exactly once — from history
+    /// or live — and live ones after its history, in order.
+    #[test]
+    fn joins_are_exact_under_concurrent_publishing() {
+        let hub = Arc::new(Hub::new(
+            HubSettings {
+                history_limit: 10_000,
+                outbox_max_bytes: usize::MAX,
+                presence_interval: Duration::ZERO,
+                ..settings(10)
+            },
+            Metrics::new(),
+        ));
+        let broker = MemoryBroker::new(hub.clone());
+        let room = hub.room("r").unwrap();
+        let (each, joiners) = (400u64, 60);
+        let joined = std::thread::scope(|s| {
+            for t in 0..2 {
+                let (broker, room) = (&broker, &room);
+                s.spawn(move || {
+                    let from = sender("p", t);
+                    for _ in 0..each {
+                        while broker.publish(room, &from, &message("x", None)).is_err() {
+                            std::thread::yield_now();
+                        }
+                    }
+                });
+            }
+            let hub = &hub;
+            s.spawn(move || {
+                (0..joiners)
+                    .map(|_| {
+                        std::thread::yield_now();
+                        member(hub, "r", "late")
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .join()
+            .unwrap()
+        });
+        let last = 2 * each;
+        for (o, _) in &joined {
+            let seqs = seqs_seen(o);
+            assert_eq!(
+                seqs,
+                (1..=last).collect::<Vec<_>>(),
+                "a joiner missed or doubled"
+            );
+        }
+    }
+
+    /// A deliverer hands a long queue to a task of its own; order still holds.
+    #[tokio::test]
+    async fn a_long_queue_is_handed_to_a_task_in_order() {
+        let hub = Arc::new(Hub::new(
+            HubSettings {
+                history_limit: 0,
+                outbox_max_bytes: usize::MAX,
+                // One presence event for the whole join storm (the next is an hour away).
+                presence_interval: Duration::from_secs(3600),
+                ..settings(10)
+            },
+            Metrics::new(),
+        ));
+        let broker = MemoryBroker::new(hub.clone());
+        let room = hub.room("r").unwrap();
+        let members: Vec<_> = (0..2000).map(|_| member(&hub, "r", "n")).collect();
+        for (o, _) in &members {
+            events(o);
+        }
+        // Queue 30 frames while "someone else" delivers, then let this thread deliver them.
+        room.lock().delivering = true;
+        let from = sender("p", 1);
+        for _ in 0..30 {
+            broker.publish(&room, &from, &message("x", None)).unwrap();
+        }
+        room.lock().delivering = false;
+        hub.settle(&room);
+        {
+            // 2,000 pushes a frame: after DRAIN_PUSHES this caller handed the rest to a task,
+            // which cannot have run yet on this single-threaded runtime.
+            let st = room.lock();
+            assert!(st.delivering, "delivery belongs to the task now");
+            assert_eq!(st.queue.len(), 30 - DRAIN_PUSHES.div_ceil(2000) - 1);
+        }
+        assert_eq!(seqs_seen(&members[0].0), (1..=9).collect::<Vec<_>>());
+        while {
+            let st = room.lock();
+            st.delivering || !st.queue.is_empty()
+        } {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(seqs_seen(&members[0].0), (10..=30).collect::<Vec<_>>());
+        for (o, _) in &members[1..] {
+            assert_eq!(seqs_seen(o), (1..=30).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn history_budget_drops_the_least_recently_published_room_first() {
+        let publish = |hub: &Arc<Hub>, room: &str| {
+            let broker = MemoryBroker::new(hub.clone());
+            let room = hub.room(room).unwrap();
+            broker
+                .publish(&room, &sender("ada", 1), &message("hello", None))
+                .unwrap();
+            room
+        };
+        // What one message is charged (same text, name, room-name length and seq width below).
+        let probe = hub(10);
+        publish(&probe, "r0");
+        let one = probe.history_bytes();
+        assert!(one > std::mem::size_of::<HistoryEntry>());
+
+        let hub = Arc::new(Hub::new(
+            HubSettings {
+                history_limit: 10,
+                history_max_bytes: 3 * one + one / 2,
+                ..settings(10)
+            },
+            Metrics::new(),
+        ));
+        let r1 = publish(&hub, "r1");
+        let r2 = publish(&hub, "r2");
+        let r3 = publish(&hub, "r3");
+        assert_eq!(hub.history_bytes(), 3 * one);
+        // r1 publishes again: four messages do not fit, and r2 is now the room that published
+        // least recently (r1 was listed first, but has published since).
+        publish(&hub, "r1");
+        assert_eq!(r2.lock().history().count(), 0, "r2's history went");
+        assert_eq!(r1.lock().history().count(), 2);
+        assert_eq!(r3.lock().history().count(), 1);
+        assert_eq!(hub.history_bytes(), 3 * one);
+        assert_eq!(
+            hub.history_bytes(),
+            [&r1, &r2, &r3]
+                .iter()
+                .map(|r| r.lock().history_bytes())
+                .sum::<usize>()
+        );
+        // r2 keeps its seq and epoch: a resume into it is told the history is incomplete.
+        let st = r2.lock();
+        assert_eq!(st.next_seq(), 2);
+        let resume = Resume {
+            since: 0,
+            epoch: Some(st.epoch().to_string()),
+        };
+        assert_eq!(st.history_for(Some(&resume)), (0, false));
+        drop(st);
+        // Next in line: r3, then r1.
+        publish(&hub, "r1");
+        assert_eq!(r3.lock().history().count(), 0);
+        assert_eq!(r1.lock().history().count(), 3);
+    }
+
+    #[tokio::test]
+    async fn evicting_a_room_gives_back_its_history_bytes() {
+        let hub = hub(1);
+        let broker = MemoryBroker::new(hub.clone());
+        let room = hub.room("old").unwrap();
+        broker
+            .publish(&room, &sender("a", 1), &message("hi", None))
+            .unwrap();
+        assert!(hub.history_bytes() > 0);
+        hub.room("new").unwrap();
+        assert!(room.lock().evicted);
+        assert_eq!(hub.history_bytes(), 0);
+        assert!(lock(&hub.history_rooms).is_empty());
     }
 
     #[test]

@@ -108,7 +108,7 @@ impl Limit {
 }
 
 /// The error codes a client can be sent; `rate_limited` has its own counter as well.
-pub const INVALID_CODES: [&str; 4] = ["too_large", "bad_json", "bad_type", "empty"];
+pub const INVALID_CODES: [&str; 5] = ["too_large", "bad_json", "bad_type", "empty", "conflict"];
 
 /// Cached handles for everything recorded on a hot or warm path.
 #[derive(Clone)]

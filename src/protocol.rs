@@ -33,6 +33,8 @@ pub enum ErrorCode {
     BadJson,
     BadType,
     Empty,
+    /// The sender's session already used this `requestId` for a different text.
+    Conflict,
 }
 
 impl ErrorCode {
@@ -43,6 +45,7 @@ impl ErrorCode {
             ErrorCode::BadJson => "bad_json",
             ErrorCode::BadType => "bad_type",
             ErrorCode::Empty => "empty",
+            ErrorCode::Conflict => "conflict",
         }
     }
 
@@ -53,6 +56,9 @@ impl ErrorCode {
             ErrorCode::BadJson => "Message is not valid JSON.",
             ErrorCode::BadType => "Expected {\"type\":\"message\",\"text\":\"...\"}.",
             ErrorCode::Empty => "Message text is empty.",
+            ErrorCode::Conflict => {
+                "This requestId was already used for a different message; use a new requestId."
+            }
         }
     }
 }
@@ -187,15 +193,28 @@ fn text_frame(build: impl FnOnce(&mut Vec<u8>)) -> Bytes {
     b.finish(OP_TEXT).0
 }
 
-/// `{"type":"system","message":"connected as NAME","clientId":ID}`
-pub fn system_connected(name: &str, client_id: u64) -> Bytes {
+/// `{"type":"system","message":"connected as NAME","clientId":ID,"session":"<32 hex>"}`
+pub fn system_connected(name: &str, client_id: u64, session: u128) -> Bytes {
     text_frame(|out| {
         out.extend_from_slice(b"{\"type\":\"system\",\"message\":");
         write_json_str(out, &format!("connected as {name}"));
         out.extend_from_slice(b",\"clientId\":");
         out.extend_from_slice(client_id.to_string().as_bytes());
-        out.push(b'}');
+        out.extend_from_slice(b",\"session\":\"");
+        out.extend_from_slice(format_session(session).as_bytes());
+        out.extend_from_slice(b"\"}");
     })
+}
+
+/// A session as it travels: 32 lowercase hex digits.
+pub fn format_session(session: u128) -> String {
+    format!("{session:032x}")
+}
+
+/// A session given back by a client: exactly 32 lowercase hex digits, else `None`.
+pub fn parse_session(s: &str) -> Option<u128> {
+    let ok = s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    ok.then(|| u128::from_str_radix(s, 16).ok()).flatten()
 }
 
 /// `{"type":"error","code":C,"message":HUMAN}`
@@ -239,12 +258,54 @@ pub struct MessageFields<'a> {
     pub seq: u64,
 }
 
-/// The broadcast frame `{"type":"message","message":{...}}`, and the same inner `{...}` object
-/// as a slice of that frame (kept in history without a second copy).
-pub fn message_event(m: &MessageFields<'_>) -> (Bytes, Bytes) {
-    let mut b = FrameBuilder::with_capacity(160 + m.text.len());
+/// A built message event.
+pub struct MessageEvent {
+    /// The broadcast frame `{"type":"message","message":{...}}`, allocated at its exact size
+    /// (history keeps a slice of it, so any spare capacity would be pinned for as long).
+    pub frame: Bytes,
+    /// The inner `{...}` object, a slice of `frame` (kept in history without a second copy).
+    pub inner: Bytes,
+}
+
+/// Bytes `s` takes as a JSON string, quotes included, written the way serde_json writes it:
+/// `"`, `\` and the five short control escapes take two bytes, other control characters six
+/// (`\u00XX`), everything else (non-ASCII included) as is.
+fn json_str_len(s: &str) -> usize {
+    2 + s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | 0x08 | b'\t' | b'\n' | 0x0C | b'\r' => 2,
+            0..=0x1F => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
+}
+
+fn decimal_len(n: u64) -> usize {
+    n.checked_ilog10().map_or(1, |d| d as usize + 1)
+}
+
+const MESSAGE_OPEN: &[u8] = b"{\"type\":\"message\",\"message\":";
+
+/// The message event, built once at its exact size.
+pub fn message_event(m: &MessageFields<'_>) -> MessageEvent {
+    let inner_len = "{\"id\":\"".len()
+        + uuid::fmt::Hyphenated::LENGTH
+        + "\",\"room\":".len()
+        + json_str_len(m.room)
+        + ",\"from\":".len()
+        + json_str_len(m.from)
+        + ",\"text\":".len()
+        + json_str_len(m.text)
+        + ",\"sentAt\":\"".len()
+        + m.sent_at.len()
+        + "\",\"seq\":".len()
+        + decimal_len(m.seq)
+        + "}".len();
+    let payload_len = MESSAGE_OPEN.len() + inner_len + 1;
+    let mut b = FrameBuilder::with_capacity(payload_len);
     let out = b.payload();
-    out.extend_from_slice(b"{\"type\":\"message\",\"message\":");
+    out.extend_from_slice(MESSAGE_OPEN);
     let inner_start = b.payload_len();
     let out = b.payload();
     out.extend_from_slice(b"{\"id\":\"");
@@ -266,9 +327,27 @@ pub fn message_event(m: &MessageFields<'_>) -> (Bytes, Bytes) {
     out.push(b'}');
     let inner_end = b.payload_len();
     b.payload().push(b'}');
+    debug_assert_eq!(
+        b.payload_len(),
+        payload_len,
+        "message size computed up front"
+    );
+    // A no-op when the size above is right; if it ever is not, the frame still pins no spare.
+    b.payload().shrink_to_fit();
     let (frame, header_len) = b.finish(OP_TEXT);
     let inner = frame.slice(header_len + inner_start..header_len + inner_end);
-    (frame, inner)
+    MessageEvent { frame, inner }
+}
+
+/// Whether a stored inner message object (from [`message_event`]) carries exactly `text`.
+/// Used only when a requestId repeats, so parsing it again costs nothing on the hot path.
+pub fn message_text_is(inner: &[u8], text: &str) -> bool {
+    #[derive(Deserialize)]
+    struct Stored<'a> {
+        #[serde(borrow)]
+        text: Cow<'a, str>,
+    }
+    serde_json::from_slice::<Stored<'_>>(inner).is_ok_and(|m| m.text == text)
 }
 
 /// `{"type":"history","room":R,"epoch":E,"complete":B,"messages":[...]}` from stored inner
@@ -419,15 +498,79 @@ mod tests {
             sent_at: "2026-01-01T00:00:00.000Z",
             seq: 7,
         };
-        let (frame, inner) = message_event(&m);
+        let MessageEvent { frame, inner } = message_event(&m);
         let v: serde_json::Value = serde_json::from_slice(payload(&frame)).unwrap();
         assert_eq!(v["message"]["from"], "a\"b");
         assert_eq!(v["message"]["seq"], 7);
         let inner_v: serde_json::Value = serde_json::from_slice(&inner).unwrap();
         assert_eq!(inner_v, v["message"]);
-        let h = history_event("r", "e1", false, [inner.clone(), inner].iter());
+        let h = history_event("r", "e1", false, [inner.clone(), inner.clone()].iter());
         let hv: serde_json::Value = serde_json::from_slice(payload(&h)).unwrap();
         assert_eq!(hv["messages"].as_array().unwrap().len(), 2);
         assert_eq!(hv["complete"], false);
+        assert!(message_text_is(&inner, "<b>"));
+        assert!(!message_text_is(&inner, "<b> "));
+    }
+
+    #[test]
+    fn json_string_sizes_match_serde_json() {
+        for c in (0u32..0x80)
+            .filter_map(char::from_u32)
+            .chain(['é', '€', '😀', '\u{2028}'])
+        {
+            let s = format!("a{c}b");
+            assert_eq!(
+                json_str_len(&s),
+                serde_json::to_string(&s).unwrap().len(),
+                "{c:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn message_frames_are_allocated_at_their_exact_size() {
+        let id = uuid::Uuid::new_v4();
+        for (text, seq) in [
+            ("hi", 1),
+            ("a\"\\\n\u{1}b", 9),
+            (&*"😀".repeat(500), 1234567),
+        ] {
+            let m = MessageFields {
+                id: &id,
+                room: "room-1",
+                from: "ada",
+                text,
+                sent_at: "2026-01-01T00:00:00.000Z",
+                seq,
+            };
+            // message_event asserts (in debug builds) that the size it reserved is the size
+            // it wrote; here the frame must also parse back to the same text.
+            let MessageEvent { frame, inner } = message_event(&m);
+            let v: serde_json::Value = serde_json::from_slice(payload(&frame)).unwrap();
+            assert_eq!(v["message"]["text"], text);
+            assert!(message_text_is(&inner, text));
+        }
+    }
+
+    #[test]
+    fn sessions_are_32_lowercase_hex_digits() {
+        let s = 0x0123_4567_89ab_cdef_0011_2233_4455_6677u128;
+        assert_eq!(format_session(s), "0123456789abcdef0011223344556677");
+        assert_eq!(parse_session(&format_session(s)), Some(s));
+        assert_eq!(parse_session(&format_session(1)), Some(1));
+        for bad in [
+            "",
+            "0123456789ABCDEF0011223344556677",
+            "0123456789abcdef001122334455667",
+            "0123456789abcdef00112233445566778",
+            "+123456789abcdef0011223344556677",
+            "0123456789abcdef001122334455667g",
+        ] {
+            assert_eq!(parse_session(bad), None, "{bad}");
+        }
+        let greeting = system_connected("ada", 7, s);
+        let v: serde_json::Value = serde_json::from_slice(payload(&greeting)).unwrap();
+        assert_eq!(v["session"], "0123456789abcdef0011223344556677");
+        assert_eq!(v["clientId"], 7);
     }
 }

@@ -155,6 +155,7 @@ impl Relay {
         let hub = Arc::new(Hub::new(
             HubSettings {
                 history_limit: settings.history_limit,
+                history_max_bytes: settings.history_max_bytes,
                 max_rooms: settings.max_rooms,
                 outbox_max_bytes: settings.outbox_max_bytes,
                 presence_interval: settings.presence_interval,

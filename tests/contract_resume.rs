@@ -235,3 +235,29 @@ async fn an_evicted_room_comes_back_with_a_new_epoch() {
     assert_eq!(h["complete"], false, "{h}");
     assert_eq!(seqs(&h), Vec::<u64>::new(), "{h}");
 }
+
+#[tokio::test]
+async fn past_history_max_bytes_the_least_recently_published_room_loses_its_history_first() {
+    // A message is charged a few hundred bytes: 20 of them fit in 8,000, 40 do not.
+    let relay = Relay::start(&[("HISTORY_MAX_BYTES", "8000")]);
+    let (_, old_epoch) = publish_many(&relay, "quiet", 20).await;
+    let (_, new_epoch) = publish_many(&relay, "busy", 20).await;
+
+    let h = resume(&relay, "quiet", 10, &old_epoch).await;
+    assert_eq!(
+        h["epoch"],
+        old_epoch.as_str(),
+        "the room and its epoch stay: {h}"
+    );
+    assert_eq!(h["complete"], false, "its history was dropped: {h}");
+    assert_eq!(seqs(&h), Vec::<u64>::new(), "{h}");
+
+    let h = resume(&relay, "busy", 10, &new_epoch).await;
+    assert_eq!(h["complete"], true, "{h}");
+    assert_eq!(seqs(&h), (11..=20).collect::<Vec<u64>>(), "{h}");
+
+    // The quiet room keeps counting: its next message is seq 21.
+    let (mut alice, _, _) = Client::join(&relay, "alice", "quiet").await;
+    alice.publish("back").await;
+    assert_eq!(alice.next_message(EVENT_TIMEOUT).await["seq"], 21);
+}

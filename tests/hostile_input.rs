@@ -436,6 +436,7 @@ const BAD_TYPE: &[&str] = &["bad_type"];
 /// PROTOCOL.md does not say which of the two, only that it is an error event.
 const BAD_JSON_OR_TYPE: &[&str] = &["bad_json", "bad_type"];
 const EMPTY: &[&str] = &["empty"];
+const CONFLICT: &[&str] = &["conflict"];
 const TOO_LARGE: &[&str] = &["too_large"];
 
 /// What a complete text message should get (by its exact bytes).
@@ -461,7 +462,9 @@ enum Expect {
     Message(String),
     /// The ack for the message just before it.
     Ack(String),
-    /// A repeated requestId: an ack with `duplicate:true`, the original id and seq, no message.
+    /// A repeated requestId with the same text (same connection, so the same session): an ack
+    /// with `duplicate:true`, the original id and seq, no message. With another text it is an
+    /// error event `conflict` instead.
     Duplicate(String),
 }
 
@@ -502,8 +505,9 @@ struct Model {
     pending: Vec<u8>,
     /// A fragmented text message being reassembled.
     fragment: Option<Vec<u8>>,
-    /// requestIds of the messages the room's history still holds (oldest first).
-    window: VecDeque<Option<String>>,
+    /// (requestId, text) of the messages the room's history still holds (oldest first). One
+    /// connection per room, so all of them share one session.
+    window: VecDeque<Option<(String, String)>>,
     terminal: Option<Terminal>,
     /// Text messages that reached the JSON stage (valid UTF-8).
     texts: u64,
@@ -688,18 +692,30 @@ impl Model {
         self.texts += 1;
         match self.labels.get(payload).cloned() {
             Some(Label::Publish { text, request_id }) => {
-                let duplicate = request_id
-                    .as_ref()
-                    .is_some_and(|r| self.window.iter().any(|w| w.as_ref() == Some(r)));
-                if duplicate {
-                    out.push(Expect::Duplicate(request_id.unwrap()));
-                    return None;
+                let original = request_id.as_ref().and_then(|r| {
+                    self.window
+                        .iter()
+                        .flatten()
+                        .find(|(rid, _)| rid == r)
+                        .map(|(_, t)| t.clone())
+                });
+                match (original, request_id.clone()) {
+                    (Some(t), Some(r)) if t == text => {
+                        out.push(Expect::Duplicate(r));
+                        return None;
+                    }
+                    (Some(_), Some(_)) => {
+                        self.errors += 1;
+                        out.push(Expect::Error(CONFLICT));
+                        return None;
+                    }
+                    _ => {}
                 }
-                out.push(Expect::Message(text));
+                out.push(Expect::Message(text.clone()));
                 if let Some(r) = &request_id {
                     out.push(Expect::Ack(r.clone()));
                 }
-                self.window.push_back(request_id);
+                self.window.push_back(request_id.map(|r| (r, text)));
                 while self.window.len() > self.history_limit {
                     self.window.pop_front();
                 }

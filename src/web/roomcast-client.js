@@ -22,13 +22,15 @@
 // - Sends only while the socket is OPEN and `bufferedAmount` is below a threshold; otherwise the
 //   message waits in a bounded queue (oldest dropped, with a notice). Every message carries a
 //   `requestId` and stays queued until the relay acknowledges it, so a resend after a reconnect is
-//   never posted twice (the relay de-duplicates by requestId).
+//   never posted twice: the relay de-duplicates by (room, session, requestId), where the session
+//   is the one the relay issued in its greeting, which this client keeps and gives back with
+//   `session=` on every reconnect.
 //
 // Events (an EventTarget; each event is a CustomEvent whose `detail` is described below; the
 // `on(type, fn)` helper passes the detail directly and returns an unsubscribe function):
 //   status   {state, attempt, delayMs?, code?, reason?, probeStatus?}
 //            state: 'idle' | 'connecting' | 'open' | 'reconnecting' | 'closed' | 'stopped'
-//   system   {message, clientId}                  the relay's greeting
+//   system   {message, clientId, session}         the relay's greeting
 //   history  {room, epoch, messages, complete, resumed, epochChanged}   messages already de-duplicated
 //   message  {message}                            a new chat message {id, room, from, text, sentAt, seq}
 //   presence {online, message, joined, left}
@@ -63,7 +65,11 @@ const DEFAULTS = Object.freeze({
 });
 
 // Error codes after which the message is dropped (it would fail again) vs. retried later.
-const DROP_CODES = new Set(['too_large', 'bad_json', 'bad_type', 'empty']);
+// `conflict`: this requestId already carried another text in this session (it would again).
+const DROP_CODES = new Set(['too_large', 'bad_json', 'bad_type', 'empty', 'conflict']);
+
+// A session as the relay issues it.
+const SESSION = /^[0-9a-f]{32}$/;
 
 const REFUSALS = {
   401: ['unauthorized', 'The relay rejected the token (HTTP 401).'],
@@ -109,6 +115,7 @@ export class RoomcastClient extends EventTarget {
     this._timers = { reconnect: null, stable: null, flush: null };
     this._outbox = []; // [{requestId, room, text, frame, sentOn}] until acked
     this._rooms = new Map(); // room -> {epoch, lastSeq}
+    this._session = null; // issued by the relay in its greeting; identifies our requestIds
     this._seen = new Set(); // recent message ids (a second line of defence against duplicates)
     this._seenOrder = [];
     this._online = null;
@@ -127,6 +134,8 @@ export class RoomcastClient extends EventTarget {
   get room() { return this.options.room; }
   get online() { return this._online; }
   get queued() { return this._outbox.length; }
+  /** The session the relay issued (kept across reconnects), or null before the first greeting. */
+  get session() { return this._session; }
   /** The current WebSocket, if any (read-only; do not replace its handlers). */
   get socket() { return this._ws; }
   /** Forgets the resume position of a room (the next connect gets its full history). */
@@ -366,6 +375,8 @@ export class RoomcastClient extends EventTarget {
       q.set('since', String(resume.lastSeq));
       q.set('epoch', resume.epoch);
     }
+    // The same session again, so a message resent after the reconnect is recognised as a retry.
+    if (this._session) q.set('session', this._session);
     u.search = q.toString();
     return u.toString();
   }
@@ -379,7 +390,8 @@ export class RoomcastClient extends EventTarget {
     if (!ev || typeof ev !== 'object') return;
     switch (ev.type) {
       case 'system':
-        this._emit('system', { message: ev.message, clientId: ev.clientId });
+        if (typeof ev.session === 'string' && SESSION.test(ev.session)) this._session = ev.session;
+        this._emit('system', { message: ev.message, clientId: ev.clientId, session: ev.session });
         break;
       case 'history':
         this._onHistory(ev);

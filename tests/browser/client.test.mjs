@@ -104,6 +104,40 @@ test('resume: since/epoch in the URL, nothing emitted twice, epoch change warns 
   h.client.disconnect();
 });
 
+test('the session from the greeting is given back on every reconnect', async () => {
+  const h = setup();
+  h.client.connect();
+  const s1 = h.last();
+  assert.equal(s1.url.searchParams.get('session'), null, 'no session before the relay issues one');
+  s1.accept();
+  const session = '0123456789abcdef0123456789abcdef';
+  s1.push({ type: 'system', message: 'connected as ann', clientId: 1, session });
+  assert.equal(h.client.session, session);
+  const id = h.client.send('hello');
+  s1.drop(1006);
+  await until(() => h.sockets.length === 2, 'reconnect');
+  const s2 = h.last();
+  assert.equal(s2.url.searchParams.get('session'), session);
+  s2.accept();
+  assert.equal(s2.sent[0].requestId, id, 'the resend keeps its requestId under the same session');
+  // A greeting without a usable session keeps the one we have.
+  s2.push({ type: 'system', message: 'connected as ann', clientId: 2, session: 'NOT-HEX' });
+  assert.equal(h.client.session, session);
+  h.client.disconnect();
+});
+
+test('a conflict error drops the message (it would conflict again)', async () => {
+  const h = setup();
+  h.client.connect();
+  h.last().accept();
+  h.client.send('text');
+  await until(() => h.last().sent.length === 1, 'send');
+  h.last().push({ type: 'error', code: 'conflict', message: 'requestId reused' });
+  assert.equal(h.client.queued, 0);
+  assert.equal(h.of('error').at(-1).willRetry, false);
+  h.client.disconnect();
+});
+
 test('complete:false without an epoch change still warns; a live gap warns', () => {
   const h = setup();
   h.client.connect();

@@ -271,7 +271,10 @@ pub async fn http_request(
     parse_http_response(&raw)
 }
 
-fn parse_http_response(raw: &[u8]) -> std::io::Result<(u16, Vec<(String, String)>, Vec<u8>)> {
+/// Status, headers and body of an HTTP response.
+type HttpResponse = (u16, Vec<(String, String)>, Vec<u8>);
+
+fn parse_http_response(raw: &[u8]) -> std::io::Result<HttpResponse> {
     let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
     let end = find(raw, b"\r\n\r\n").ok_or_else(|| bad("no end of response head"))?;
     let head = std::str::from_utf8(&raw[..end]).map_err(|_| bad("response head not UTF-8"))?;
@@ -452,9 +455,7 @@ fn parse_value(v: &str) -> Option<f64> {
 }
 
 fn parse_sample(line: &str) -> Result<Sample, String> {
-    let name_end = line
-        .find(|c: char| c == '{' || c == ' ' || c == '\t')
-        .ok_or("no value")?;
+    let name_end = line.find(['{', ' ', '\t']).ok_or("no value")?;
     let name = line[..name_end].to_string();
     let mut labels = BTreeMap::new();
     let mut rest = &line[name_end..];
