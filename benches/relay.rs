@@ -22,7 +22,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 
-use roomcast::broker::{Broker, MemoryBroker};
+use roomcast::broker::MemoryBroker;
 use roomcast::frame;
 use roomcast::hub::{HistoryEntry, Hub, HubSettings, Resume, Sender};
 use roomcast::metrics::Metrics;
@@ -99,7 +99,7 @@ fn fanout(c: &mut Criterion) {
         };
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| {
-                black_box(broker.publish(&room, &from, &msg).unwrap());
+                black_box(broker.publish_now(&room, &from, &msg).unwrap());
                 drain(&outboxes);
             })
         });
@@ -148,7 +148,7 @@ fn room_lock(c: &mut Criterion) {
                     request_id: None,
                 };
                 let start = std::time::Instant::now();
-                black_box(broker.publish(&room, &from, &msg).unwrap());
+                black_box(broker.publish_now(&room, &from, &msg).unwrap());
                 total += start.elapsed();
                 drain(&outboxes);
             }
@@ -170,7 +170,7 @@ fn room_lock(c: &mut Criterion) {
                 request_id: None,
             };
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                black_box(broker.publish(&room, &from, &msg).unwrap());
+                black_box(broker.publish_now(&room, &from, &msg).unwrap());
                 drain(&outboxes);
             }
         })

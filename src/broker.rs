@@ -15,6 +15,7 @@
 use std::sync::Arc;
 
 use crate::hub::{HistoryEntry, Hub, Room, Sender};
+use crate::outbox::Outbox;
 use crate::protocol::{self, ClientMessage};
 
 /// What a publish did, for the sender's ack.
@@ -37,16 +38,27 @@ pub enum PublishError {
     /// messages faster than it delivers them.
     #[error("the room's delivery queue is full")]
     Busy,
+    /// The broker could not take the message (Redis down, too slow, or its queue full).
+    #[error("the broker is unavailable")]
+    Unavailable,
 }
 
 pub trait Broker: Send + Sync + 'static {
-    /// Publish `message` from `from` into `room`. Must not block or await.
+    /// Publish `message` from `from` into `room`. Must not block or await. `Ok(Some(_))`: done,
+    /// the caller acks; `Ok(None)`: accepted for a networked broker, which answers `reply`
+    /// itself once the message is published (ack) or not (error event).
     fn publish(
         &self,
         room: &Arc<Room>,
         from: &Sender,
         message: &ClientMessage<'_>,
-    ) -> Result<Published, PublishError>;
+        reply: &Arc<Outbox>,
+    ) -> Result<Option<Published>, PublishError>;
+
+    /// Whether publishes can succeed now (`/readyz`).
+    fn is_ready(&self) -> bool {
+        true
+    }
 }
 
 /// Single-node broker: ordering and history live in the room state in this process.
@@ -54,14 +66,25 @@ pub struct MemoryBroker {
     hub: Arc<Hub>,
 }
 
+impl Broker for MemoryBroker {
+    fn publish(
+        &self,
+        room: &Arc<Room>,
+        from: &Sender,
+        message: &ClientMessage<'_>,
+        _reply: &Arc<Outbox>,
+    ) -> Result<Option<Published>, PublishError> {
+        self.publish_now(room, from, message).map(Some)
+    }
+}
+
 impl MemoryBroker {
     pub fn new(hub: Arc<Hub>) -> MemoryBroker {
         MemoryBroker { hub }
     }
-}
 
-impl Broker for MemoryBroker {
-    fn publish(
+    /// Publish and say what happened, at once: everything lives in this process.
+    pub fn publish_now(
         &self,
         room: &Arc<Room>,
         from: &Sender,
@@ -158,10 +181,10 @@ mod tests {
         // Two different clients who both call themselves guest, both using requestId "1".
         let (one, two) = (sender("guest", 1), sender("guest", 2));
         let a = broker
-            .publish(&room, &one, &message("from one", Some("1")))
+            .publish_now(&room, &one, &message("from one", Some("1")))
             .unwrap();
         let b = broker
-            .publish(&room, &two, &message("from two", Some("1")))
+            .publish_now(&room, &two, &message("from two", Some("1")))
             .unwrap();
         assert!(!a.duplicate && !b.duplicate);
         assert_ne!((a.id, a.seq), (b.id, b.seq));
@@ -173,7 +196,7 @@ mod tests {
             session: 1,
         };
         let again = broker
-            .publish(&room, &retry, &message("from one", Some("1")))
+            .publish_now(&room, &retry, &message("from one", Some("1")))
             .unwrap();
         assert_eq!((again.id, again.seq, again.duplicate), (a.id, a.seq, true));
         assert!(broadcast_texts(&watcher).is_empty(), "not broadcast again");
@@ -184,11 +207,11 @@ mod tests {
         let (broker, room, watcher, _m) = setup();
         let me = sender("ada", 7);
         let first = broker
-            .publish(&room, &me, &message("hello", Some("r1")))
+            .publish_now(&room, &me, &message("hello", Some("r1")))
             .unwrap();
         assert_eq!(broadcast_texts(&watcher), ["hello"]);
         assert_eq!(
-            broker.publish(&room, &me, &message("goodbye", Some("r1"))),
+            broker.publish_now(&room, &me, &message("goodbye", Some("r1"))),
             Err(PublishError::Conflict)
         );
         assert!(broadcast_texts(&watcher).is_empty());
@@ -196,10 +219,10 @@ mod tests {
         // Text with escapes compares by its value, not its encoding.
         let tricky = "a \"quoted\" \\ line\nbreak é";
         broker
-            .publish(&room, &me, &message(tricky, Some("r2")))
+            .publish_now(&room, &me, &message(tricky, Some("r2")))
             .unwrap();
         let dup = broker
-            .publish(&room, &me, &message(tricky, Some("r2")))
+            .publish_now(&room, &me, &message(tricky, Some("r2")))
             .unwrap();
         assert!(dup.duplicate);
     }

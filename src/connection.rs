@@ -596,11 +596,20 @@ impl Connection {
                     self.membership.room(),
                     self.membership.sender(),
                     &message,
+                    &self.outbox,
                 ) {
-                    Ok(published) => published,
+                    Ok(Some(published)) => published,
+                    // A networked broker answers (ack or error) once Redis has.
+                    Ok(None) => return Flow::Continue,
                     Err(PublishError::Conflict) => return self.refuse(ErrorCode::Conflict, now_ms),
                     // The room delivers slower than it is published to: same answer as a rate limit.
                     Err(PublishError::Busy) => return self.refuse(ErrorCode::RateLimited, now_ms),
+                    // Not the client's doing: told, counted, but not held against it.
+                    Err(PublishError::Unavailable) => {
+                        relay.metrics.publish_unavailable.increment(1);
+                        self.send_own(&protocol::error_event(ErrorCode::Unavailable));
+                        return Flow::Continue;
+                    }
                 };
                 if let Some(request_id) = message.request_id.as_deref() {
                     let ack = protocol::ack_event(

@@ -84,7 +84,7 @@ pub(crate) async fn handle(
             StatusCode::OK,
             format!("{{\"ok\":true,\"clients\":{}}}", relay.connection_count()),
         ),
-        "/readyz" if relay.is_shutting_down() => {
+        "/readyz" if !relay.is_ready() => {
             json(StatusCode::SERVICE_UNAVAILABLE, "{\"ready\":false}".into())
         }
         "/readyz" => json(StatusCode::OK, "{\"ready\":true}".into()),

@@ -54,6 +54,15 @@
 //!
 //! Sequence numbers and history are kept in the room state on behalf of the in-memory broker
 //! (see `broker.rs`); the hub only stores them.
+//!
+//! **Following a networked broker.** With the Redis broker (`broker_redis`), `seq`, epoch and
+//! history belong to Redis, and a room's state here is a mirror of it, kept only while the room
+//! has local members ([`Follower`]). A room the node does not follow yet makes its first joiner
+//! wait (no greeting) while the broker subscribes and reads a snapshot; [`Hub::apply_snapshot`]
+//! then fills the mirror, delivers what the members already here missed, applies what arrived on
+//! the channel meanwhile, and greets the waiting joiners — so joins stay exact across nodes.
+//! Messages from the channel ([`Hub::deliver_remote`]) take the same ordered local path as a
+//! local publish; a `seq` jump or a new epoch sends the room back for a snapshot first.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -80,6 +89,14 @@ const DRAIN_PUSHES: usize = 16 * 1024;
 const QUEUE_KEEP: usize = 16;
 /// Member maps are not shrunk below this capacity.
 const MEMBERS_MIN_CAPACITY: usize = 16;
+/// Channel messages kept while a room waits for its snapshot; past it they are dropped (the
+/// snapshot and the next gap fill bring them back).
+const REMOTE_BUFFER_MAX: usize = 4 * DELIVERY_QUEUE_MAX;
+/// A followed room's delivery queue may hold this many channel messages; past it the room is
+/// read again from Redis rather than queue without bound.
+const REMOTE_QUEUE_MAX: usize = 4 * DELIVERY_QUEUE_MAX;
+/// Wait before a failed snapshot read is tried again.
+const SYNC_RETRY: Duration = Duration::from_millis(500);
 /// Shortest wait before presence is tried again when the delivery queue is full.
 const PRESENCE_RETRY_MIN: Duration = Duration::from_millis(10);
 
@@ -92,6 +109,43 @@ pub struct HubSettings {
     pub max_rooms: usize,
     pub outbox_max_bytes: usize,
     pub presence_interval: Duration,
+}
+
+/// What the hub asks of a networked broker: follow a room (subscribe to it and read its snapshot,
+/// then call [`Hub::apply_snapshot`] with the same generation) or stop following it.
+pub trait Follower: Send + Sync {
+    fn follow(&self, room: &Arc<Room>, generation: u64);
+    fn unfollow(&self, room: &Arc<Room>);
+}
+
+/// A room's snapshot as read from a networked broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomSnapshot {
+    pub epoch: String,
+    /// The last `seq` the room has used (0: none yet).
+    pub seq: u64,
+    /// History (seq, inner message object), oldest first.
+    pub history: Vec<(u64, Vec<u8>)>,
+}
+
+/// How a room's state relates to a networked broker.
+enum Mirror {
+    /// The in-memory broker: the state here is the truth.
+    Local,
+    /// Not followed: no local members, no subscription; the state here is stale.
+    Unfollowed,
+    /// Waiting for a snapshot; channel messages are kept meanwhile.
+    Pending(Vec<(Arc<str>, u64, Bytes)>),
+    /// Mirrors the broker and receives its channel.
+    Synced,
+}
+
+/// A joiner waiting for its room's snapshot.
+struct Waiting {
+    client_id: u64,
+    outbox: Arc<Outbox>,
+    sender: Arc<Sender>,
+    resume: Option<Resume>,
 }
 
 /// The room map is full of rooms that still have members.
@@ -219,6 +273,11 @@ pub struct RoomState {
     /// Someone is delivering this room's queue (only they pop from it).
     delivering: bool,
     presence: Presence,
+    mirror: Mirror,
+    /// Joiners waiting for the snapshot (networked broker only).
+    waiting: Vec<Waiting>,
+    /// Which follow request a snapshot answers (stale snapshots are ignored).
+    generation: u64,
 }
 
 /// One room: its name and its state.
@@ -237,7 +296,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Room {
-    fn new(name: Arc<str>, id: u64, hub: Weak<Hub>) -> Room {
+    fn new(name: Arc<str>, id: u64, hub: Weak<Hub>, followed: bool) -> Room {
         let epoch: Arc<str> = format!("{:016x}", uuid::Uuid::new_v4().as_u64_pair().0).into();
         Room {
             name,
@@ -258,6 +317,13 @@ impl Room {
                 queue: VecDeque::new(),
                 delivering: false,
                 presence: Presence::default(),
+                mirror: if followed {
+                    Mirror::Unfollowed
+                } else {
+                    Mirror::Local
+                },
+                waiting: Vec::new(),
+                generation: 0,
             }),
         }
     }
@@ -334,6 +400,18 @@ impl RoomState {
         recipients
     }
 
+    /// Queue a message from the networked broker's channel (bounded by its caller instead of
+    /// [`RoomState::delivery_full`]: Redis, not a local publisher, sets its pace).
+    fn enqueue_unchecked(&mut self, frame: Bytes) -> usize {
+        let to = self.snapshot();
+        let recipients = to.len();
+        self.queue.push_back(Queued {
+            frame,
+            to: Recipients::Message(to),
+        });
+        recipients
+    }
+
     fn snapshot(&mut self) -> Snapshot {
         let members = &self.members;
         self.snapshot
@@ -342,7 +420,12 @@ impl RoomState {
     }
 
     fn is_evictable(&self) -> bool {
-        self.members.is_empty() && self.reserved == 0
+        self.members.is_empty() && self.waiting.is_empty() && self.reserved == 0
+    }
+
+    /// Members here or joiners waiting: a networked broker's room must be followed.
+    fn wants_following(&self) -> bool {
+        !self.members.is_empty() || !self.waiting.is_empty()
     }
 
     /// Give memory back once occupancy falls well under what the map can hold.
@@ -387,6 +470,8 @@ pub struct Hub {
     /// Rooms holding history, by their last publish when listed (see the module docs).
     history_rooms: RoomIndex,
     history_bytes: AtomicUsize,
+    /// The networked broker whose rooms this hub mirrors; unset with the in-memory broker.
+    follower: std::sync::OnceLock<Weak<dyn Follower>>,
 }
 
 impl Hub {
@@ -401,7 +486,17 @@ impl Hub {
             empty_rooms: Mutex::default(),
             history_rooms: Mutex::default(),
             history_bytes: AtomicUsize::new(0),
+            follower: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Mirror the rooms of a networked broker from now on (set once, before any room exists).
+    pub fn set_follower(&self, follower: Weak<dyn Follower>) {
+        let _ = self.follower.set(follower);
+    }
+
+    fn follower(&self) -> Option<Arc<dyn Follower>> {
+        self.follower.get().and_then(Weak::upgrade)
     }
 
     pub fn settings(&self) -> &HubSettings {
@@ -439,7 +534,13 @@ impl Hub {
             .entry(Arc::from(name))
             .or_insert_with(|| {
                 let id = self.next_room_id.fetch_add(1, Ordering::Relaxed);
-                let room = Arc::new(Room::new(Arc::from(name), id, Arc::downgrade(self)));
+                let followed = self.follower.get().is_some();
+                let room = Arc::new(Room::new(
+                    Arc::from(name),
+                    id,
+                    Arc::downgrade(self),
+                    followed,
+                ));
                 self.sync_empty_listing(&room, &mut room.lock());
                 room
             })
@@ -543,7 +644,8 @@ impl Hub {
     }
 
     /// Join the reserved room: queue the greeting and the history snapshot into `outbox`, add
-    /// it to the members, and note the join for presence — all under the room lock.
+    /// it to the members, and note the join for presence — all under the room lock. In a room a
+    /// networked broker has not given us yet, the joiner waits for the snapshot instead.
     pub fn join(
         self: &Arc<Self>,
         reservation: RoomReservation,
@@ -554,6 +656,49 @@ impl Hub {
         let client_id = self.next_client_id.fetch_add(1, Ordering::Relaxed);
         let room = reservation.room.clone();
         let mut st = room.lock();
+        let mut follow = None;
+        match st.mirror {
+            Mirror::Local | Mirror::Synced => {
+                self.admit(&room, &mut st, client_id, outbox, &sender, resume);
+            }
+            Mirror::Unfollowed | Mirror::Pending(_) => {
+                st.waiting.push(Waiting {
+                    client_id,
+                    outbox: outbox.clone(),
+                    sender: sender.clone(),
+                    resume: resume.cloned(),
+                });
+                if matches!(st.mirror, Mirror::Unfollowed) {
+                    st.mirror = Mirror::Pending(Vec::new());
+                    st.generation += 1;
+                    follow = Some(st.generation);
+                }
+                self.sync_empty_listing(&room, &mut st);
+            }
+        }
+        drop(st);
+        drop(reservation); // the room has a member now; it stays without the reservation
+        if let (Some(generation), Some(f)) = (follow, self.follower()) {
+            f.follow(&room, generation);
+        }
+        self.settle(&room);
+        Membership {
+            room,
+            client_id,
+            sender,
+        }
+    }
+
+    /// Greet a joiner from the room's state and make it a member. Under the room lock.
+    fn admit(
+        self: &Arc<Self>,
+        room: &Arc<Room>,
+        st: &mut RoomState,
+        client_id: u64,
+        outbox: &Arc<Outbox>,
+        sender: &Arc<Sender>,
+        resume: Option<&Resume>,
+    ) {
         let (skip, complete) = st.history_for(resume);
         let greeting = protocol::system_connected(&sender.name, client_id, sender.session);
         let history = protocol::history_event(
@@ -572,16 +717,216 @@ impl Hub {
             .increment((greeting.len() + history.len()) as u64);
         st.members.insert(client_id, outbox.clone());
         st.snapshot = None;
-        self.sync_empty_listing(&room, &mut st);
-        self.note_presence(&room, &mut st, Some(sender.name.clone()), None);
-        drop(st);
-        drop(reservation); // the room has a member now; it stays without the reservation
-        self.settle(&room);
-        Membership {
-            room,
-            client_id,
-            sender,
+        self.sync_empty_listing(room, st);
+        self.note_presence(room, st, Some(sender.name.clone()), None);
+    }
+
+    /// A message from the networked broker's channel for `room_name`: delivered to the local
+    /// members in `seq` order, after a snapshot when a gap or a new epoch shows up.
+    pub fn deliver_remote(self: &Arc<Self>, room_name: &str, epoch: &str, seq: u64, json: &[u8]) {
+        let Some(room) = self.rooms.get(room_name).map(|r| r.clone()) else {
+            return; // not followed here (any more)
+        };
+        let mut st = room.lock();
+        let mut follow = None;
+        match &mut st.mirror {
+            Mirror::Local | Mirror::Unfollowed => return,
+            Mirror::Pending(buffer) => {
+                if buffer.len() < REMOTE_BUFFER_MAX {
+                    buffer.push((epoch.into(), seq, Bytes::copy_from_slice(json)));
+                }
+                return;
+            }
+            Mirror::Synced => {}
         }
+        if &*st.epoch == epoch && seq < st.next_seq {
+            return; // already delivered (a snapshot brought it, or the channel repeated it)
+        }
+        if &*st.epoch != epoch || seq > st.next_seq || st.queue.len() >= REMOTE_QUEUE_MAX {
+            // Something was missed (or the room restarted in Redis): read it again first.
+            self.metrics.remote_gaps.increment(1);
+            st.mirror = Mirror::Pending(vec![(epoch.into(), seq, Bytes::copy_from_slice(json))]);
+            st.generation += 1;
+            follow = Some(st.generation);
+        } else {
+            self.accept_remote(&room, &mut st, seq, json);
+        }
+        drop(st);
+        if let (Some(generation), Some(f)) = (follow, self.follower()) {
+            f.follow(&room, generation);
+        }
+        self.settle(&room);
+    }
+
+    /// The next message (`seq == next_seq`) of a mirrored room: kept and queued for the members.
+    fn accept_remote(&self, room: &Arc<Room>, st: &mut RoomState, seq: u64, json: &[u8]) {
+        let event = protocol::message_event_from_json(json);
+        let entry = HistoryEntry::new(
+            seq,
+            uuid::Uuid::nil(),
+            0,
+            None,
+            event.inner,
+            event.frame.len(),
+        );
+        self.remember(room, st, entry);
+        st.next_seq = seq + 1;
+        let recipients = st.enqueue_unchecked(event.frame);
+        self.metrics.publish_recipients.record(recipients as f64);
+    }
+
+    /// The snapshot a follow request asked for: mirror it, deliver what the members here missed
+    /// and what arrived on the channel meanwhile, then greet the waiting joiners.
+    pub fn apply_snapshot(self: &Arc<Self>, room: &Arc<Room>, generation: u64, snap: RoomSnapshot) {
+        let mut st = room.lock();
+        if st.generation != generation || !matches!(st.mirror, Mirror::Pending(_)) {
+            return; // a newer request is in flight, or the room was let go
+        }
+        let Mirror::Pending(mut buffer) = std::mem::replace(&mut st.mirror, Mirror::Synced) else {
+            unreachable!("checked above");
+        };
+        let had_members = !st.members.is_empty();
+        let same_epoch = &*st.epoch == snap.epoch.as_str();
+        if had_members && same_epoch {
+            // A gap or a reconnect: deliver what the members here have not had.
+            for (seq, json) in &snap.history {
+                if *seq == st.next_seq {
+                    self.accept_remote(room, &mut st, *seq, json);
+                }
+            }
+            if st.next_seq <= snap.seq {
+                // Older than what Redis still holds: lost for these members. They are told
+                // the way a resume would be, with a history event that is not complete.
+                self.metrics.remote_gaps.increment(1);
+                st.next_seq = snap.seq + 1;
+                self.tell_members_incomplete(room, &mut st);
+            }
+        } else {
+            // First follow (or the room's keys were lost in Redis: a new epoch): the mirror
+            // is replaced whole.
+            self.drop_history(room, &mut st);
+            st.epoch = snap.epoch.as_str().into();
+            for (seq, json) in &snap.history {
+                let event = protocol::message_event_from_json(json);
+                let entry = HistoryEntry::new(
+                    *seq,
+                    uuid::Uuid::nil(),
+                    0,
+                    None,
+                    event.inner,
+                    event.frame.len(),
+                );
+                self.remember(room, &mut st, entry);
+            }
+            st.next_seq = snap.seq + 1;
+            if had_members {
+                self.tell_members_incomplete(room, &mut st);
+            }
+        }
+        buffer.sort_by_key(|(_, seq, _)| *seq);
+        let mut gap = false;
+        for (epoch, seq, json) in &buffer {
+            if *epoch != st.epoch || *seq < st.next_seq {
+                continue;
+            }
+            if *seq > st.next_seq {
+                gap = true;
+                break;
+            }
+            self.accept_remote(room, &mut st, *seq, json);
+        }
+        for w in std::mem::take(&mut st.waiting) {
+            self.admit(
+                room,
+                &mut st,
+                w.client_id,
+                &w.outbox,
+                &w.sender,
+                w.resume.as_ref(),
+            );
+        }
+        let mut follow = None;
+        if gap {
+            st.mirror = Mirror::Pending(Vec::new());
+            st.generation += 1;
+            follow = Some(st.generation);
+        }
+        drop(st);
+        if let (Some(generation), Some(f)) = (follow, self.follower()) {
+            f.follow(room, generation);
+        }
+        self.settle(room);
+    }
+
+    /// The room's members get a fresh history event (epoch, everything held, complete:false):
+    /// messages were lost between what they have and what the room holds now.
+    fn tell_members_incomplete(&self, room: &Arc<Room>, st: &mut RoomState) {
+        let frame = protocol::history_event(
+            &room.name,
+            &st.epoch,
+            false,
+            st.history.iter().map(|e| &e.json),
+        );
+        let to = st.snapshot();
+        st.queue.push_back(Queued {
+            frame,
+            to: Recipients::Members(to),
+        });
+    }
+
+    /// A follow request could not be served (Redis did not answer): try again shortly, as long
+    /// as the room still has local members or joiners.
+    pub fn snapshot_failed(self: &Arc<Self>, room: &Arc<Room>, generation: u64) {
+        let still = {
+            let st = room.lock();
+            st.generation == generation
+                && matches!(st.mirror, Mirror::Pending(_))
+                && st.wants_following()
+        };
+        if !still {
+            return;
+        }
+        let (hub, room) = (Arc::downgrade(self), room.clone());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                tokio::time::sleep(SYNC_RETRY).await;
+                let Some(hub) = hub.upgrade() else { return };
+                let retry = {
+                    let st = room.lock();
+                    st.generation == generation && matches!(st.mirror, Mirror::Pending(_))
+                };
+                if let (true, Some(f)) = (retry, hub.follower()) {
+                    f.follow(&room, generation);
+                }
+            });
+        }
+    }
+
+    /// Every room with local members or joiners, each marked for a fresh snapshot: after the
+    /// networked broker (re)connects, it subscribes to and reads each of them.
+    pub fn rooms_to_follow(&self) -> Vec<(Arc<Room>, u64)> {
+        let rooms: Vec<Arc<Room>> = self.rooms.iter().map(|r| r.value().clone()).collect();
+        rooms
+            .into_iter()
+            .filter_map(|room| {
+                let mut st = room.lock();
+                if !st.wants_following() || matches!(st.mirror, Mirror::Local) {
+                    return None;
+                }
+                if !matches!(st.mirror, Mirror::Pending(_)) {
+                    st.mirror = Mirror::Pending(Vec::new());
+                }
+                st.generation += 1;
+                let generation = st.generation;
+                drop(st);
+                Some((room, generation))
+            })
+            .collect()
+    }
+
+    /// Whether the room still has local members or joiners (a release may unsubscribe).
+    pub fn wants_following(&self, room: &Room) -> bool {
+        room.lock().wants_following()
     }
 
     /// Keep `entry` in the room's history (evicting the oldest past `HISTORY_LIMIT`) and note
@@ -901,18 +1246,40 @@ impl Membership {
     /// hears about it through presence. Idempotent.
     pub fn leave(&self) {
         let hub = self.room.hub.upgrade();
+        let mut unfollow = false;
         {
             let mut st = self.room.lock();
-            if st.members.remove(&self.client_id).is_none() {
+            if let Some(at) = st
+                .waiting
+                .iter()
+                .position(|w| w.client_id == self.client_id)
+            {
+                // Still waiting for the room's snapshot: never greeted, never announced.
+                st.waiting.swap_remove(at);
+            } else if st.members.remove(&self.client_id).is_some() {
+                st.snapshot = None;
+                st.shrink_members();
+                if let Some(hub) = &hub {
+                    hub.note_presence(&self.room, &mut st, None, Some(self.sender.name.clone()));
+                }
+            } else {
                 return;
             }
-            st.snapshot = None;
-            st.shrink_members();
+            if !st.wants_following() && !matches!(st.mirror, Mirror::Local | Mirror::Unfollowed) {
+                // The last local member left: stop following; the next join reads it afresh.
+                st.mirror = Mirror::Unfollowed;
+                st.generation += 1;
+                unfollow = true;
+            }
             let Some(hub) = &hub else { return };
-            hub.note_presence(&self.room, &mut st, None, Some(self.sender.name.clone()));
             hub.sync_empty_listing(&self.room, &mut st);
         }
         if let Some(hub) = hub {
+            if unfollow {
+                if let Some(f) = hub.follower() {
+                    f.unfollow(&self.room);
+                }
+            }
             hub.settle(&self.room);
         }
     }
@@ -927,7 +1294,7 @@ impl Drop for Membership {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::broker::{Broker, MemoryBroker, PublishError};
+    use crate::broker::{MemoryBroker, PublishError};
     use crate::protocol::ClientMessage;
 
     pub(crate) fn settings(max_rooms: usize) -> HubSettings {
@@ -961,7 +1328,10 @@ pub(crate) mod tests {
     /// The JSON of every frame queued to `outbox` since the last call.
     pub(crate) fn events(outbox: &Outbox) -> Vec<serde_json::Value> {
         let batch = outbox.take();
-        outbox.written(batch.frames.iter().map(|f| f.len()).sum(), batch.frames.len());
+        outbox.written(
+            batch.frames.iter().map(|f| f.len()).sum(),
+            batch.frames.len(),
+        );
         batch
             .frames
             .iter()
@@ -1159,18 +1529,20 @@ pub(crate) mod tests {
         // As if another thread were in the middle of delivering this room's queue.
         room.lock().delivering = true;
         let from = sender("ada", 2);
-        let p = broker.publish(&room, &from, &message("hi", None)).unwrap();
+        let p = broker
+            .publish_now(&room, &from, &message("hi", None))
+            .unwrap();
         assert_eq!(p.seq, 1);
         assert!(events(&outbox).is_empty(), "queued, not delivered");
         assert_eq!(room.lock().queue.len(), 1);
         // Fill the queue to its bound: the next publish is refused and takes no seq.
         for _ in 1..DELIVERY_QUEUE_MAX {
             broker
-                .publish(&room, &from, &message("more", None))
+                .publish_now(&room, &from, &message("more", None))
                 .unwrap();
         }
         assert_eq!(
-            broker.publish(&room, &from, &message("one too many", None)),
+            broker.publish_now(&room, &from, &message("one too many", None)),
             Err(PublishError::Busy)
         );
         assert_eq!(room.lock().next_seq(), DELIVERY_QUEUE_MAX as u64 + 1);
@@ -1203,7 +1575,7 @@ pub(crate) mod tests {
         // error answering the next frame.
         room.lock().delivering = true;
         let p = broker
-            .publish(&room, &me, &message("hi", Some("r1")))
+            .publish_now(&room, &me, &message("hi", Some("r1")))
             .unwrap();
         let ack = protocol::ack_event("r1", &p.id, p.seq, false);
         hub.send_in_order(&room, &outbox, ack);
@@ -1251,7 +1623,7 @@ pub(crate) mod tests {
                     let from = sender("p", t);
                     for _ in 0..each {
                         loop {
-                            match broker.publish(room, &from, &message("x", None)) {
+                            match broker.publish_now(room, &from, &message("x", None)) {
                                 Ok(_) => break,
                                 Err(PublishError::Busy) => std::thread::yield_now(),
                                 Err(e) => panic!("{e}"),
@@ -1289,7 +1661,10 @@ pub(crate) mod tests {
                 s.spawn(move || {
                     let from = sender("p", t);
                     for _ in 0..each {
-                        while broker.publish(room, &from, &message("x", None)).is_err() {
+                        while broker
+                            .publish_now(room, &from, &message("x", None))
+                            .is_err()
+                        {
                             std::thread::yield_now();
                         }
                     }
@@ -1341,7 +1716,9 @@ pub(crate) mod tests {
         room.lock().delivering = true;
         let from = sender("p", 1);
         for _ in 0..30 {
-            broker.publish(&room, &from, &message("x", None)).unwrap();
+            broker
+                .publish_now(&room, &from, &message("x", None))
+                .unwrap();
         }
         room.lock().delivering = false;
         hub.settle(&room);
@@ -1371,7 +1748,7 @@ pub(crate) mod tests {
             let broker = MemoryBroker::new(hub.clone());
             let room = hub.room(room).unwrap();
             broker
-                .publish(&room, &sender("ada", 1), &message("hello", None))
+                .publish_now(&room, &sender("ada", 1), &message("hello", None))
                 .unwrap();
             room
         };
@@ -1428,7 +1805,7 @@ pub(crate) mod tests {
         let broker = MemoryBroker::new(hub.clone());
         let room = hub.room("old").unwrap();
         broker
-            .publish(&room, &sender("a", 1), &message("hi", None))
+            .publish_now(&room, &sender("a", 1), &message("hi", None))
             .unwrap();
         assert!(hub.history_bytes() > 0);
         hub.room("new").unwrap();

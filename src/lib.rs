@@ -4,12 +4,14 @@
 //! `config` (settings), `server` (accept loop, background tasks, shutdown), `relay` (the shared
 //! state), `http` (routes and upgrade checks), `connection` (one socket's task), `frame` (RFC 6455
 //! codec), `protocol` (JSON), `outbox` (per-connection queue), `hub` (rooms, history, presence),
-//! `broker` (the publish seam), `address` (per source address state), `metrics`, `limits`,
+//! `broker` (the publish seam and the in-memory broker), `broker_redis` (several nodes through
+//! Redis), `address` (per source address state), `metrics`, `limits`,
 //! `rate` (windows).
 
 pub mod address;
 pub mod alloc;
 pub mod broker;
+pub mod broker_redis;
 pub mod config;
 pub mod connection;
 pub mod frame;

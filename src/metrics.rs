@@ -30,6 +30,13 @@ pub const PUBLISH_TO_WRITE_SECONDS: &str = "roomcast_publish_to_write_seconds";
 pub const OUTBOX_QUEUED_BYTES: &str = "roomcast_outbox_queued_bytes";
 pub const LIMIT_CLOSES: &str = "roomcast_limit_closes_total";
 pub const ADDRESS_RATE_LIMITED: &str = "roomcast_address_rate_limited_total";
+pub const BROKER_UP: &str = "roomcast_broker_up";
+pub const PUBLISH_UNAVAILABLE: &str = "roomcast_publish_unavailable_total";
+pub const REDIS_ERRORS: &str = "roomcast_redis_errors_total";
+pub const REDIS_RECONNECTS: &str = "roomcast_redis_reconnects_total";
+pub const REDIS_ROUND_TRIP_SECONDS: &str = "roomcast_redis_round_trip_seconds";
+pub const REDIS_FOREIGN_MESSAGES: &str = "roomcast_redis_foreign_messages_total";
+pub const REMOTE_GAPS: &str = "roomcast_remote_gaps_total";
 
 /// Close codes that get their own label value; anything else is counted as `other`.
 pub const CLOSE_CODES: [u16; 11] = [
@@ -124,6 +131,13 @@ pub struct Metrics {
     pub socket_writes: Counter,
     pub rate_limited: Counter,
     pub address_rate_limited: Counter,
+    pub broker_up: Gauge,
+    pub publish_unavailable: Counter,
+    pub redis_errors: Counter,
+    pub redis_reconnects: Counter,
+    pub redis_round_trip_seconds: Histogram,
+    pub redis_foreign_messages: Counter,
+    pub remote_gaps: Counter,
     limit_closes: Arc<[Counter; Limit::ALL.len()]>,
     invalid: Arc<[Counter; INVALID_CODES.len()]>,
     pub heartbeat_terminations: Counter,
@@ -157,6 +171,13 @@ impl Metrics {
             socket_writes: metrics::counter!(SOCKET_WRITES),
             rate_limited: metrics::counter!(RATE_LIMITED),
             address_rate_limited: metrics::counter!(ADDRESS_RATE_LIMITED),
+            broker_up: metrics::gauge!(BROKER_UP),
+            publish_unavailable: metrics::counter!(PUBLISH_UNAVAILABLE),
+            redis_errors: metrics::counter!(REDIS_ERRORS),
+            redis_reconnects: metrics::counter!(REDIS_RECONNECTS),
+            redis_round_trip_seconds: metrics::histogram!(REDIS_ROUND_TRIP_SECONDS),
+            redis_foreign_messages: metrics::counter!(REDIS_FOREIGN_MESSAGES),
+            remote_gaps: metrics::counter!(REMOTE_GAPS),
             limit_closes: Arc::new(
                 Limit::ALL.map(|l| metrics::counter!(LIMIT_CLOSES, "limit" => l.label())),
             ),
@@ -247,6 +268,34 @@ fn describe() {
         ADDRESS_RATE_LIMITED,
         "Messages refused with rate_limited because their source address passed PUBLISH_RATE_PER_ADDRESS."
     );
+    describe_gauge!(
+        BROKER_UP,
+        "1 while the broker can publish (always with the in-memory broker; with Redis, both connections up)."
+    );
+    describe_counter!(
+        PUBLISH_UNAVAILABLE,
+        "Publishes answered with unavailable: the broker was down, too slow, or its queue (REDIS_QUEUE_MAX_BYTES) full."
+    );
+    describe_counter!(
+        REDIS_ERRORS,
+        "Redis failures: connects, scripts and snapshot reads that failed or timed out, lost subscriptions."
+    );
+    describe_counter!(
+        REDIS_RECONNECTS,
+        "Times the subscription connection to Redis was made again after it was lost."
+    );
+    describe_histogram!(
+        REDIS_ROUND_TRIP_SECONDS,
+        "Time from sending a publish script to Redis to its answer."
+    );
+    describe_counter!(
+        REDIS_FOREIGN_MESSAGES,
+        "Messages on a room channel that roomcast did not publish (malformed or foreign): dropped."
+    );
+    describe_counter!(
+        REMOTE_GAPS,
+        "Times a room's channel skipped a seq or changed epoch and the room was read again from Redis."
+    );
     describe_counter!(
         LIMIT_CLOSES,
         "Connections closed by a limit other than OUTBOX_MAX_BYTES, by limit (control_frames and incomplete_frame: 1008; write_stall and outbox_total: 1013)."
@@ -284,6 +333,13 @@ pub fn install_recorder() -> Result<PrometheusHandle, metrics_exporter_prometheu
             &[
                 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
                 10000.0,
+            ],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(REDIS_ROUND_TRIP_SECONDS.to_string()),
+            &[
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.0,
             ],
         )?
         .set_buckets_for_metric(

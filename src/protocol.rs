@@ -35,6 +35,8 @@ pub enum ErrorCode {
     Empty,
     /// The sender's session already used this `requestId` for a different text.
     Conflict,
+    /// The broker (Redis) did not take the message: nothing was published, nothing is acked.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -46,6 +48,7 @@ impl ErrorCode {
             ErrorCode::BadType => "bad_type",
             ErrorCode::Empty => "empty",
             ErrorCode::Conflict => "conflict",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 
@@ -58,6 +61,9 @@ impl ErrorCode {
             ErrorCode::Empty => "Message text is empty.",
             ErrorCode::Conflict => {
                 "This requestId was already used for a different message; use a new requestId."
+            }
+            ErrorCode::Unavailable => {
+                "The message was not published: the relay cannot reach its broker. Try again."
             }
         }
     }
@@ -286,6 +292,44 @@ fn decimal_len(n: u64) -> usize {
 }
 
 const MESSAGE_OPEN: &[u8] = b"{\"type\":\"message\",\"message\":";
+
+/// The inner message object `{"id":..,"room":..,"from":..,"text":..,"sentAt":..,"seq":` up to
+/// its `seq`, and what follows the `seq`: a networked broker fills in the `seq` it assigns.
+pub fn message_json_parts(m: &MessageFields<'_>) -> (String, &'static str) {
+    let mut out = Vec::with_capacity(96 + m.text.len());
+    out.extend_from_slice(b"{\"id\":\"");
+    out.extend_from_slice(
+        m.id.hyphenated()
+            .encode_lower(&mut uuid::Uuid::encode_buffer())
+            .as_bytes(),
+    );
+    out.extend_from_slice(b"\",\"room\":");
+    write_json_str(&mut out, m.room);
+    out.extend_from_slice(b",\"from\":");
+    write_json_str(&mut out, m.from);
+    out.extend_from_slice(b",\"text\":");
+    write_json_str(&mut out, m.text);
+    out.extend_from_slice(b",\"sentAt\":\"");
+    out.extend_from_slice(m.sent_at.as_bytes());
+    out.extend_from_slice(b"\",\"seq\":");
+    let head = String::from_utf8(out).expect("JSON written from str is UTF-8");
+    (head, "}")
+}
+
+/// The message event around an inner message object that came from a networked broker (built
+/// by [`message_json_parts`] on some node), built once at its exact size.
+pub fn message_event_from_json(inner_json: &[u8]) -> MessageEvent {
+    let payload_len = MESSAGE_OPEN.len() + inner_json.len() + 1;
+    let mut b = FrameBuilder::with_capacity(payload_len);
+    b.payload().extend_from_slice(MESSAGE_OPEN);
+    let inner_start = b.payload_len();
+    b.payload().extend_from_slice(inner_json);
+    let inner_end = b.payload_len();
+    b.payload().push(b'}');
+    let (frame, header_len) = b.finish(OP_TEXT);
+    let inner = frame.slice(header_len + inner_start..header_len + inner_end);
+    MessageEvent { frame, inner }
+}
 
 /// The message event, built once at its exact size.
 pub fn message_event(m: &MessageFields<'_>) -> MessageEvent {
@@ -572,5 +616,27 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(payload(&greeting)).unwrap();
         assert_eq!(v["session"], "0123456789abcdef0011223344556677");
         assert_eq!(v["clientId"], 7);
+    }
+
+    #[test]
+    fn a_networked_broker_builds_the_same_message_object() {
+        let id = uuid::Uuid::new_v4();
+        let m = MessageFields {
+            id: &id,
+            room: "r",
+            from: "ada \"the\" first",
+            text: "héllo\n<b>",
+            sent_at: "2026-01-01T00:00:00.000Z",
+            seq: 0,
+        };
+        let (head, tail) = message_json_parts(&m);
+        let inner = format!("{head}42{tail}");
+        let local = message_event(&MessageFields { seq: 42, ..m });
+        assert_eq!(inner.as_bytes(), &local.inner[..]);
+        let remote = message_event_from_json(inner.as_bytes());
+        assert_eq!(
+            remote.frame, local.frame,
+            "the frame is byte-identical on every node"
+        );
     }
 }

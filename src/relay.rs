@@ -17,8 +17,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::address::Addresses;
 use crate::broker::{Broker, MemoryBroker};
+use crate::broker_redis::{RedisBroker, RedisBrokerError, RedisSettings};
 use crate::config::Settings;
-use crate::hub::{Hub, HubSettings};
+use crate::hub::{Follower, Hub, HubSettings};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 
@@ -146,7 +147,10 @@ impl Drop for ConnectionPermit {
 impl Relay {
     /// The relay's shared state for `settings`; `prometheus` renders `/metrics` (none in tests
     /// that do not scrape).
-    pub fn new(settings: Settings, prometheus: Option<PrometheusHandle>) -> Arc<Relay> {
+    pub fn new(
+        settings: Settings,
+        prometheus: Option<PrometheusHandle>,
+    ) -> Result<Arc<Relay>, RedisBrokerError> {
         let metrics = Metrics::new();
         let max_connections = settings
             .max_connections
@@ -162,8 +166,28 @@ impl Relay {
             },
             metrics.clone(),
         ));
-        Arc::new(Relay {
-            broker: Arc::new(MemoryBroker::new(hub.clone())),
+        let broker: Arc<dyn Broker> = match &settings.redis_url {
+            None => Arc::new(MemoryBroker::new(hub.clone())),
+            Some(url) => {
+                let redis = RedisBroker::start(
+                    hub.clone(),
+                    RedisSettings {
+                        url: url.expose().to_string(),
+                        history_limit: settings.history_limit,
+                        key_ttl: settings.redis_key_ttl,
+                        timeout: settings.redis_timeout,
+                        queue_max_bytes: settings.redis_queue_max_bytes,
+                    },
+                    metrics.clone(),
+                )?;
+                // Before any room exists: every room is then a mirror of Redis.
+                let follower: Arc<dyn Follower> = redis.clone();
+                hub.set_follower(Arc::downgrade(&follower));
+                redis
+            }
+        };
+        Ok(Arc::new(Relay {
+            broker,
             hub,
             metrics,
             registry: Registry::new(),
@@ -176,7 +200,7 @@ impl Relay {
             prometheus,
             process_metrics: Mutex::new(None),
             settings,
-        })
+        }))
     }
 
     /// Refuse new upgrades from now on and ask every open WebSocket to close with 1001.
@@ -199,6 +223,11 @@ impl Relay {
         self.shutting_down.load(Ordering::Acquire)
     }
 
+    /// Ready for traffic: not draining, and the broker can publish.
+    pub fn is_ready(&self) -> bool {
+        !self.is_shutting_down() && self.broker.is_ready()
+    }
+
     /// Reserve a connection slot, or `None` when the relay is full.
     pub fn try_acquire(self: &Arc<Self>) -> Option<ConnectionPermit> {
         self.connections
@@ -214,6 +243,9 @@ impl Relay {
     pub fn render_metrics(&self) -> String {
         self.metrics.rooms.set(self.hub.room_count() as f64);
         self.metrics.connections.set(self.connection_count() as f64);
+        self.metrics
+            .broker_up
+            .set(if self.broker.is_ready() { 1.0 } else { 0.0 });
         self.metrics
             .outbox_queued_bytes
             .set(crate::outbox::total_queued_bytes() as f64);

@@ -33,6 +33,8 @@ const OUTBOX_BUDGET_TARGET_PERCENT: usize = 90;
 pub enum ServerError {
     #[error("listener has no local address: {0}")]
     LocalAddr(#[from] std::io::Error),
+    #[error(transparent)]
+    Broker(#[from] crate::broker_redis::RedisBrokerError),
 }
 
 /// Serve on `listener` until `shutdown` resolves, then drain.
@@ -42,7 +44,7 @@ pub async fn run(
     prometheus: Option<PrometheusHandle>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let relay = Relay::new(settings, prometheus);
+    let relay = Relay::new(settings, prometheus)?;
     let stop = CancellationToken::new();
     let background = [
         tokio::spawn(heartbeat(relay.clone(), stop.clone())),

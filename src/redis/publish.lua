@@ -18,7 +18,7 @@ if not epoch then
   -- a new epoch, and seq starts again at 1.
   epoch = ARGV[2]
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
-  redis.call('SET', KEYS[1], epoch)
+  redis.call('SET', KEYS[1], epoch, 'EX', tonumber(ARGV[10]))
 end
 local dedupe = ARGV[5]
 if dedupe ~= '' then

@@ -1,0 +1,514 @@
+//! The Redis broker (`REDIS_URL`): several nodes share their rooms through one Redis.
+//!
+//! **Publishing.** A connection's publish never waits for Redis: [`RedisBroker::publish`] puts a
+//! job on a queue bounded in bytes (`REDIS_QUEUE_MAX_BYTES`; past it the sender gets
+//! `unavailable`) and returns. The publisher task runs the publish script (`redis/publish.lua`:
+//! de-duplication, `seq`, history, publish — one atomic step) for every job on ONE multiplexed
+//! connection shared by all connections of the node, with up to `PUBLISHES_IN_FLIGHT` scripts
+//! pipelined on it. The sender's ack (with its `seq`) is sent once Redis has answered; a publish
+//! that Redis did not take within `REDIS_TIMEOUT_MS` gets `unavailable`, never an ack.
+//!
+//! **Delivering.** The message itself reaches every node, the sender's included, through the
+//! room's channel, and takes the local path there: the hub builds its frame once per node and
+//! queues it for the room's members ([`Hub::deliver_remote`]), in `seq` order.
+//!
+//! **Subscriptions and exact joins.** A node subscribes to a room's channel only while the room
+//! has local members. The first join into a room the node does not follow yet waits (without a
+//! greeting) while the rooms task subscribes and *then* reads the room's snapshot (epoch, last
+//! `seq`, history) with `redis/read.lua`; the hub applies it, with whatever arrived on the
+//! channel meanwhile, and then greets the waiting joiners from it. Everything after the snapshot
+//! comes on the channel (the subscription was confirmed before the read), everything before is in
+//! it: no gap, no duplicate. A `seq` jump on the channel, or a new epoch, makes the hub ask for a
+//! snapshot again and fill the gap before delivering more.
+//!
+//! **Redis down.** Connections stay up. Publishes fail fast with `unavailable`, `/readyz`
+//! answers 503, and the rooms task reconnects with backoff and jitter, resubscribes every room
+//! that still has local members and re-reads their snapshots (filling what was missed).
+//!
+//! Deliberately absent here: presence across nodes (each node counts its own members).
+
+mod wire;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt;
+use redis::aio::{MultiplexedConnection, PubSubSink};
+use redis::{Script, Value};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::broker::{Broker, PublishError, Published};
+use crate::hub::{Follower, Hub, Room, Sender};
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::protocol::{self, ClientMessage, ErrorCode};
+
+use wire::{PublishReply, RoomKeys};
+
+/// Scripts in flight on the shared connection at once (Redis answers them in order).
+const PUBLISHES_IN_FLIGHT: usize = 512;
+/// Jobs waiting for the publisher task (their bytes are bounded separately).
+const PUBLISH_QUEUE_JOBS: usize = 16 * 1024;
+/// Room subscription requests waiting for the rooms task.
+const ROOM_COMMANDS: usize = 64 * 1024;
+/// Reconnect backoff: from this, doubling, up to `RECONNECT_MAX`, with up to half of it jitter.
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// Fixed bytes a queued job costs beyond its strings.
+const JOB_OVERHEAD: usize = 256;
+
+/// Settings of the Redis broker.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: String,
+    pub history_limit: usize,
+    /// How long a room's keys live after its last publish or join.
+    pub key_ttl: Duration,
+    /// Longest wait for Redis before a publish is answered `unavailable`.
+    pub timeout: Duration,
+    /// Bytes of publishes waiting for Redis, across the node.
+    pub queue_max_bytes: usize,
+}
+
+/// Why the Redis broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisBrokerError {
+    #[error("REDIS_URL is not a valid Redis URL: {0}")]
+    Url(#[source] redis::RedisError),
+}
+
+/// One publish on its way to Redis.
+struct Job {
+    room: Arc<Room>,
+    reply: Arc<Outbox>,
+    request_id: Option<Box<str>>,
+    id: uuid::Uuid,
+    /// The message object up to its `seq`, and after it.
+    json_head: String,
+    json_tail: &'static str,
+    dedupe_key: String,
+    text_hash: String,
+    charge: usize,
+}
+
+/// What the rooms task is asked to do.
+enum RoomCommand {
+    /// Subscribe to the room's channel (if not yet), then read and apply its snapshot for this
+    /// generation of the hub's follow request.
+    Sync(Arc<Room>, u64),
+    /// The room has no local members any more: unsubscribe (if it still has none).
+    Release(Arc<Room>),
+}
+
+/// Shared between the broker handle and its tasks.
+struct Shared {
+    hub: Arc<Hub>,
+    settings: RedisSettings,
+    metrics: Metrics,
+    client: redis::Client,
+    publish_script: Script,
+    read_script: Script,
+    /// Both connections (publishing and subscriptions) are up.
+    publisher_up: AtomicBool,
+    subscriber_up: AtomicBool,
+    queued_bytes: AtomicUsize,
+    rooms: mpsc::Sender<RoomCommand>,
+}
+
+/// The broker handle every connection publishes through.
+pub struct RedisBroker {
+    shared: Arc<Shared>,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl RedisBroker {
+    /// Start the broker's tasks. Redis need not be up yet: the node starts, answers `/readyz`
+    /// with 503 and publishes with `unavailable` until it is.
+    pub fn start(
+        hub: Arc<Hub>,
+        settings: RedisSettings,
+        metrics: Metrics,
+    ) -> Result<Arc<RedisBroker>, RedisBrokerError> {
+        let client = redis::Client::open(settings.url.as_str()).map_err(RedisBrokerError::Url)?;
+        let (jobs, jobs_rx) = mpsc::channel(PUBLISH_QUEUE_JOBS);
+        let (rooms, rooms_rx) = mpsc::channel(ROOM_COMMANDS);
+        let shared = Arc::new(Shared {
+            hub,
+            settings,
+            metrics,
+            client,
+            publish_script: Script::new(wire::PUBLISH_SCRIPT),
+            read_script: Script::new(wire::READ_SCRIPT),
+            publisher_up: AtomicBool::new(false),
+            subscriber_up: AtomicBool::new(false),
+            queued_bytes: AtomicUsize::new(0),
+            rooms,
+        });
+        tokio::spawn(publisher(shared.clone(), jobs_rx));
+        tokio::spawn(rooms_task(shared.clone(), rooms_rx));
+        Ok(Arc::new(RedisBroker { shared, jobs }))
+    }
+}
+
+impl Broker for RedisBroker {
+    fn publish(
+        &self,
+        room: &Arc<Room>,
+        from: &Sender,
+        message: &ClientMessage<'_>,
+        reply: &Arc<Outbox>,
+    ) -> Result<Option<Published>, PublishError> {
+        let shared = &self.shared;
+        if !shared.is_up() {
+            return Err(PublishError::Unavailable);
+        }
+        let id = uuid::Uuid::new_v4();
+        let sent_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        let (json_head, json_tail) = protocol::message_json_parts(&protocol::MessageFields {
+            id: &id,
+            room: room.name(),
+            from: &from.name,
+            text: &message.text,
+            sent_at: &sent_at,
+            seq: 0,
+        });
+        let request_id = message.request_id.as_deref();
+        let dedupe_key = wire::dedupe_key(from.session, request_id);
+        let charge = JOB_OVERHEAD + json_head.len() + dedupe_key.len();
+        let max = shared.settings.queue_max_bytes;
+        if shared
+            .queued_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q + charge <= max).then_some(q + charge)
+            })
+            .is_err()
+        {
+            return Err(PublishError::Unavailable);
+        }
+        let job = Job {
+            room: room.clone(),
+            reply: reply.clone(),
+            request_id: request_id.map(Box::from),
+            id,
+            json_head,
+            json_tail,
+            dedupe_key,
+            text_hash: wire::text_hash(&message.text),
+            charge,
+        };
+        if self.jobs.try_send(job).is_err() {
+            shared.queued_bytes.fetch_sub(charge, Ordering::AcqRel);
+            return Err(PublishError::Unavailable);
+        }
+        Ok(None)
+    }
+
+    fn is_ready(&self) -> bool {
+        self.shared.is_up()
+    }
+}
+
+impl Follower for RedisBroker {
+    fn follow(&self, room: &Arc<Room>, generation: u64) {
+        self.shared
+            .command(RoomCommand::Sync(room.clone(), generation));
+    }
+
+    fn unfollow(&self, room: &Arc<Room>) {
+        self.shared.command(RoomCommand::Release(room.clone()));
+    }
+}
+
+impl Shared {
+    fn is_up(&self) -> bool {
+        self.publisher_up.load(Ordering::Acquire) && self.subscriber_up.load(Ordering::Acquire)
+    }
+
+    fn command(&self, command: RoomCommand) {
+        if self.rooms.try_send(command).is_err() {
+            // Bounded by the rooms a node can hold; a full queue means the rooms task is stuck
+            // behind a dead Redis, and the reconnect resyncs every room anyway.
+            self.metrics.redis_errors.increment(1);
+        }
+    }
+
+    /// Answer a publish's sender (ack or error event) behind the room's queued frames.
+    fn answer(&self, job: &Job, frame: bytes::Bytes) {
+        self.hub.send_in_order(&job.room, &job.reply, frame);
+    }
+
+    fn answer_error(&self, job: &Job, code: ErrorCode) {
+        match code {
+            ErrorCode::Unavailable => self.metrics.publish_unavailable.increment(1),
+            other => self.metrics.invalid_message(other.as_str()),
+        }
+        self.answer(job, protocol::error_event(code));
+    }
+
+    fn keys(&self, room: &str) -> RoomKeys {
+        RoomKeys::new(room)
+    }
+
+    fn key_ttl_secs(&self) -> u64 {
+        self.settings.key_ttl.as_secs().max(1)
+    }
+}
+
+/// Run every publish job on one multiplexed connection, many in flight, and answer each sender.
+async fn publisher(shared: Arc<Shared>, mut jobs: mpsc::Receiver<Job>) {
+    let mut connection: Option<MultiplexedConnection> = None;
+    let mut next_attempt = Instant::now();
+    let mut backoff = RECONNECT_MIN;
+    let mut in_flight = FuturesUnordered::new();
+    loop {
+        if connection.is_none() && Instant::now() >= next_attempt {
+            match tokio::time::timeout(
+                shared.settings.timeout,
+                shared.client.get_multiplexed_async_connection(),
+            )
+            .await
+            {
+                Ok(Ok(c)) => {
+                    connection = Some(c);
+                    backoff = RECONNECT_MIN;
+                    shared.publisher_up.store(true, Ordering::Release);
+                }
+                _ => {
+                    shared.metrics.redis_errors.increment(1);
+                    next_attempt = Instant::now() + jittered(backoff);
+                    backoff = (backoff * 2).min(RECONNECT_MAX);
+                }
+            }
+        }
+        tokio::select! {
+            job = jobs.recv(), if in_flight.len() < PUBLISHES_IN_FLIGHT => {
+                let Some(job) = job else { return };
+                match &connection {
+                    Some(c) => in_flight.push(run_publish(shared.clone(), c.clone(), job)),
+                    None => {
+                        shared.queued_bytes.fetch_sub(job.charge, Ordering::AcqRel);
+                        shared.answer_error(&job, ErrorCode::Unavailable);
+                    }
+                }
+            }
+            Some(ok) = in_flight.next(), if !in_flight.is_empty() => {
+                if !ok && connection.is_some() {
+                    // The connection failed (not just one script): make a new one.
+                    connection = None;
+                    shared.publisher_up.store(false, Ordering::Release);
+                    next_attempt = Instant::now() + jittered(backoff);
+                }
+            }
+            _ = tokio::time::sleep_until(next_attempt), if connection.is_none() => {}
+        }
+    }
+}
+
+/// One publish: run the script, answer the sender. False when the connection looks broken.
+async fn run_publish(shared: Arc<Shared>, mut connection: MultiplexedConnection, job: Job) -> bool {
+    let keys = shared.keys(job.room.name());
+    let epoch = new_epoch();
+    let mut invocation = shared.publish_script.prepare_invoke();
+    invocation
+        .key(&keys.epoch)
+        .key(&keys.seq)
+        .key(&keys.history)
+        .key(&keys.dedupe)
+        .arg(shared.settings.history_limit)
+        .arg(&epoch)
+        .arg(&job.json_head)
+        .arg(job.json_tail)
+        .arg(&job.dedupe_key)
+        .arg(job.id.to_string())
+        .arg(&job.text_hash)
+        .arg(&keys.channel)
+        .arg("PUBLISH")
+        .arg(shared.key_ttl_secs());
+    let started = Instant::now();
+    let result = tokio::time::timeout(
+        shared.settings.timeout,
+        invocation.invoke_async::<Value>(&mut connection),
+    )
+    .await;
+    shared.queued_bytes.fetch_sub(job.charge, Ordering::AcqRel);
+    let reply = match result {
+        Ok(Ok(value)) => {
+            shared
+                .metrics
+                .redis_round_trip_seconds
+                .record(started.elapsed().as_secs_f64());
+            wire::parse_publish_reply(&value)
+        }
+        Ok(Err(e)) => {
+            shared.metrics.redis_errors.increment(1);
+            shared.answer_error(&job, ErrorCode::Unavailable);
+            return !(e.is_io_error() || e.is_connection_dropped());
+        }
+        Err(_) => {
+            shared.metrics.redis_errors.increment(1);
+            shared.answer_error(&job, ErrorCode::Unavailable);
+            return false;
+        }
+    };
+    match reply {
+        Some(PublishReply::New { seq, .. }) => {
+            if let Some(rid) = job.request_id.as_deref() {
+                shared.answer(&job, protocol::ack_event(rid, &job.id, seq, false));
+            }
+        }
+        Some(PublishReply::Duplicate { seq, id }) => {
+            if let Some(rid) = job.request_id.as_deref() {
+                shared.answer(&job, protocol::ack_event(rid, &id, seq, true));
+            }
+        }
+        Some(PublishReply::Conflict) => shared.answer_error(&job, ErrorCode::Conflict),
+        None => {
+            shared.metrics.redis_errors.increment(1);
+            shared.answer_error(&job, ErrorCode::Unavailable);
+        }
+    }
+    true
+}
+
+/// Keep the node's subscriptions: one per room with local members. Reconnects with backoff and
+/// jitter; after a reconnect every followed room is subscribed and read again.
+async fn rooms_task(shared: Arc<Shared>, mut commands: mpsc::Receiver<RoomCommand>) {
+    let mut backoff = RECONNECT_MIN;
+    let mut first = true;
+    loop {
+        let pubsub =
+            match tokio::time::timeout(shared.settings.timeout, shared.client.get_async_pubsub())
+                .await
+            {
+                Ok(Ok(p)) => p,
+                _ => {
+                    shared.metrics.redis_errors.increment(1);
+                    tokio::time::sleep(jittered(backoff)).await;
+                    backoff = (backoff * 2).min(RECONNECT_MAX);
+                    continue;
+                }
+            };
+        backoff = RECONNECT_MIN;
+        if !first {
+            shared.metrics.redis_reconnects.increment(1);
+        }
+        first = false;
+        let (mut sink, mut stream) = pubsub.split();
+        shared.subscriber_up.store(true, Ordering::Release);
+        // Whatever happened while we were away: every room with local members reads its
+        // snapshot again (and is subscribed first).
+        let mut pending: VecDeque<RoomCommand> = shared
+            .hub
+            .rooms_to_follow()
+            .into_iter()
+            .map(|(room, generation)| RoomCommand::Sync(room, generation))
+            .collect();
+        loop {
+            if let Some(command) = pending.pop_front() {
+                if handle_command(&shared, &mut sink, command).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            tokio::select! {
+                message = stream.next() => match message {
+                    Some(message) => on_message(&shared, &message),
+                    None => break,
+                },
+                command = commands.recv() => match command {
+                    Some(command) => pending.push_back(command),
+                    None => return,
+                },
+            }
+        }
+        shared.subscriber_up.store(false, Ordering::Release);
+        shared.metrics.redis_errors.increment(1);
+    }
+}
+
+/// Subscribe/unsubscribe in order (so a release and a new join of the same room cannot cross),
+/// and read snapshots in tasks of their own.
+async fn handle_command(
+    shared: &Arc<Shared>,
+    sink: &mut PubSubSink,
+    command: RoomCommand,
+) -> Result<(), ()> {
+    match command {
+        RoomCommand::Sync(room, generation) => {
+            let channel = shared.keys(room.name()).channel;
+            match tokio::time::timeout(shared.settings.timeout, sink.subscribe(&channel)).await {
+                Ok(Ok(())) => {
+                    tokio::spawn(read_snapshot(shared.clone(), room, generation));
+                    Ok(())
+                }
+                _ => {
+                    // The subscription connection is in trouble: reconnecting follows every
+                    // room with members again.
+                    Err(())
+                }
+            }
+        }
+        RoomCommand::Release(room) => {
+            if !shared.hub.wants_following(&room) {
+                let channel = shared.keys(room.name()).channel;
+                let _ =
+                    tokio::time::timeout(shared.settings.timeout, sink.unsubscribe(&channel)).await;
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn read_snapshot(shared: Arc<Shared>, room: Arc<Room>, generation: u64) {
+    let keys = shared.keys(room.name());
+    let mut invocation = shared.read_script.prepare_invoke();
+    invocation
+        .key(&keys.epoch)
+        .key(&keys.seq)
+        .key(&keys.history)
+        .key(&keys.dedupe)
+        .arg(new_epoch())
+        .arg(shared.key_ttl_secs());
+    let read = async {
+        let mut connection = shared.client.get_multiplexed_async_connection().await?;
+        invocation.invoke_async::<Value>(&mut connection).await
+    };
+    match tokio::time::timeout(shared.settings.timeout, read).await {
+        Ok(Ok(value)) => match wire::parse_snapshot(&value) {
+            Some(snapshot) => shared.hub.apply_snapshot(&room, generation, snapshot),
+            None => {
+                shared.metrics.redis_errors.increment(1);
+                shared.hub.snapshot_failed(&room, generation);
+            }
+        },
+        _ => {
+            shared.metrics.redis_errors.increment(1);
+            shared.hub.snapshot_failed(&room, generation);
+        }
+    }
+}
+
+/// A message on a room channel: to the hub, which orders it; anything roomcast did not publish
+/// is counted and dropped.
+fn on_message(shared: &Shared, message: &redis::Msg) {
+    let channel = message.get_channel_name();
+    let parsed = wire::room_of_channel(channel)
+        .zip(wire::parse_channel_message(message.get_payload_bytes()));
+    match parsed {
+        Some((room, m)) => shared.hub.deliver_remote(room, m.epoch, m.seq, m.json),
+        None => shared.metrics.redis_foreign_messages.increment(1),
+    }
+}
+
+fn new_epoch() -> String {
+    format!("{:016x}", uuid::Uuid::new_v4().as_u64_pair().0)
+}
+
+fn jittered(d: Duration) -> Duration {
+    let jitter = uuid::Uuid::new_v4().as_u64_pair().0 % (d.as_millis() as u64 / 2 + 1);
+    d + Duration::from_millis(jitter)
+}
