@@ -117,6 +117,9 @@ struct Shared {
     subscriber_up: AtomicBool,
     queued_bytes: AtomicUsize,
     rooms: mpsc::Sender<RoomCommand>,
+    /// The subscription connection saw Redis go away: the publishing connection is stale too
+    /// and is made again before the next publish, rather than failing one first.
+    reset_publisher: tokio::sync::Notify,
 }
 
 /// The broker handle every connection publishes through.
@@ -147,6 +150,7 @@ impl RedisBroker {
             subscriber_up: AtomicBool::new(false),
             queued_bytes: AtomicUsize::new(0),
             rooms,
+            reset_publisher: tokio::sync::Notify::new(),
         });
         tokio::spawn(publisher(shared.clone(), jobs_rx));
         tokio::spawn(rooms_task(shared.clone(), rooms_rx));
@@ -304,6 +308,11 @@ async fn publisher(shared: Arc<Shared>, mut jobs: mpsc::Receiver<Job>) {
                 }
             }
             _ = tokio::time::sleep_until(next_attempt), if connection.is_none() => {}
+            _ = shared.reset_publisher.notified() => {
+                connection = None;
+                shared.publisher_up.store(false, Ordering::Release);
+                next_attempt = Instant::now();
+            }
         }
     }
 }
@@ -427,6 +436,7 @@ async fn rooms_task(shared: Arc<Shared>, mut commands: mpsc::Receiver<RoomComman
         }
         shared.subscriber_up.store(false, Ordering::Release);
         shared.metrics.redis_errors.increment(1);
+        shared.reset_publisher.notify_one();
     }
 }
 
