@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: unit and integration tests (real relay processes over real sockets, a real
-# Prometheus), then the browser end-to-end tests in real Chromium.
+# Prometheus, real redis-server for the multi-node tests), then the browser end-to-end tests in
+# real Chromium.
 # Installs what a fresh Debian/Ubuntu machine lacks first (needs root or sudo for apt).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -11,6 +12,9 @@ missing=()
 command -v prometheus >/dev/null || missing+=(prometheus)
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v ss >/dev/null || missing+=(iproute2)
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v redis-cli >/dev/null || missing+=(redis-tools)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 command -v node >/dev/null || missing+=(nodejs npm)
 command -v cargo >/dev/null || { echo "test.sh: cargo not found; install Rust with https://rustup.rs first" >&2; exit 2; }
 if [ ${#missing[@]} -gt 0 ]; then

@@ -71,6 +71,10 @@ pub const RELAY_ENV: &[&str] = &[
     "TRUSTED_PROXIES",
     "HISTORY_MAX_BYTES",
     "INVALID_ROOM",
+    "REDIS_URL",
+    "REDIS_TIMEOUT_MS",
+    "REDIS_QUEUE_MAX_BYTES",
+    "REDIS_KEY_TTL_SECS",
     "RUST_LOG",
 ];
 

@@ -1,0 +1,408 @@
+//! Several relay nodes sharing rooms through a real `redis-server` (Debian's package, started
+//! on a free port by these tests and stopped with them): cross-node delivery in `seq` order,
+//! history and exact resume from any node, requestId de-duplication across nodes, a seq gap
+//! filled from history, garbage on a room channel, and Redis restarting underneath.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// A `redis-server` of our own on a free loopback port, without persistence; killed on drop.
+struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    fn start() -> RedisServer {
+        let port = free_port();
+        let mut r = RedisServer { port, child: None };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+            ])
+            .current_dir(std::env::temp_dir())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (test.sh installs it)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.cli(&["ping"]).trim() != "PONG" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not answer PING"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Run redis-cli against this server; its stdout.
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli is installed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stop and start again on the same port, empty (no persistence).
+    fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn node(redis: &RedisServer) -> Relay {
+    Relay::builder()
+        .env("REDIS_URL", redis.url())
+        .env("RATE_LIMIT", 1000)
+        .env("REDIS_TIMEOUT_MS", 1000)
+        .start()
+}
+
+/// Wait until every node answers /readyz 200 (its Redis connections are up).
+async fn wait_ready(nodes: &[&Relay]) {
+    for relay in nodes {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = http_get(relay, "/readyz", &[]).await;
+            if r.status == 200 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node on {} never became ready",
+                relay.port()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The next `message` events' (text, seq), skipping presence and acks.
+async fn messages(client: &mut Client, n: usize) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let e = client.next_event(EVENT_TIMEOUT).await;
+        if e["type"] == "message" {
+            out.push((
+                e["message"]["text"].as_str().unwrap_or("").to_string(),
+                e["message"]["seq"].as_u64().unwrap_or(0),
+            ));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_on_three_nodes_share_a_room_once_each_in_seq_order() {
+    let redis = RedisServer::start();
+    let nodes = [node(&redis), node(&redis), node(&redis)];
+    wait_ready(&nodes.iter().collect::<Vec<_>>()).await;
+    let mut clients = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let (c, _, history) = Client::join(n, &format!("user{i}"), "shared").await;
+        assert_eq!(history["complete"], true);
+        clients.push(c);
+    }
+    // Every node agrees on the room's epoch (it lives in Redis).
+    const EACH: usize = 10;
+    for round in 0..EACH {
+        for (i, c) in clients.iter_mut().enumerate() {
+            c.publish(&format!("n{i} m{round}")).await;
+        }
+    }
+    for c in clients.iter_mut() {
+        let got = messages(c, 3 * EACH).await;
+        let seqs: Vec<u64> = got.iter().map(|(_, s)| *s).collect();
+        let expected: Vec<u64> = (1..=(3 * EACH) as u64).collect();
+        assert_eq!(
+            seqs, expected,
+            "{}: every message once, in seq order",
+            c.name
+        );
+        let mut texts: Vec<&String> = got.iter().map(|(t, _)| t).collect();
+        texts.sort();
+        texts.dedup();
+        assert_eq!(texts.len(), 3 * EACH, "{}: {got:?}", c.name);
+    }
+    // Nothing more arrives (no duplicates trailing behind).
+    for c in clients.iter_mut() {
+        let extra = c
+            .try_next_event_matching(Duration::from_millis(300), |e| e["type"] == "message")
+            .await;
+        assert!(extra.is_err(), "{}: a duplicate arrived: {extra:?}", c.name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_and_exact_resume_work_from_any_node() {
+    let redis = RedisServer::start();
+    let (a, b, c) = (node(&redis), node(&redis), node(&redis));
+    wait_ready(&[&a, &b, &c]).await;
+    let (mut ada, _, h) = Client::join(&a, "ada", "hist").await;
+    let epoch = h["epoch"].as_str().expect("epoch").to_string();
+    for i in 1..=5 {
+        ada.publish_and_wait(&format!("m{i}")).await;
+    }
+    // A joiner on another node gets the history kept in Redis.
+    let (_bob, _, h) = Client::join(&b, "bob", "hist").await;
+    assert_eq!(
+        h["epoch"],
+        epoch.as_str(),
+        "one epoch for the room on every node"
+    );
+    let texts: Vec<&str> = h["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["text"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(texts, ["m1", "m2", "m3", "m4", "m5"]);
+    // A client that saw up to seq 3 resumes on a third node: exactly 4 and 5.
+    let query = format!("{}&since=3&epoch={epoch}", c.chat_query("cy", "hist"));
+    let mut cy = Client::connect_query(&c, &query).await.expect("upgrade");
+    cy.next_event_of_type("system", EVENT_TIMEOUT).await;
+    let h = cy.next_event_of_type("history", EVENT_TIMEOUT).await;
+    assert_eq!(h["complete"], true, "{h}");
+    let seqs: Vec<u64> = h["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(seqs, [4, 5]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_retried_on_another_node_is_acked_as_a_duplicate() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis), node(&redis));
+    wait_ready(&[&a, &b]).await;
+    let (mut watcher, _, _) = Client::join(&b, "watcher", "dedupe").await;
+    let (mut ada, system, _) = Client::join(&a, "ada", "dedupe").await;
+    let session = system["session"].as_str().expect("session").to_string();
+    ada.send_json(&json!({"type":"message","text":"once","requestId":"r1"}))
+        .await;
+    let ack = ada.next_event_of_type("ack", EVENT_TIMEOUT).await;
+    assert!(ack.get("duplicate").is_none(), "{ack}");
+    ada.close().await;
+    // The same session retries on the other node.
+    let query = format!("{}&session={session}", b.chat_query("ada", "dedupe"));
+    let mut again = Client::connect_query(&b, &query).await.expect("upgrade");
+    again
+        .send_json(&json!({"type":"message","text":"once","requestId":"r1"}))
+        .await;
+    let dup = again.next_event_of_type("ack", EVENT_TIMEOUT).await;
+    assert_eq!(dup["duplicate"], true, "{dup}");
+    assert_eq!(dup["seq"], ack["seq"]);
+    assert_eq!(dup["id"], ack["id"]);
+    // Another text under the same requestId is a conflict, not an ack.
+    again
+        .send_json(&json!({"type":"message","text":"other","requestId":"r1"}))
+        .await;
+    let e = again.next_event_of_type("error", EVENT_TIMEOUT).await;
+    assert_eq!(e["code"], "conflict");
+    // The watcher saw the message exactly once.
+    let first = watcher
+        .next_event_matching(EVENT_TIMEOUT, |e| e["type"] == "message")
+        .await;
+    assert_eq!(first["message"]["text"], "once");
+    let more = watcher
+        .try_next_event_matching(Duration::from_millis(500), |e| e["type"] == "message")
+        .await;
+    assert!(more.is_err(), "broadcast twice: {more:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seq_gap_on_the_channel_is_filled_from_history_before_delivering() {
+    let redis = RedisServer::start();
+    let a = node(&redis);
+    wait_ready(&[&a]).await;
+    let (mut ada, _, h) = Client::join(&a, "ada", "gap").await;
+    let epoch = h["epoch"].as_str().expect("epoch").to_string();
+    ada.publish_and_wait("one").await; // seq 1, through the relay
+                                       // Two messages this node never heard on the channel (as if published while its
+                                       // subscription was down): in Redis's history, and only the second is published.
+    let entry = |seq: u64, text: &str| {
+        let json = json!({"id": uuid_like(seq), "room": "gap", "from": "elsewhere",
+            "text": text, "sentAt": "2026-12-01T00:00:00.000Z", "seq": seq});
+        format!("{seq}\n{json}\n")
+    };
+    redis.cli(&[
+        "rpush",
+        "rc:{gap}:history",
+        &entry(2, "two"),
+        &entry(3, "three"),
+    ]);
+    redis.cli(&["set", "rc:{gap}:seq", "3"]);
+    let three = entry(3, "three");
+    let json3 = three.split('\n').nth(1).expect("json");
+    redis.cli(&[
+        "publish",
+        "rc:{gap}:channel",
+        &format!("{epoch}\n3\n{json3}"),
+    ]);
+    let got = messages(&mut ada, 2).await;
+    assert_eq!(
+        got,
+        [("two".to_string(), 2), ("three".to_string(), 3)],
+        "the gap is filled from history, in order"
+    );
+    wait_for_metric(&a, "roomcast_remote_gaps_total", &[], EVENT_TIMEOUT, |v| {
+        v >= 1.0
+    })
+    .await;
+}
+
+fn uuid_like(n: u64) -> String {
+    format!("00000000-0000-4000-8000-{n:012}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_a_room_channel_is_dropped_and_counted() {
+    let redis = RedisServer::start();
+    let a = node(&redis);
+    wait_ready(&[&a]).await;
+    let (mut ada, _, h) = Client::join(&a, "ada", "junk").await;
+    let epoch = h["epoch"].as_str().expect("epoch").to_string();
+    for garbage in [
+        "hello".to_string(),
+        format!("{epoch}\nnot-a-seq\n{{}}"),
+        format!("{epoch}\n1\nnot json"),
+        format!("{epoch}\n1\n{{\"unterminated\":"),
+        String::new(),
+    ] {
+        redis.cli(&["publish", "rc:{junk}:channel", &garbage]);
+    }
+    wait_for_metric(
+        &a,
+        "roomcast_redis_foreign_messages_total",
+        &[],
+        EVENT_TIMEOUT,
+        |v| v >= 5.0,
+    )
+    .await;
+    // Nothing reached the client, and the room still works.
+    let sent = ada.publish_and_wait("still here").await;
+    assert_eq!(sent["seq"], 1, "{sent}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarting_underneath_gives_unavailable_then_a_new_epoch() {
+    let mut redis = RedisServer::start();
+    let (a, b) = (node(&redis), node(&redis));
+    wait_ready(&[&a, &b]).await;
+    let (mut ada, _, h) = Client::join(&a, "ada", "outage").await;
+    let (mut bob, _, _) = Client::join(&b, "bob", "outage").await;
+    let old_epoch = h["epoch"].as_str().expect("epoch").to_string();
+    ada.publish_and_wait("before").await;
+    messages(&mut bob, 1).await;
+
+    redis.stop();
+    // Publishes are answered within REDIS_TIMEOUT_MS (1 s here) with unavailable, never acked.
+    let mut unavailable = 0;
+    for i in 0..3 {
+        ada.send_json(
+            &json!({"type":"message","text":format!("during {i}"),"requestId":format!("d{i}")}),
+        )
+        .await;
+        let answer = ada
+            .next_event_matching(Duration::from_secs(3), |e| {
+                e["type"] == "error" || e["type"] == "ack"
+            })
+            .await;
+        assert_eq!(
+            answer["type"], "error",
+            "no ack while Redis is down: {answer}"
+        );
+        assert_eq!(answer["code"], "unavailable");
+        unavailable += 1;
+    }
+    assert_eq!(unavailable, 3);
+    let r = http_get(&a, "/readyz", &[]).await;
+    assert_eq!(r.status, 503, "readyz while the broker is down");
+
+    redis.restart();
+    wait_ready(&[&a, &b]).await;
+    // Connected members learn that the room's history restarted (complete:false, new epoch).
+    let notice = ada
+        .next_event_of_type("history", Duration::from_secs(5))
+        .await;
+    assert_eq!(notice["complete"], false, "{notice}");
+    assert_ne!(notice["epoch"], old_epoch.as_str());
+    // Publishes flow across nodes again.
+    let sent = ada.publish_and_wait("after").await;
+    let got: Value = bob
+        .next_event_matching(EVENT_TIMEOUT, |e| {
+            e["type"] == "message" && e["message"]["text"] == "after"
+        })
+        .await;
+    assert_eq!(got["message"]["seq"], sent["seq"]);
+    // A client resuming with the old epoch is told it is incomplete.
+    let query = format!("{}&since=1&epoch={old_epoch}", b.chat_query("cy", "outage"));
+    let mut cy = Client::connect_query(&b, &query).await.expect("upgrade");
+    let h = cy.next_event_of_type("history", EVENT_TIMEOUT).await;
+    assert_eq!(h["complete"], false, "{h}");
+    assert_ne!(h["epoch"], old_epoch.as_str());
+    wait_for_metric(
+        &a,
+        "roomcast_redis_reconnects_total",
+        &[],
+        EVENT_TIMEOUT,
+        |v| v >= 1.0,
+    )
+    .await;
+    wait_for_metric(
+        &a,
+        "roomcast_publish_unavailable_total",
+        &[],
+        EVENT_TIMEOUT,
+        |v| v >= 3.0,
+    )
+    .await;
+}
