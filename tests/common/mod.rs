@@ -11,6 +11,9 @@
 //! Every wait is bounded by a timeout; helpers panic with a message saying what was expected.
 #![allow(dead_code)]
 
+mod services;
+pub use services::*;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
