@@ -42,11 +42,12 @@ pids+=($!)
 until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
 
 servers=""
+origins="http://localhost:$PORT,http://127.0.0.1:$PORT"
 for i in $(seq 1 "$NODES"); do
   node_port=$((PORT + i))
   HOST=127.0.0.1 PORT=$node_port CHAT_TOKEN=$TOKEN \
     REDIS_URL="redis://127.0.0.1:$REDIS_PORT" \
-    ALLOWED_ORIGINS="http://localhost:$PORT,http://127.0.0.1:$PORT" \
+    ALLOWED_ORIGINS="$origins" \
     TRUSTED_PROXIES=127.0.0.1 \
     "$BIN" 2>"$dir/node$i.log" | sed "s/^/node$i: /" &
   pids+=($!)

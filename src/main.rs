@@ -54,7 +54,9 @@ fn main() -> anyhow::Result<()> {
             writeln!(stdout, "roomcast listening on http://{addr} (max connections {max}, open-file limit {nofile})")?;
             stdout.flush()?;
             drop(stdout);
-            tracing::info!(%addr, max_connections = max, open_file_limit = nofile, origins = ?settings.allowed_origins, "ready");
+            // The Redis URL may carry a password: only whether there is one is logged.
+            let broker = if settings.redis_url.is_some() { "redis" } else { "memory" };
+            tracing::info!(%addr, max_connections = max, open_file_limit = nofile, origins = ?settings.allowed_origins, broker, "ready");
             server::run(listener, settings, Some(prometheus), shutdown).await?;
             tracing::info!("stopped");
             Ok(())
