@@ -327,6 +327,48 @@ fn help_and_setting_errors_never_show_the_chat_token() {
     }
 }
 
+/// REDIS_URL may carry a password: --help, setting errors and logs (debug included, with Redis
+/// unreachable so its errors happen) never show it.
+#[tokio::test]
+async fn the_redis_url_password_is_never_shown() {
+    let url = "redis://:hunter2-s3cret@127.0.0.1:1";
+    for args in [&["--help"][..], &["--redis-timeout-ms", "0"][..]] {
+        let mut cmd = Command::new(relay_binary());
+        for key in RELAY_ENV {
+            cmd.env_remove(key);
+        }
+        let out = cmd
+            .env("REDIS_URL", url)
+            .args(args)
+            .output()
+            .expect("run roomcast");
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !all.contains("hunter2"),
+            "roomcast {args:?} shows REDIS_URL:\n{all}"
+        );
+    }
+    let mut relay = Relay::start(&[
+        ("REDIS_URL", url),
+        ("RUST_LOG", "debug"),
+        ("REDIS_TIMEOUT_MS", "200"),
+    ]);
+    // Unreachable Redis: not ready, and publishing is refused, for a while.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(http_get(&relay, "/readyz", &[]).await.status, 503);
+    relay.stop_with_sigterm(Duration::from_secs(10)).await;
+    let lines = relay.stderr_lines();
+    let leaks: Vec<&String> = lines.iter().filter(|l| l.contains("hunter2")).collect();
+    assert!(
+        leaks.is_empty(),
+        "log lines contain the Redis password: {leaks:?}"
+    );
+}
+
 #[tokio::test]
 async fn debug_logs_never_contain_the_chat_token() {
     let token = "supersecret-d3bug-t0ken";
