@@ -118,6 +118,16 @@ pub struct HubSettings {
 pub trait Follower: Send + Sync {
     fn follow(&self, room: &Arc<Room>, generation: u64);
     fn unfollow(&self, room: &Arc<Room>);
+    /// This node's coalesced joins and leaves for a room, and its member count now: the broker
+    /// counts the room across nodes and sends the presence event to every node's members.
+    fn presence(
+        &self,
+        room: &Arc<Room>,
+        local_members: usize,
+        message: String,
+        joined: &[Arc<str>],
+        left: &[Arc<str>],
+    );
 }
 
 /// A room's snapshot as read from a networked broker.
@@ -918,6 +928,52 @@ impl Hub {
             .collect()
     }
 
+    /// A presence event from the networked broker's channel: to this node's members.
+    pub fn deliver_remote_presence(
+        self: &Arc<Self>,
+        room_name: &str,
+        online: u64,
+        message: &str,
+        joined: &[String],
+        left: &[String],
+    ) {
+        let Some(room) = self.rooms.get(room_name).map(|r| r.clone()) else {
+            return;
+        };
+        {
+            let mut st = room.lock();
+            if !matches!(st.mirror, Mirror::Synced) || st.members.is_empty() {
+                return;
+            }
+            if st.queue.len() >= REMOTE_QUEUE_MAX {
+                return; // the next presence event carries the count again
+            }
+            let names = |v: &[String]| v.iter().map(|n| Arc::from(n.as_str())).collect::<Vec<_>>();
+            let frame =
+                protocol::presence_event(message, online as usize, &names(joined), &names(left));
+            let to = Recipients::Members(st.snapshot());
+            st.queue.push_back(Queued { frame, to });
+        }
+        self.settle(&room);
+    }
+
+    /// Followed rooms and this node's member count in each (the broker refreshes them so a
+    /// node that dies drops out of every room's count).
+    pub fn followed_member_counts(&self) -> Vec<(Arc<Room>, usize)> {
+        let rooms: Vec<Arc<Room>> = self.rooms.iter().map(|r| r.value().clone()).collect();
+        rooms
+            .into_iter()
+            .filter_map(|room| {
+                let count = {
+                    let st = room.lock();
+                    (matches!(st.mirror, Mirror::Synced) && !st.members.is_empty())
+                        .then_some(st.members.len())
+                };
+                count.map(|c| (room, c))
+            })
+            .collect()
+    }
+
     /// Whether the room still has local members or joiners (a release may unsubscribe).
     pub fn wants_following(&self, room: &Room) -> bool {
         room.lock().wants_following()
@@ -1147,7 +1203,19 @@ impl Hub {
         }
         let p = std::mem::take(&mut st.presence);
         st.presence.last_sent = Some(Instant::now());
-        if p.joined_count + p.left_count == 0 || st.members.is_empty() {
+        if p.joined_count + p.left_count == 0 {
+            return;
+        }
+        if !matches!(st.mirror, Mirror::Local) {
+            // Several nodes: the count is the room's across nodes, so the broker makes the event
+            // (and it comes back to this node's members through the channel).
+            if let Some(f) = self.follower() {
+                let message = presence_message(&p);
+                f.presence(room, st.members.len(), message, &p.joined, &p.left);
+            }
+            return;
+        }
+        if st.members.is_empty() {
             return;
         }
         let message = presence_message(&p);

@@ -425,6 +425,19 @@ pub fn history_event<'a>(
     b.finish(OP_TEXT).0
 }
 
+/// Display names as a JSON array (presence crossing nodes).
+pub fn names_json(names: &[std::sync::Arc<str>]) -> String {
+    let names: Vec<&str> = names.iter().map(|n| &**n).collect();
+    serde_json::to_string(&names).expect("strings serialise")
+}
+
+/// A JSON array of names from another node; `None` unless it is one (at most 20 kept).
+pub fn parse_names(json: &str) -> Option<Vec<String>> {
+    let mut names: Vec<String> = serde_json::from_str(json).ok()?;
+    names.truncate(20);
+    Some(names)
+}
+
 /// `{"type":"presence","message":M,"online":N,"joined":[..],"left":[..]}`
 pub fn presence_event(
     message: &str,

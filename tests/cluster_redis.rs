@@ -5,96 +5,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
-
-/// A `redis-server` of our own on a free loopback port, without persistence; killed on drop.
-struct RedisServer {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    fn start() -> RedisServer {
-        let port = free_port();
-        let mut r = RedisServer { port, child: None };
-        r.spawn();
-        r
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-            ])
-            .current_dir(std::env::temp_dir())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (test.sh installs it)");
-        self.child = Some(child);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while self.cli(&["ping"]).trim() != "PONG" {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not answer PING"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Run redis-cli against this server; its stdout.
-    fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli is installed");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Stop and start again on the same port, empty (no persistence).
-    fn restart(&mut self) {
-        self.stop();
-        self.spawn();
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 fn node(redis: &RedisServer) -> Relay {
     Relay::builder()
@@ -405,4 +319,31 @@ async fn redis_restarting_underneath_gives_unavailable_then_a_new_epoch() {
         |v| v >= 3.0,
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_counts_members_on_every_node() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis), node(&redis));
+    wait_ready(&[&a, &b]).await;
+    let (mut ada, _, _) = Client::join(&a, "ada", "crowd").await;
+    let own = ada.next_event_of_type("presence", EVENT_TIMEOUT).await;
+    assert_eq!(own["online"], 1, "{own}");
+    let (mut bob, _, _) = Client::join(&b, "bob", "crowd").await;
+    // Both see bob's join with the room's count across the two nodes.
+    for c in [&mut ada, &mut bob] {
+        let p = c
+            .next_event_matching(EVENT_TIMEOUT, |e| {
+                e["type"] == "presence" && e["joined"] == json!(["bob"])
+            })
+            .await;
+        assert_eq!(p["online"], 2, "{}: {p}", c.name);
+    }
+    bob.close().await;
+    let p = ada
+        .next_event_matching(EVENT_TIMEOUT, |e| {
+            e["type"] == "presence" && e["left"] == json!(["bob"])
+        })
+        .await;
+    assert_eq!(p["online"], 1, "{p}");
 }

@@ -25,7 +25,12 @@
 //! answers 503, and the rooms task reconnects with backoff and jitter, resubscribes every room
 //! that still has local members and re-reads their snapshots (filling what was missed).
 //!
-//! Deliberately absent here: presence across nodes (each node counts its own members).
+//! **Presence across nodes.** Each node coalesces its own joins and leaves as before and hands
+//! them, with its member count, to the presence task: `redis/presence.lua` keeps every node's
+//! count in the room's hash with an expiry, sums the live ones and publishes the event on the
+//! room's channel, so every node's members get the room-wide `online`. Each node refreshes its
+//! counts every `PRESENCE_REFRESH`; a node that dies drops out within `PRESENCE_TTL`, and the
+//! next refresh anywhere publishes the new count.
 
 mod wire;
 
@@ -60,6 +65,14 @@ const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// Fixed bytes a queued job costs beyond its strings.
 const JOB_OVERHEAD: usize = 256;
+/// How often a node re-states its member count in every room it follows.
+const PRESENCE_REFRESH: Duration = Duration::from_secs(5);
+/// How long a node's count stays in a room's total without a refresh.
+const PRESENCE_TTL: Duration = Duration::from_secs(15);
+/// Presence updates waiting for the presence task (one per room per interval at most).
+const PRESENCE_QUEUE: usize = 16 * 1024;
+/// Presence scripts in flight at once.
+const PRESENCE_IN_FLIGHT: usize = 64;
 
 /// Settings of the Redis broker.
 #[derive(Debug, Clone)]
@@ -95,6 +108,15 @@ struct Job {
     charge: usize,
 }
 
+/// One node's presence update for a room.
+struct PresenceJob {
+    room: Arc<Room>,
+    local_members: usize,
+    message: String,
+    joined: String,
+    left: String,
+}
+
 /// What the rooms task is asked to do.
 enum RoomCommand {
     /// Subscribe to the room's channel (if not yet), then read and apply its snapshot for this
@@ -112,6 +134,10 @@ struct Shared {
     client: redis::Client,
     publish_script: Script,
     read_script: Script,
+    presence_script: Script,
+    /// This process, in the rooms' presence hashes.
+    node_id: String,
+    presence: mpsc::Sender<PresenceJob>,
     /// Both connections (publishing and subscriptions) are up.
     publisher_up: AtomicBool,
     subscriber_up: AtomicBool,
@@ -139,6 +165,7 @@ impl RedisBroker {
         let client = redis::Client::open(settings.url.as_str()).map_err(RedisBrokerError::Url)?;
         let (jobs, jobs_rx) = mpsc::channel(PUBLISH_QUEUE_JOBS);
         let (rooms, rooms_rx) = mpsc::channel(ROOM_COMMANDS);
+        let (presence, presence_rx) = mpsc::channel(PRESENCE_QUEUE);
         let shared = Arc::new(Shared {
             hub,
             settings,
@@ -146,6 +173,9 @@ impl RedisBroker {
             client,
             publish_script: Script::new(wire::PUBLISH_SCRIPT),
             read_script: Script::new(wire::READ_SCRIPT),
+            presence_script: Script::new(wire::PRESENCE_SCRIPT),
+            node_id: new_epoch(),
+            presence,
             publisher_up: AtomicBool::new(false),
             subscriber_up: AtomicBool::new(false),
             queued_bytes: AtomicUsize::new(0),
@@ -154,6 +184,7 @@ impl RedisBroker {
         });
         tokio::spawn(publisher(shared.clone(), jobs_rx));
         tokio::spawn(rooms_task(shared.clone(), rooms_rx));
+        tokio::spawn(presence_task(shared.clone(), presence_rx));
         Ok(Arc::new(RedisBroker { shared, jobs }))
     }
 }
@@ -224,6 +255,26 @@ impl Follower for RedisBroker {
 
     fn unfollow(&self, room: &Arc<Room>) {
         self.shared.command(RoomCommand::Release(room.clone()));
+    }
+
+    fn presence(
+        &self,
+        room: &Arc<Room>,
+        local_members: usize,
+        message: String,
+        joined: &[Arc<str>],
+        left: &[Arc<str>],
+    ) {
+        let job = PresenceJob {
+            room: room.clone(),
+            local_members,
+            message,
+            joined: protocol::names_json(joined),
+            left: protocol::names_json(left),
+        };
+        if self.shared.presence.try_send(job).is_err() {
+            self.shared.metrics.redis_errors.increment(1);
+        }
     }
 }
 
@@ -502,15 +553,118 @@ async fn read_snapshot(shared: Arc<Shared>, room: Arc<Room>, generation: u64) {
     }
 }
 
-/// A message on a room channel: to the hub, which orders it; anything roomcast did not publish
-/// is counted and dropped.
+/// A message on a room channel: to the hub, which orders it (or a presence event, to the
+/// room's members here); anything roomcast did not publish is counted and dropped.
 fn on_message(shared: &Shared, message: &redis::Msg) {
-    let channel = message.get_channel_name();
-    let parsed = wire::room_of_channel(channel)
-        .zip(wire::parse_channel_message(message.get_payload_bytes()));
-    match parsed {
-        Some((room, m)) => shared.hub.deliver_remote(room, m.epoch, m.seq, m.json),
-        None => shared.metrics.redis_foreign_messages.increment(1),
+    let Some(room) = wire::room_of_channel(message.get_channel_name()) else {
+        shared.metrics.redis_foreign_messages.increment(1);
+        return;
+    };
+    let payload = message.get_payload_bytes();
+    if let Some(m) = wire::parse_channel_message(payload) {
+        shared.hub.deliver_remote(room, m.epoch, m.seq, m.json);
+    } else if let Some(p) = wire::parse_channel_presence(payload) {
+        shared
+            .hub
+            .deliver_remote_presence(room, p.online, p.message, &p.joined, &p.left);
+    } else {
+        shared.metrics.redis_foreign_messages.increment(1);
+    }
+}
+
+/// Run presence updates (this node's joins/leaves and count per room) and re-state every
+/// followed room's count each `PRESENCE_REFRESH`, on a connection of its own.
+async fn presence_task(shared: Arc<Shared>, mut jobs: mpsc::Receiver<PresenceJob>) {
+    let mut connection: Option<MultiplexedConnection> = None;
+    let mut in_flight = FuturesUnordered::new();
+    let mut refresh = tokio::time::interval(PRESENCE_REFRESH);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut backlog: VecDeque<PresenceJob> = VecDeque::new();
+    loop {
+        tokio::select! {
+            job = jobs.recv() => match job {
+                Some(job) => backlog.push_back(job),
+                None => return,
+            },
+            _ = refresh.tick() => {
+                for (room, count) in shared.hub.followed_member_counts() {
+                    if backlog.len() < PRESENCE_QUEUE {
+                        backlog.push_back(PresenceJob {
+                            room,
+                            local_members: count,
+                            message: String::new(),
+                            joined: "[]".into(),
+                            left: "[]".into(),
+                        });
+                    }
+                }
+            }
+            Some(ok) = in_flight.next(), if !in_flight.is_empty() => {
+                let ok: bool = ok;
+                if !ok {
+                    connection = None;
+                }
+            }
+        }
+        if connection.is_none() && !backlog.is_empty() {
+            match tokio::time::timeout(
+                shared.settings.timeout,
+                shared.client.get_multiplexed_async_connection(),
+            )
+            .await
+            {
+                Ok(Ok(c)) => connection = Some(c),
+                _ => {
+                    // Redis is away: these updates are stale by the time it is back, and the
+                    // refresh re-states every count then.
+                    shared.metrics.redis_errors.increment(1);
+                    backlog.clear();
+                    continue;
+                }
+            }
+        }
+        while in_flight.len() < PRESENCE_IN_FLIGHT {
+            let (Some(job), Some(c)) = (backlog.pop_front(), connection.as_ref()) else {
+                break;
+            };
+            in_flight.push(run_presence(shared.clone(), c.clone(), job));
+        }
+    }
+}
+
+/// One presence update. False when the connection looks broken.
+async fn run_presence(
+    shared: Arc<Shared>,
+    mut connection: MultiplexedConnection,
+    job: PresenceJob,
+) -> bool {
+    let keys = shared.keys(job.room.name());
+    let mut invocation = shared.presence_script.prepare_invoke();
+    invocation
+        .key(&keys.presence)
+        .arg(&shared.node_id)
+        .arg(job.local_members)
+        .arg(PRESENCE_TTL.as_millis() as u64)
+        .arg(&keys.channel)
+        .arg("PUBLISH")
+        .arg(&job.message)
+        .arg(&job.joined)
+        .arg(&job.left);
+    match tokio::time::timeout(
+        shared.settings.timeout,
+        invocation.invoke_async::<Value>(&mut connection),
+    )
+    .await
+    {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => {
+            shared.metrics.redis_errors.increment(1);
+            !(e.is_io_error() || e.is_connection_dropped())
+        }
+        Err(_) => {
+            shared.metrics.redis_errors.increment(1);
+            false
+        }
     }
 }
 

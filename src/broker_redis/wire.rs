@@ -12,6 +12,8 @@ use crate::hub::RoomSnapshot;
 pub(super) const PUBLISH_SCRIPT: &str = include_str!("../redis/publish.lua");
 /// A node's snapshot of a room (epoch, last seq, history) for a join or a gap.
 pub(super) const READ_SCRIPT: &str = include_str!("../redis/read.lua");
+/// A node's member count for a room, the total over live nodes, and the presence event.
+pub(super) const PRESENCE_SCRIPT: &str = include_str!("../redis/presence.lua");
 
 /// The names of one room's keys and channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +22,7 @@ pub(super) struct RoomKeys {
     pub seq: String,
     pub history: String,
     pub dedupe: String,
+    pub presence: String,
     pub channel: String,
 }
 
@@ -30,6 +33,7 @@ impl RoomKeys {
             seq: format!("rc:{{{room}}}:seq"),
             history: format!("rc:{{{room}}}:history"),
             dedupe: format!("rc:{{{room}}}:dedupe"),
+            presence: format!("rc:{{{room}}}:presence"),
             channel: format!("rc:{{{room}}}:channel"),
         }
     }
@@ -59,6 +63,31 @@ pub(super) fn parse_channel_message(payload: &[u8]) -> Option<ChannelMessage<'_>
         return None;
     }
     Some(ChannelMessage { epoch, seq, json })
+}
+
+/// A presence event as it travels on a room's channel: `P\nTOTAL\nMESSAGE\nJOINED\nLEFT`.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct ChannelPresence<'a> {
+    /// Members of the room on every live node.
+    pub online: u64,
+    pub message: &'a str,
+    pub joined: Vec<String>,
+    pub left: Vec<String>,
+}
+
+pub(super) fn parse_channel_presence(payload: &[u8]) -> Option<ChannelPresence<'_>> {
+    let text = std::str::from_utf8(payload.strip_prefix(b"P\n")?).ok()?;
+    let mut parts = text.splitn(4, '\n');
+    let online = parts.next()?.parse().ok()?;
+    let message = parts.next()?;
+    let joined = crate::protocol::parse_names(parts.next()?)?;
+    let left = crate::protocol::parse_names(parts.next()?)?;
+    Some(ChannelPresence {
+        online,
+        message,
+        joined,
+        left,
+    })
 }
 
 /// One history entry (`SEQ\nJSON\nDEDUPE-KEY`): its seq and inner message object.
@@ -171,7 +200,14 @@ mod tests {
     #[test]
     fn keys_and_channel_share_the_room_hash_tag() {
         let k = RoomKeys::new("ops-1");
-        for key in [&k.epoch, &k.seq, &k.history, &k.dedupe, &k.channel] {
+        for key in [
+            &k.epoch,
+            &k.seq,
+            &k.history,
+            &k.dedupe,
+            &k.presence,
+            &k.channel,
+        ] {
             assert!(key.contains("{ops-1}"), "{key}");
         }
         assert_eq!(room_of_channel(&k.channel), Some("ops-1"));
@@ -194,6 +230,18 @@ mod tests {
         ] {
             assert_eq!(parse_channel_message(garbage), None, "{garbage:?}");
         }
+    }
+
+    #[test]
+    fn presence_on_the_channel_parses() {
+        let p = parse_channel_presence(b"P\n7\nada joined\n[\"ada\"]\n[]").expect("valid");
+        assert_eq!(p.online, 7);
+        assert_eq!(p.message, "ada joined");
+        assert_eq!(p.joined, ["ada"]);
+        assert!(p.left.is_empty());
+        assert_eq!(parse_channel_presence(b"P\nx\n\n[]\n[]"), None);
+        assert_eq!(parse_channel_presence(b"P\n1\nm\nnot json\n[]"), None);
+        assert_eq!(parse_channel_presence(b"e1\n1\n{}"), None);
     }
 
     #[test]
