@@ -12,6 +12,7 @@
 #![allow(dead_code)]
 
 mod services;
+#[allow(unused_imports)]
 pub use services::*;
 
 use std::collections::HashMap;
