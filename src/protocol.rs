@@ -297,6 +297,14 @@ const MESSAGE_OPEN: &[u8] = b"{\"type\":\"message\",\"message\":";
 /// its `seq`, and what follows the `seq`: a networked broker fills in the `seq` it assigns.
 pub fn message_json_parts(m: &MessageFields<'_>) -> (String, &'static str) {
     let mut out = Vec::with_capacity(96 + m.text.len());
+    write_message_head(&mut out, m);
+    let head = String::from_utf8(out).expect("JSON written from str is UTF-8");
+    (head, "}")
+}
+
+/// `{"id":"..","room":..,"from":..,"text":..,"sentAt":"..","seq":` — every field of a message
+/// object but the `seq` value, written once for the local and the networked broker alike.
+fn write_message_head(out: &mut Vec<u8>, m: &MessageFields<'_>) {
     out.extend_from_slice(b"{\"id\":\"");
     out.extend_from_slice(
         m.id.hyphenated()
@@ -304,16 +312,14 @@ pub fn message_json_parts(m: &MessageFields<'_>) -> (String, &'static str) {
             .as_bytes(),
     );
     out.extend_from_slice(b"\",\"room\":");
-    write_json_str(&mut out, m.room);
+    write_json_str(out, m.room);
     out.extend_from_slice(b",\"from\":");
-    write_json_str(&mut out, m.from);
+    write_json_str(out, m.from);
     out.extend_from_slice(b",\"text\":");
-    write_json_str(&mut out, m.text);
+    write_json_str(out, m.text);
     out.extend_from_slice(b",\"sentAt\":\"");
     out.extend_from_slice(m.sent_at.as_bytes());
     out.extend_from_slice(b"\",\"seq\":");
-    let head = String::from_utf8(out).expect("JSON written from str is UTF-8");
-    (head, "}")
 }
 
 /// The message event around an inner message object that came from a networked broker (built
@@ -352,21 +358,7 @@ pub fn message_event(m: &MessageFields<'_>) -> MessageEvent {
     out.extend_from_slice(MESSAGE_OPEN);
     let inner_start = b.payload_len();
     let out = b.payload();
-    out.extend_from_slice(b"{\"id\":\"");
-    out.extend_from_slice(
-        m.id.hyphenated()
-            .encode_lower(&mut uuid::Uuid::encode_buffer())
-            .as_bytes(),
-    );
-    out.extend_from_slice(b"\",\"room\":");
-    write_json_str(out, m.room);
-    out.extend_from_slice(b",\"from\":");
-    write_json_str(out, m.from);
-    out.extend_from_slice(b",\"text\":");
-    write_json_str(out, m.text);
-    out.extend_from_slice(b",\"sentAt\":\"");
-    out.extend_from_slice(m.sent_at.as_bytes());
-    out.extend_from_slice(b"\",\"seq\":");
+    write_message_head(out, m);
     out.extend_from_slice(m.seq.to_string().as_bytes());
     out.push(b'}');
     let inner_end = b.payload_len();
