@@ -440,18 +440,21 @@ async fn rooms_task(shared: Arc<Shared>, mut commands: mpsc::Receiver<RoomComman
     let mut backoff = RECONNECT_MIN;
     let mut first = true;
     loop {
-        let pubsub =
-            match tokio::time::timeout(shared.settings.timeout, shared.client.get_async_pubsub())
-                .await
-            {
-                Ok(Ok(p)) => p,
-                _ => {
-                    shared.metrics.redis_errors.increment(1);
-                    tokio::time::sleep(jittered(backoff)).await;
-                    backoff = (backoff * 2).min(RECONNECT_MAX);
-                    continue;
-                }
-            };
+        // The subscriptions, and one multiplexed connection for every snapshot read.
+        let connect = async {
+            let pubsub = shared.client.get_async_pubsub().await?;
+            let reads = shared.client.get_multiplexed_async_connection().await?;
+            Ok::<_, redis::RedisError>((pubsub, reads))
+        };
+        let (pubsub, reads) = match tokio::time::timeout(shared.settings.timeout, connect).await {
+            Ok(Ok(pair)) => pair,
+            _ => {
+                shared.metrics.redis_errors.increment(1);
+                tokio::time::sleep(jittered(backoff)).await;
+                backoff = (backoff * 2).min(RECONNECT_MAX);
+                continue;
+            }
+        };
         backoff = RECONNECT_MIN;
         if !first {
             shared.metrics.redis_reconnects.increment(1);
@@ -469,7 +472,10 @@ async fn rooms_task(shared: Arc<Shared>, mut commands: mpsc::Receiver<RoomComman
             .collect();
         loop {
             if let Some(command) = pending.pop_front() {
-                if handle_command(&shared, &mut sink, command).await.is_err() {
+                if handle_command(&shared, &mut sink, &reads, command)
+                    .await
+                    .is_err()
+                {
                     break;
                 }
                 continue;
@@ -496,6 +502,7 @@ async fn rooms_task(shared: Arc<Shared>, mut commands: mpsc::Receiver<RoomComman
 async fn handle_command(
     shared: &Arc<Shared>,
     sink: &mut PubSubSink,
+    reads: &MultiplexedConnection,
     command: RoomCommand,
 ) -> Result<(), ()> {
     match command {
@@ -503,7 +510,12 @@ async fn handle_command(
             let channel = shared.keys(room.name()).channel;
             match tokio::time::timeout(shared.settings.timeout, sink.subscribe(&channel)).await {
                 Ok(Ok(())) => {
-                    tokio::spawn(read_snapshot(shared.clone(), room, generation));
+                    tokio::spawn(read_snapshot(
+                        shared.clone(),
+                        reads.clone(),
+                        room,
+                        generation,
+                    ));
                     Ok(())
                 }
                 _ => {
@@ -524,7 +536,12 @@ async fn handle_command(
     }
 }
 
-async fn read_snapshot(shared: Arc<Shared>, room: Arc<Room>, generation: u64) {
+async fn read_snapshot(
+    shared: Arc<Shared>,
+    mut connection: MultiplexedConnection,
+    room: Arc<Room>,
+    generation: u64,
+) {
     let keys = shared.keys(room.name());
     let mut invocation = shared.read_script.prepare_invoke();
     invocation
@@ -534,10 +551,7 @@ async fn read_snapshot(shared: Arc<Shared>, room: Arc<Room>, generation: u64) {
         .key(&keys.dedupe)
         .arg(new_epoch())
         .arg(shared.key_ttl_secs());
-    let read = async {
-        let mut connection = shared.client.get_multiplexed_async_connection().await?;
-        invocation.invoke_async::<Value>(&mut connection).await
-    };
+    let read = invocation.invoke_async::<Value>(&mut connection);
     match tokio::time::timeout(shared.settings.timeout, read).await {
         Ok(Ok(value)) => match wire::parse_snapshot(&value) {
             Some(snapshot) => shared.hub.apply_snapshot(&room, generation, snapshot),
