@@ -347,3 +347,31 @@ async fn presence_counts_members_on_every_node() {
         .await;
     assert_eq!(p["online"], 1, "{p}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_past_the_redis_queue_bound_get_unavailable() {
+    let redis = RedisServer::start();
+    // Smaller than one queued publish: every publish finds the queue full.
+    let a = Relay::builder()
+        .env("REDIS_URL", redis.url())
+        .env("REDIS_QUEUE_MAX_BYTES", 100)
+        .start();
+    wait_ready(&[&a]).await;
+    let (mut ada, _, _) = Client::join(&a, "ada", "bounded").await;
+    ada.send_json(&json!({"type":"message","text":"too much","requestId":"b1"}))
+        .await;
+    let e = ada
+        .next_event_matching(EVENT_TIMEOUT, |e| {
+            e["type"] == "error" || e["type"] == "ack"
+        })
+        .await;
+    assert_eq!(e["code"], "unavailable", "{e}");
+    wait_for_metric(
+        &a,
+        "roomcast_publish_unavailable_total",
+        &[],
+        EVENT_TIMEOUT,
+        |v| v >= 1.0,
+    )
+    .await;
+}
