@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use super::process::free_port;
+
 /// A `redis-server` of our own on a free loopback port, without persistence; killed on drop.
 pub struct RedisServer {
     port: u16,
@@ -81,13 +83,6 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// nginx in front of relay nodes, as deploy/nginx.conf has it: WebSocket upgrades, least_conn,
