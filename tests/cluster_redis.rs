@@ -187,16 +187,16 @@ async fn a_seq_gap_on_the_channel_is_filled_from_history_before_delivering() {
             "text": text, "sentAt": "2026-12-01T00:00:00.000Z", "seq": seq});
         format!("{seq}\n{json}\n")
     };
-    redis.cli(&[
+    redis.command(&[
         "rpush",
         "rc:{gap}:history",
         &entry(2, "two"),
         &entry(3, "three"),
     ]);
-    redis.cli(&["set", "rc:{gap}:seq", "3"]);
+    redis.command(&["set", "rc:{gap}:seq", "3"]);
     let three = entry(3, "three");
     let json3 = three.split('\n').nth(1).expect("json");
-    redis.cli(&[
+    redis.command(&[
         "publish",
         "rc:{gap}:channel",
         &format!("{epoch}\n3\n{json3}"),
@@ -231,7 +231,7 @@ async fn garbage_on_a_room_channel_is_dropped_and_counted() {
         format!("{epoch}\n1\n{{\"unterminated\":"),
         String::new(),
     ] {
-        redis.cli(&["publish", "rc:{junk}:channel", &garbage]);
+        redis.command(&["publish", "rc:{junk}:channel", &garbage]);
     }
     wait_for_metric(
         &a,
@@ -257,7 +257,7 @@ async fn redis_restarting_underneath_gives_unavailable_then_a_new_epoch() {
     ada.publish_and_wait("before").await;
     messages(&mut bob, 1).await;
 
-    redis.stop();
+    redis.kill_hard();
     // Publishes are answered within REDIS_TIMEOUT_MS (1 s here) with unavailable, never acked.
     let mut unavailable = 0;
     for i in 0..3 {

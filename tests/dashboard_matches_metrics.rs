@@ -2,20 +2,12 @@
 //! expression of `grafana/dashboards/roomcast.json` must be exported by a real relay that has seen
 //! traffic, and every metric the relay exports must be shown somewhere on the dashboard.
 
-mod support_metrics;
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use common::*;
 use serde_json::Value;
-use support_metrics::*;
-
-fn load_dashboard() -> Value {
-    let path = repo_root().join("grafana/dashboards/roomcast.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("{} is not valid JSON: {e}", path.display()))
-}
 
 /// Every name the dashboard selects, with the panels that use it.
 fn dashboard_metric_names(d: &Value) -> BTreeMap<String, BTreeSet<String>> {
@@ -197,28 +189,29 @@ async fn every_dashboard_metric_is_exported_by_a_relay_with_traffic() {
 
     let relay = Relay::start(&[("HEARTBEAT_MS", "600000"), ("PRESENCE_INTERVAL_MS", "20")]);
     // Traffic: two clients in one room, a message each way, an invalid message, a rejection.
-    let (mut a, _) = WsClient::join_and_greet(&relay, "ann", "dash").await;
-    let (mut b, _) = WsClient::join_and_greet(&relay, "ben", "dash").await;
+    let (mut a, _) = Client::join_and_greet(&relay, "ann", "dash").await;
+    let (mut b, _) = Client::join_and_greet(&relay, "ben", "dash").await;
     a.expect_presence("ben", 2).await;
-    a.say("hello from ann").await;
+    a.publish("hello from ann").await;
     a.expect_message("hello from ann").await;
     b.expect_message("hello from ann").await;
-    b.say("hi ann").await;
+    b.publish("hi ann").await;
     a.expect_message("hi ann").await;
     b.expect_message("hi ann").await;
     b.send_text("not json").await;
     b.expect_error("bad_json").await;
-    match ws_connect(
-        relay.addr,
+    match Client::connect_to(
+        &relay,
         "/chat?token=wrong&name=x&room=dash",
-        Some(ORIGIN),
+        Some(&relay.origin()),
+        &[],
     )
     .await
     {
-        Err(UpgradeError::Status(401)) => {}
+        Err(ConnectError::Status(401)) => {}
         other => panic!("wrong token should get 401, got {:?}", other.map(|_| "101")),
     }
-    let text = relay.scrape_text().await;
+    let text = metrics_text(&relay).await;
     let exp = Exposition::parse(&text).unwrap_or_else(|e| panic!("cannot parse /metrics: {e}"));
     let exported = exp.sample_names();
 

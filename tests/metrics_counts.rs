@@ -34,12 +34,12 @@
 //!   values: 0 connections and 0 queued bytes once everyone has gone, rooms as joined (every room
 //!   used here keeps history or is the only one), max as configured / as printed at start.
 
-mod support_metrics;
+mod common;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use support_metrics::*;
+use common::*;
 
 const CLOSE_CODES: [&str; 10] = [
     "1000", "1001", "1002", "1003", "1006", "1007", "1008", "1009", "1011", "1013",
@@ -312,18 +312,12 @@ fn assert_counts(relay: &Relay, before: &Exposition, after: &Exposition, exp: &E
 
 /// `N` from `roomcast listening on http://ADDR (max connections N, open-file limit M)`.
 fn printed_max_connections(relay: &Relay) -> f64 {
-    let l = &relay.first_line;
-    let n = l
-        .split("max connections ")
-        .nth(1)
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse::<f64>().ok());
-    n.unwrap_or_else(|| panic!("cannot read the max connections from {l:?}"))
+    relay.max_connections as f64
 }
 
 async fn expect_status(relay: &Relay, path_and_query: &str, origin: Option<&str>, status: u16) {
-    match ws_connect(relay.addr, path_and_query, origin).await {
-        Err(UpgradeError::Status(s)) if s == status => {}
+    match Client::connect_to(relay, path_and_query, origin, &[]).await {
+        Err(ConnectError::Status(s)) if s == status => {}
         Err(e) => panic!(
             "upgrade {path_and_query} (Origin {origin:?}): expected HTTP {status}, got {e:?}"
         ),
@@ -333,7 +327,7 @@ async fn expect_status(relay: &Relay, path_and_query: &str, origin: Option<&str>
     }
 }
 
-fn sum_frames(clients: &[&WsClient]) -> (f64, f64) {
+fn sum_frames(clients: &[&Client]) -> (f64, f64) {
     (
         clients.iter().map(|c| c.frames as f64).sum(),
         clients.iter().map(|c| c.bytes as f64).sum(),
@@ -373,29 +367,29 @@ async fn connections_messages_rejections_errors_and_closes_are_counted_exactly()
 
     // Rejections, each once, while there is room (path, Origin, token are checked before capacity).
     let q = format!("token={TOKEN}&name=mallory&room=main");
-    expect_status(&relay, &format!("/nope?{q}"), Some(ORIGIN), 404).await;
+    expect_status(&relay, &format!("/nope?{q}"), Some(&relay.origin()), 404).await;
     expect_status(&relay, &format!("/chat?{q}"), Some("http://evil.test"), 403).await;
     expect_status(
         &relay,
         "/chat?token=wrong-token&name=mallory&room=main",
-        Some(ORIGIN),
+        Some(&relay.origin()),
         401,
     )
     .await;
 
     // alice and bob in "main"; three messages reach both.
-    let (mut alice, _) = WsClient::join_and_greet(&relay, "alice", "main").await;
-    let (mut bob, _) = WsClient::join_and_greet(&relay, "bob", "main").await;
+    let (mut alice, _) = Client::join_and_greet(&relay, "alice", "main").await;
+    let (mut bob, _) = Client::join_and_greet(&relay, "bob", "main").await;
     alice.expect_presence("bob joined", 2).await;
     for i in 1..=3 {
         let t = format!("hello {i}");
-        alice.say(&t).await;
+        alice.publish(&t).await;
         alice.expect_message(&t).await;
         bob.expect_message(&t).await;
         publishes.push(2);
     }
     // carol makes three: the relay is full, a fourth upgrade gets 503.
-    let (mut carol, history) = WsClient::join_and_greet(&relay, "carol", "main").await;
+    let (mut carol, history) = Client::join_and_greet(&relay, "carol", "main").await;
     assert_eq!(
         history["messages"].as_array().map(Vec::len),
         Some(3),
@@ -407,13 +401,13 @@ async fn connections_messages_rejections_errors_and_closes_are_counted_exactly()
     expect_status(
         &relay,
         &format!("/chat?token={TOKEN}&name=dan&room=main"),
-        Some(ORIGIN),
+        Some(&relay.origin()),
         503,
     )
     .await;
     for i in 4..=6 {
         let t = format!("hello {i}");
-        alice.say(&t).await;
+        alice.publish(&t).await;
         for c in [&mut alice, &mut bob, &mut carol] {
             c.expect_message(&t).await;
         }
@@ -421,12 +415,12 @@ async fn connections_messages_rejections_errors_and_closes_are_counted_exactly()
     }
     // alice has used her 6 messages: two more are rate limited (and reach nobody else).
     for _ in 0..2 {
-        alice.say("too fast").await;
+        alice.publish("too fast").await;
         alice.expect_error("rate_limited").await;
     }
     // The invalid codes, spread so nobody passes ABUSE_LIMIT=3 error events or RATE_LIMIT=6
     // messages (whether refused messages use up the rate budget is not part of the contract).
-    bob.say(&"a".repeat(501)).await;
+    bob.publish(&"a".repeat(501)).await;
     bob.expect_error("too_large").await;
     bob.send_text("{not json").await;
     bob.expect_error("bad_json").await;
@@ -446,8 +440,8 @@ async fn connections_messages_rejections_errors_and_closes_are_counted_exactly()
     relay.wait_connections(2.0).await;
 
     // 1003: dave, alone in his room, sends a binary frame.
-    let (mut dave, _) = WsClient::join_and_greet(&relay, "dave", "r1003").await;
-    dave.say("dave here").await;
+    let (mut dave, _) = Client::join_and_greet(&relay, "dave", "r1003").await;
+    dave.publish("dave here").await;
     dave.expect_message("dave here").await;
     publishes.push(1);
     dave.send_binary(&[1, 2, 3]).await;
@@ -460,8 +454,8 @@ async fn connections_messages_rejections_errors_and_closes_are_counted_exactly()
     relay.wait_connections(2.0).await;
 
     // 1009: erin sends a text frame over MAX_PAYLOAD_BYTES.
-    let (mut erin, _) = WsClient::join_and_greet(&relay, "erin", "r1009").await;
-    erin.say("erin here").await;
+    let (mut erin, _) = Client::join_and_greet(&relay, "erin", "r1009").await;
+    erin.publish("erin here").await;
     erin.expect_message("erin here").await;
     publishes.push(1);
     erin.send_text(&format!(
@@ -478,14 +472,14 @@ async fn connections_messages_rejections_errors_and_closes_are_counted_exactly()
     relay.wait_connections(2.0).await;
 
     // 1008: frank sends invalid messages; more than ABUSE_LIMIT error events end the connection.
-    let (mut frank, _) = WsClient::join_and_greet(&relay, "frank", "r1008").await;
-    frank.say("frank here").await;
+    let (mut frank, _) = Client::join_and_greet(&relay, "frank", "r1008").await;
+    frank.publish("frank here").await;
     frank.expect_message("frank here").await;
     publishes.push(1);
     for i in 1..=ABUSE_LIMIT {
         frank.send_text("{bad").await;
-        match frank.next_event(WAIT).await {
-            Event::Json(v) if v["type"] == "error" && v["code"] == "bad_json" => {}
+        match frank.try_next_event(WAIT).await {
+            Ok(v) if v["type"] == "error" && v["code"] == "bad_json" => {}
             other => panic!("frank: error event {i} of ABUSE_LIMIT={ABUSE_LIMIT} should only be answered with bad_json (the contract closes after MORE than the limit), got {other:?}"),
         }
     }
@@ -573,7 +567,7 @@ async fn connections_messages_rejections_errors_and_closes_are_counted_exactly()
         printed_max_connections(&relay),
         3.0,
         "startup line: {}",
-        relay.first_line
+        relay.startup_line
     );
     assert_counts(&relay, &before, &after, &exp);
 }
@@ -591,9 +585,9 @@ async fn slow_consumer_close_is_counted_and_frames_queued_to_it_are_exact() {
     ]);
     let before = relay.scrape().await;
 
-    let (mut flooder, _) = WsClient::join_and_greet(&relay, "flooder", "flood").await;
+    let (mut flooder, _) = Client::join_and_greet(&relay, "flooder", "flood").await;
     // The slow consumer: a tiny receive buffer, reads its greeting, then stops reading.
-    let mut slow = RawClient::join(&relay, "slow", "flood", Some(2048)).await;
+    let mut slow = RawClient::connect_buffered(&relay, "slow", "flood", Some(2048)).await;
     slow.expect_type("system").await;
     slow.expect_type("history").await;
     let p = slow.expect_type("presence").await;
@@ -611,11 +605,11 @@ async fn slow_consumer_close_is_counted_and_frames_queued_to_it_are_exact() {
     let mut left_seen = 0;
     let started = Instant::now();
     loop {
-        flooder.say(&text).await;
+        flooder.publish(&text).await;
         loop {
             let bytes_before = flooder.bytes;
-            match flooder.next_event(WAIT).await {
-                Event::Json(v) if v["type"] == "message" => {
+            match flooder.try_next_event(WAIT).await {
+                Ok(v) if v["type"] == "message" => {
                     assert_eq!(v["message"]["text"], text.as_str());
                     assert_eq!(
                         v["message"]["seq"],
@@ -625,7 +619,7 @@ async fn slow_consumer_close_is_counted_and_frames_queued_to_it_are_exact() {
                     sizes.push(flooder.bytes - bytes_before);
                     break;
                 }
-                Event::Json(v)
+                Ok(v)
                     if v["type"] == "presence"
                         && v["message"].as_str().unwrap_or("").contains("slow left") =>
                 {
@@ -658,7 +652,8 @@ async fn slow_consumer_close_is_counted_and_frames_queued_to_it_are_exact() {
     let mut slow_messages = 0u64;
     loop {
         match slow.read_frame(WAIT).await {
-            Ok(Some(RawFrame::Text(v, _))) => {
+            Ok(f) if f.opcode == OP_TEXT => {
+                let v = f.json();
                 assert_eq!(v["type"], "message", "slow consumer got {v}");
                 slow_messages += 1;
                 assert_eq!(
@@ -666,12 +661,12 @@ async fn slow_consumer_close_is_counted_and_frames_queued_to_it_are_exact() {
                     "slow consumer's frames are not a prefix of the flood"
                 );
             }
-            Ok(Some(RawFrame::Close(code))) => {
-                assert_eq!(code, Some(1013), "slow consumer's close code")
+            Ok(f) if f.opcode == OP_CLOSE => {
+                assert_eq!(f.close_code(), Some(1013), "slow consumer's close code")
             }
-            Ok(Some(_)) => {}
-            Ok(None) => break,
-            Err(()) => {
+            Ok(_) => {}
+            Err(RawEnd::Eof) | Err(RawEnd::Error(_)) => break,
+            Err(RawEnd::Timeout) => {
                 panic!("slow consumer's socket was neither closed nor reset within {WAIT:?}")
             }
         }
@@ -720,29 +715,30 @@ async fn heartbeat_termination_is_counted_and_a_live_client_is_not_terminated() 
 
     // ghost never answers pings (nor sends anything); alive is read continuously, so tungstenite
     // answers every ping with a pong.
-    let mut ghost = RawClient::join(&relay, "ghost", "hb", None).await;
+    let mut ghost = RawClient::connect(&relay, "ghost", "hb").await;
     ghost.expect_type("system").await;
     ghost.expect_type("history").await;
     ghost.expect_type("presence").await;
-    let (mut alive, _) = WsClient::join_and_greet(&relay, "alive", "hb-alive").await;
+    let (mut alive, _) = Client::join_and_greet(&relay, "alive", "hb-alive").await;
 
     let ghost_end = async {
         let started = Instant::now();
         loop {
             match ghost.read_frame(Duration::from_secs(5)).await {
-                Ok(Some(RawFrame::Ping)) => {}
-                Ok(Some(RawFrame::Close(code))) => {
+                Ok(f) if f.opcode == OP_PING => {}
+                Ok(f) if f.opcode == OP_CLOSE => {
+                    let code = f.close_code();
                     panic!("heartbeat termination should drop the TCP connection without a close frame (client sees 1006), got close {code:?}")
                 }
-                Ok(Some(other)) => panic!("ghost: unexpected {other:?}"),
-                Ok(None) => return started.elapsed(),
-                Err(()) => panic!("a client silent for many HEARTBEAT_MS=300 intervals was not terminated within 5 s"),
+                Ok(other) => panic!("ghost: unexpected {other:?}"),
+                Err(RawEnd::Eof) | Err(RawEnd::Error(_)) => return started.elapsed(),
+                Err(RawEnd::Timeout) => panic!("a client silent for many HEARTBEAT_MS=300 intervals was not terminated within 5 s"),
             }
         }
     };
     let alive_quiet = async {
-        match alive.next_event(Duration::from_millis(2000)).await {
-            Event::Timeout => {}
+        match alive.try_next_event(Duration::from_millis(2000)).await {
+            Err(WsEnd::Timeout) => {}
             other => panic!("alive: expected only pings for 2 s, got {other:?}"),
         }
     };
@@ -752,9 +748,9 @@ async fn heartbeat_termination_is_counted_and_a_live_client_is_not_terminated() 
         "the silent client was terminated without being pinged first (after {took:?})"
     );
     assert!(
-        alive.pings >= 2,
+        alive.pings_seen >= 2,
         "alive got {} pings in 2 s with HEARTBEAT_MS=300",
-        alive.pings
+        alive.pings_seen
     );
     relay.wait_connections(1.0).await;
     alive.close_normally().await;
@@ -783,7 +779,7 @@ async fn heartbeat_termination_is_counted_and_a_live_client_is_not_terminated() 
         max_connections: printed_max_connections(&relay),
         rooms: 2.0,
         min_writes: 2.0,
-        max_writes: frames + (ghost.pings + alive.pings) as f64 + 2.0,
+        max_writes: frames + (ghost.pings + alive.pings_seen as u64) as f64 + 2.0,
         ..Default::default()
     };
     assert_counts(&relay, &before, &after, &exp);

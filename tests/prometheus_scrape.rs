@@ -8,15 +8,14 @@
 //!
 //! Nothing is skipped: without the binaries these tests FAIL, saying what to install.
 
-mod support_metrics;
+mod common;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::*;
 use serde_json::Value;
-use support_metrics::*;
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
 const PROMTOOL: &str = "/usr/bin/promtool";
@@ -29,16 +28,11 @@ fn require(bin: &str) {
     );
 }
 
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
-}
-
 /// A Prometheus server child; killed on drop (its storage dir goes with the TempDir).
 struct Prometheus {
     child: Child,
     addr: SocketAddr,
-    log: Arc<Mutex<String>>,
+    log: CapturedLines,
     _dir: TempDir,
 }
 
@@ -46,7 +40,7 @@ impl Prometheus {
     fn start(target: SocketAddr) -> Prometheus {
         require(PROMETHEUS);
         let dir = TempDir::new("roomcast-prometheus");
-        let config = dir.0.join("prometheus.yml");
+        let config = dir.path().join("prometheus.yml");
         std::fs::write(
             &config,
             format!(
@@ -55,22 +49,21 @@ impl Prometheus {
             ),
         )
         .expect("write prometheus.yml");
-        let storage = dir.0.join("data");
+        let storage = dir.path().join("data");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let mut child = Command::new(PROMETHEUS)
-            .arg(format!("--config.file={}", config.display()))
+        let mut cmd = Command::new(PROMETHEUS);
+        cmd.arg(format!("--config.file={}", config.display()))
             .arg(format!("--storage.tsdb.path={}", storage.display()))
             .arg(format!("--web.listen-address={addr}"))
             .arg("--storage.tsdb.retention.time=1h")
             .arg("--log.level=warn")
-            .current_dir(&dir.0)
+            .current_dir(dir.path())
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = spawn_tied(cmd, libc::SIGKILL)
             .unwrap_or_else(|e| panic!("cannot start {PROMETHEUS}: {e}"));
-        let log = drain_pipe(child.stderr.take().expect("stderr"));
-        let _out = drain_pipe(child.stdout.take().expect("stdout"));
+        let log = CapturedLines::capture(child.stderr.take().expect("stderr"));
         Prometheus {
             child,
             addr,
@@ -80,24 +73,26 @@ impl Prometheus {
     }
 
     fn logs(&self) -> String {
-        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.log.text()
     }
 
-    async fn get(&self, path: &str) -> Option<(u16, Vec<u8>)> {
-        http_get(self.addr, path).await.ok().map(|(s, _, b)| (s, b))
+    async fn get(&self, path: &str) -> Option<HttpResponse> {
+        http_exchange_within(self.addr, &get_request(self.addr, path, &[]), WAIT)
+            .await
+            .ok()
     }
 
     /// `GET /api/v1/query?query=...` -> the parsed JSON answer.
     async fn query(&mut self, promql: &str) -> Value {
         let q: String = url::form_urlencoded::byte_serialize(promql.as_bytes()).collect();
-        let (status, body) = self
+        let resp = self
             .get(&format!("/api/v1/query?query={q}"))
             .await
             .unwrap_or_else(|| panic!("Prometheus API unreachable\n{}", self.logs()));
-        serde_json::from_slice(&body).unwrap_or_else(|e| {
+        serde_json::from_str(&resp.body).unwrap_or_else(|e| {
             panic!(
-                "query {promql:?}: HTTP {status}, not JSON ({e}): {}",
-                String::from_utf8_lossy(&body)
+                "query {promql:?}: HTTP {}, not JSON ({e}): {}",
+                resp.status, resp.body
             )
         })
     }
@@ -111,7 +106,7 @@ impl Prometheus {
                     self.logs()
                 );
             }
-            if let Some((200, _)) = self.get("/-/ready").await {
+            if self.get("/-/ready").await.is_some_and(|r| r.status == 200) {
                 return;
             }
             assert!(
@@ -148,7 +143,7 @@ impl Prometheus {
         let targets = self
             .get("/api/v1/targets")
             .await
-            .map(|(_, b)| String::from_utf8_lossy(&b).to_string())
+            .map(|r| r.body)
             .unwrap_or_default();
         panic!("no series for {promql:?} within {within:?}; last answer: {last}\ntargets: {targets}\nPrometheus log:\n{}", self.logs());
     }
@@ -168,9 +163,9 @@ impl Drop for Prometheus {
 }
 
 /// Some traffic so that every series, histograms included, has data.
-async fn traffic(relay: &Relay) -> WsClient {
-    let (mut a, _) = WsClient::join_and_greet(relay, "scraped", "prom").await;
-    a.say("hello prometheus").await;
+async fn traffic(relay: &Relay) -> Client {
+    let (mut a, _) = Client::join_and_greet(relay, "scraped", "prom").await;
+    a.publish("hello prometheus").await;
     a.expect_message("hello prometheus").await;
     a.send_text("nope").await;
     a.expect_error("bad_json").await;
@@ -182,9 +177,9 @@ async fn promtool_accepts_the_exposition() {
     require(PROMTOOL);
     let relay = Relay::start(&[("HEARTBEAT_MS", "600000")]);
     let _client = traffic(&relay).await;
-    let text = relay.scrape_text().await;
+    let text = metrics_text(&relay).await;
     let dir = TempDir::new("roomcast-promtool");
-    let file = dir.0.join("metrics.txt");
+    let file = dir.path().join("metrics.txt");
     std::fs::write(&file, &text).expect("write exposition");
     let out = Command::new(PROMTOOL)
         .args(["check", "metrics"])
@@ -245,10 +240,7 @@ async fn prometheus_scrapes_the_relay_and_evaluates_the_dashboard() {
 
     // Every dashboard expression is valid PromQL for this Prometheus and, once two scrapes exist,
     // the ones that select this relay's series return data.
-    let path = repo_root().join("grafana/dashboards/roomcast.json");
-    let dashboard: Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("read dashboard"))
-            .expect("dashboard JSON");
+    let dashboard = load_dashboard();
     let exprs = dashboard_exprs(&dashboard);
     assert!(!exprs.is_empty());
     // Rate windows need at least two scrapes inside them.

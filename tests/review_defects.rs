@@ -13,8 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -94,32 +92,12 @@ async fn join_with_headers(
     room: &str,
     headers: &[(&str, &str)],
 ) -> Client {
-    let url = format!(
-        "ws://127.0.0.1:{}/chat?{}",
-        relay.port(),
-        relay.chat_query(name, room)
-    );
-    let mut request = url.into_client_request().expect("request");
-    request
-        .headers_mut()
-        .insert("Origin", HeaderValue::from_str(&relay.origin()).unwrap());
-    for (k, v) in headers {
-        let name = tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes())
-            .expect("header name");
-        request
-            .headers_mut()
-            .insert(name, HeaderValue::from_str(v).expect("header value"));
-    }
-    let (ws, _) = tokio::time::timeout(EVENT_TIMEOUT, tokio_tungstenite::connect_async(request))
+    let path = format!("/chat?{}", relay.chat_query(name, room));
+    let mut client = Client::connect_to(relay, &path, Some(&relay.origin()), headers)
         .await
-        .expect("upgrade timed out")
-        .unwrap_or_else(|e| panic!("upgrade with headers {headers:?} failed: {e}"));
-    let mut client = Client {
-        ws,
-        name: name.to_string(),
-        room: room.to_string(),
-        pings_seen: 0,
-    };
+        .unwrap_or_else(|e| panic!("upgrade with headers {headers:?} failed: {e:?}"));
+    client.name = name.to_string();
+    client.room = room.to_string();
     client.next_event_of_type("history", EVENT_TIMEOUT).await;
     client
 }

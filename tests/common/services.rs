@@ -1,176 +1,676 @@
-//! Real services for the multi-node tests: `redis-server` and `nginx` from Debian's packages,
-//! each on a free loopback port in a directory of its own, stopped when dropped.
+//! Real services for multi-node tests, run as plain child processes on free loopback ports:
+//! [`RedisServer`] (Debian's `redis-server`, the relay's broker once `REDIS_URL` is set) and
+//! [`Nginx`] (Debian's nginx as the WebSocket load balancer in front of several relays).
+//!
+//! Both are killed on drop and die with the test binary (see `process::spawn_tied`). Both check
+//! that what answers on their port is *their* process (a port picked free may be taken by someone
+//! else before the server binds it; then they retry on a new port).
+//!
+//! Deliberately absent: Redis Cluster and TLS. FACTS.md has the recipe for a local cluster when a
+//! test needs one.
 
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
-/// A `redis-server` of our own on a free loopback port, without persistence; killed on drop.
+use super::process::{
+    free_port, kill_and_reap, send_signal, spawn_tied, wait_for_child, CapturedLines, TempDir,
+};
+use super::relay::Endpoint;
+
+/// Debian's `redis-server` (package `redis-server`).
+pub const REDIS_SERVER: &str = "/usr/bin/redis-server";
+/// Debian's nginx (package `nginx-light`, or any nginx with the proxy, map and upstream modules).
+pub const NGINX: &str = "/usr/sbin/nginx";
+/// Bound on a service answering after it was started.
+pub const SERVICE_STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many fresh ports a starter tries when the one it picked was taken meanwhile.
+const PORT_ATTEMPTS: usize = 5;
+
+fn require(binary: &str, package: &str) {
+    assert!(
+        Path::new(binary).exists(),
+        "{binary} is missing: install the Debian package `{package}` (test.sh does)"
+    );
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Why a service process did not come up on its port.
+enum LaunchError {
+    /// Its port was taken by another process (retry on another port).
+    PortTaken(String),
+    Failed(String),
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis
+// ---------------------------------------------------------------------------------------------
+
+/// One reply in the Redis protocol (RESP2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resp {
+    Simple(String),
+    Error(String),
+    Integer(i64),
+    /// None: the null bulk string (a missing key).
+    Bulk(Option<Vec<u8>>),
+    /// None: the null array.
+    Array(Option<Vec<Resp>>),
+}
+
+impl Resp {
+    /// A simple or bulk string as text.
+    pub fn as_text(&self) -> Option<String> {
+        match self {
+            Resp::Simple(s) => Some(s.clone()),
+            Resp::Bulk(Some(b)) => Some(String::from_utf8_lossy(b).to_string()),
+            _ => None,
+        }
+    }
+}
+
+/// Send one command to the Redis server at `addr` on a fresh connection and read its reply.
+pub fn redis_command(addr: SocketAddr, args: &[&str]) -> std::io::Result<Resp> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut request = format!("*{}\r\n", args.len()).into_bytes();
+    for arg in args {
+        request.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        request.extend_from_slice(arg.as_bytes());
+        request.extend_from_slice(b"\r\n");
+    }
+    stream.write_all(&request)?;
+    read_resp(&mut BufReader::new(stream))
+}
+
+fn read_resp(reader: &mut impl BufRead) -> std::io::Result<Resp> {
+    let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    let line = line.trim_end_matches(['\r', '\n']);
+    let (kind, rest) = line
+        .split_at_checked(1)
+        .ok_or_else(|| invalid("empty".into()))?;
+    let number = || {
+        rest.parse::<i64>()
+            .map_err(|_| invalid(format!("bad number in {line:?}")))
+    };
+    Ok(match kind {
+        "+" => Resp::Simple(rest.to_string()),
+        "-" => Resp::Error(rest.to_string()),
+        ":" => Resp::Integer(number()?),
+        "$" => match number()? {
+            n if n < 0 => Resp::Bulk(None),
+            n => {
+                let mut data = vec![0u8; n as usize + 2];
+                reader.read_exact(&mut data)?;
+                data.truncate(n as usize);
+                Resp::Bulk(Some(data))
+            }
+        },
+        "*" => match number()? {
+            n if n < 0 => Resp::Array(None),
+            n => Resp::Array(Some(
+                (0..n)
+                    .map(|_| read_resp(reader))
+                    .collect::<std::io::Result<_>>()?,
+            )),
+        },
+        _ => return Err(invalid(format!("unknown reply {line:?}"))),
+    })
+}
+
+/// A `redis-server` child on a loopback port: no persistence, data only in memory.
 pub struct RedisServer {
     port: u16,
+    dir: TempDir,
     child: Option<Child>,
+    log: CapturedLines,
 }
 
 impl RedisServer {
+    /// Start a private redis-server on a free port; panics (with its log) if it does not answer
+    /// PING within [`SERVICE_STARTUP_TIMEOUT`].
     pub fn start() -> RedisServer {
-        let port = free_port();
-        let mut r = RedisServer { port, child: None };
-        r.spawn();
-        r
+        RedisServer::start_in(TempDir::new("roomcast-redis"))
     }
 
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-            ])
-            .current_dir(std::env::temp_dir())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (test.sh installs it)");
-        self.child = Some(child);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while self.cli(&["ping"]).trim() != "PONG" {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not answer PING"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+    /// One redis-server for the whole test binary, started on first use. It is never dropped; it
+    /// dies with the test process (parent-death signal). Tests sharing it use their own room
+    /// names and key prefixes, and must not restart or kill it.
+    pub fn shared() -> &'static RedisServer {
+        static SHARED: OnceLock<RedisServer> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            // Never dropped, so its (empty) directory stays behind: keep it with the build, and
+            // remove those of test processes that are gone.
+            let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+            remove_dirs_of_exited_processes(&root, "roomcast-redis-shared-");
+            RedisServer::start_in(TempDir::new_in(&root, "roomcast-redis-shared"))
+        })
+    }
+
+    fn start_in(dir: TempDir) -> RedisServer {
+        require(REDIS_SERVER, "redis-server");
+        let mut last = String::new();
+        for _ in 0..PORT_ATTEMPTS {
+            let port = free_port();
+            match launch_redis(port, dir.path()) {
+                Ok((child, log)) => {
+                    return RedisServer {
+                        port,
+                        dir,
+                        child: Some(child),
+                        log,
+                    }
+                }
+                Err(LaunchError::PortTaken(log)) => last = log,
+                Err(LaunchError::Failed(why)) => panic!("redis-server did not start: {why}"),
+            }
         }
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Run redis-cli against this server; its stdout.
-    pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli is installed");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Stop and start again on the same port, empty (no persistence).
-    pub fn restart(&mut self) {
-        self.stop();
-        self.spawn();
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// nginx in front of relay nodes, as deploy/nginx.conf has it: WebSocket upgrades, least_conn,
-/// X-Forwarded-For, timeouts past the heartbeat. Runs in the foreground; killed on drop.
-pub struct Nginx {
-    port: u16,
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl Nginx {
-    pub fn start(upstream_ports: &[u16]) -> Nginx {
-        let port = free_port();
-        let dir =
-            std::env::temp_dir().join(format!("roomcast-nginx-{port}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("nginx dir");
-        let servers: String = upstream_ports
-            .iter()
-            .map(|p| format!("        server 127.0.0.1:{p} max_fails=1 fail_timeout=1s;\n"))
-            .collect();
-        let d = dir.display();
-        let conf = format!(
-            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-             events {{ worker_connections 1024; }}\n\
-             http {{\n    access_log off;\n    client_body_temp_path {d}/body;\n\
-             proxy_temp_path {d}/proxy;\n    fastcgi_temp_path {d}/fastcgi;\n\
-             uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n\
-             map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}\n\
-             upstream roomcast {{\n        least_conn;\n{servers}    }}\n\
-             server {{\n        listen 127.0.0.1:{port};\n        location / {{\n\
-             proxy_pass http://roomcast;\n            proxy_http_version 1.1;\n\
-             proxy_set_header Upgrade $http_upgrade;\n\
-             proxy_set_header Connection $connection_upgrade;\n\
-             proxy_set_header Host $host;\n\
-             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
-             proxy_read_timeout 75s;\n            proxy_next_upstream error timeout;\n\
-             proxy_buffering off;\n        }}\n    }}\n}}\n"
-        );
-        std::fs::write(dir.join("nginx.conf"), conf).expect("write nginx.conf");
-        let bin = if std::path::Path::new("/usr/sbin/nginx").exists() {
-            "/usr/sbin/nginx"
-        } else {
-            "nginx"
-        };
-        let child = Command::new(bin)
-            .arg("-p")
-            .arg(&dir)
-            .arg("-c")
-            .arg(dir.join("nginx.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nginx is installed (test.sh installs nginx-light)");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "nginx did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Nginx {
-            port,
-            dir,
-            child: Some(child),
-        }
+        panic!("redis-server found its port taken {PORT_ATTEMPTS} times; last log:\n{last}")
     }
 
     pub fn port(&self) -> u16 {
         self.port
     }
 
+    pub fn addr(&self) -> SocketAddr {
+        loopback(self.port)
+    }
+
+    /// `redis://127.0.0.1:PORT`, for the relay's `REDIS_URL`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The pid of the running server (None after `kill_hard`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Send one command; panics if the server cannot be reached (a Redis error is a reply).
+    pub fn command(&self, args: &[&str]) -> Resp {
+        redis_command(self.addr(), args)
+            .unwrap_or_else(|e| panic!("redis {args:?} on port {}: {e}", self.port))
+    }
+
+    /// Does the server answer PING with PONG right now?
+    pub fn ping(&self) -> bool {
+        matches!(redis_command(self.addr(), &["PING"]), Ok(Resp::Simple(s)) if s == "PONG")
+    }
+
+    /// The server's log so far (current process).
+    pub fn log(&self) -> String {
+        self.log.text()
+    }
+
+    /// SIGKILL the server, as a crash would: no shutdown, connections reset. The port stays
+    /// reserved for `restart`.
+    pub fn kill_hard(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_and_reap(&mut child);
+        }
+    }
+
+    /// Start the server again on the same port with no data (after `kill_hard`, or kill it
+    /// first). Retries for a few seconds if the port is briefly taken.
+    pub fn restart(&mut self) {
+        self.kill_hard();
+        // No persistence is configured; remove anything that could bring data back anyway.
+        for leftover in ["dump.rdb", "appendonly.aof", "appendonlydir"] {
+            let path = self.dir.path().join(leftover);
+            let _ = std::fs::remove_file(&path);
+            let _ = std::fs::remove_dir_all(&path);
+        }
+        let deadline = Instant::now() + SERVICE_STARTUP_TIMEOUT;
+        loop {
+            match launch_redis(self.port, self.dir.path()) {
+                Ok((child, log)) => {
+                    self.child = Some(child);
+                    self.log = log;
+                    return;
+                }
+                Err(LaunchError::PortTaken(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(LaunchError::PortTaken(log)) | Err(LaunchError::Failed(log)) => {
+                    panic!("redis-server did not restart on port {}: {log}", self.port)
+                }
+            }
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill_hard();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- redis-server on port {} (log tail) ----\n{}",
+                self.port,
+                self.log.tail(30)
+            );
+        }
+    }
+}
+
+/// Remove `root/PREFIX{pid}-...` directories whose process no longer runs.
+fn remove_dirs_of_exited_processes(root: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let pid = name
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+fn launch_redis(port: u16, dir: &Path) -> Result<(Child, CapturedLines), LaunchError> {
+    let mut cmd = Command::new(REDIS_SERVER);
+    cmd.args(["--port", &port.to_string()])
+        .args(["--bind", "127.0.0.1"])
+        .args(["--save", ""])
+        .args(["--appendonly", "no"])
+        .args(["--daemonize", "no"])
+        .args(["--logfile", ""])
+        .arg("--dir")
+        .arg(dir)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = spawn_tied(cmd, libc::SIGKILL)
+        .map_err(|e| LaunchError::Failed(format!("cannot start {REDIS_SERVER}: {e}")))?;
+    let log = CapturedLines::capture(child.stdout.take().expect("stdout is piped"));
+    let stderr = CapturedLines::capture(child.stderr.take().expect("stderr is piped"));
+    let addr = loopback(port);
+    let deadline = Instant::now() + SERVICE_STARTUP_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            std::thread::sleep(Duration::from_millis(50));
+            let all = format!("{}\n{}", log.text(), stderr.text());
+            return Err(if all.contains("Address already in use") {
+                LaunchError::PortTaken(all)
+            } else {
+                LaunchError::Failed(format!("exited with {status}:\n{all}"))
+            });
+        }
+        if let Ok(Resp::Simple(pong)) = redis_command(addr, &["PING"]) {
+            if pong == "PONG" {
+                // Make sure it is our process that answered, not another server on this port.
+                let info = redis_command(addr, &["INFO", "server"])
+                    .ok()
+                    .and_then(|r| r.as_text())
+                    .unwrap_or_default();
+                let ours = format!("process_id:{}", child.id());
+                if info.lines().any(|l| l.trim() == ours) {
+                    return Ok((child, log));
+                }
+                kill_and_reap(&mut child);
+                return Err(LaunchError::PortTaken(format!(
+                    "another redis answers on port {port}"
+                )));
+            }
+        }
+        if Instant::now() >= deadline {
+            kill_and_reap(&mut child);
+            return Err(LaunchError::Failed(format!(
+                "no PONG on port {port} within {SERVICE_STARTUP_TIMEOUT:?}; log:\n{}",
+                log.text()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// nginx
+// ---------------------------------------------------------------------------------------------
+
+/// A path nginx answers itself with `NONCE GENERATION`, so the harness knows the process on the
+/// port is this one and which configuration it serves.
+const GENERATION_PATH: &str = "/__harness/generation";
+
+/// nginx in front of relays, configured as deploy/nginx.conf (WebSocket upgrades, `least_conn`,
+/// X-Forwarded-For, timeouts past the heartbeat, a failed node skipped for 1 s), on a free
+/// loopback port, everything (config, pid, logs, temp dirs) in its own directory.
+pub struct Nginx {
+    port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+    stderr: CapturedLines,
+    upstreams: Vec<u16>,
+    generation: u64,
+}
+
+impl Nginx {
+    /// Start nginx proxying to relays on `upstream_ports` (at least one); panics with its error
+    /// log if it does not serve within [`SERVICE_STARTUP_TIMEOUT`].
+    pub fn start(upstream_ports: &[u16]) -> Nginx {
+        require(NGINX, "nginx-light");
+        assert!(
+            !upstream_ports.is_empty(),
+            "nginx needs at least one upstream"
+        );
+        let mut nginx = Nginx {
+            port: 0,
+            dir: TempDir::new("roomcast-nginx"),
+            child: None,
+            stderr: CapturedLines::default(),
+            upstreams: upstream_ports.to_vec(),
+            generation: 1,
+        };
+        for _ in 0..PORT_ATTEMPTS {
+            nginx.port = free_port();
+            nginx.write_config();
+            let _ = std::fs::remove_file(nginx.error_log_path());
+            let mut cmd = Command::new(NGINX);
+            nginx.add_paths(&mut cmd);
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+            // SIGTERM, not SIGKILL: the master then stops its workers too.
+            let mut child = spawn_tied(cmd, libc::SIGTERM)
+                .unwrap_or_else(|e| panic!("cannot start {NGINX}: {e}"));
+            nginx.stderr = CapturedLines::capture(child.stderr.take().expect("stderr is piped"));
+            nginx.child = Some(child);
+            match nginx.wait_until_serving() {
+                Ok(()) => return nginx,
+                Err(LaunchError::PortTaken(_)) => nginx.stop(),
+                Err(LaunchError::Failed(why)) => {
+                    nginx.stop();
+                    panic!("nginx did not start: {why}");
+                }
+            }
+        }
+        panic!("nginx found its port taken {PORT_ATTEMPTS} times")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        loopback(self.port)
+    }
+
+    /// The Origin of a page served through this proxy (nodes behind it allow it with
+    /// ALLOWED_ORIGINS, since each node's default list names only its own port).
     pub fn origin(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The relay ports nginx proxies to now.
+    pub fn upstreams(&self) -> &[u16] {
+        &self.upstreams
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("nginx.conf")
+    }
+
+    pub fn error_log_path(&self) -> PathBuf {
+        self.dir.path().join("error.log")
+    }
+
+    /// nginx's error log and anything it printed.
+    pub fn error_log(&self) -> String {
+        let file = std::fs::read_to_string(self.error_log_path()).unwrap_or_default();
+        format!("{file}{}", self.stderr.text())
+    }
+
+    /// Proxy to `ports` from now on: rewrite the config and `nginx -s reload`; returns once every
+    /// new connection gets the new configuration (connections already proxied stay on the old
+    /// workers until they close, as in production).
+    pub fn reload_upstreams(&mut self, ports: &[u16]) {
+        assert!(!ports.is_empty(), "nginx needs at least one upstream");
+        let old_workers = self
+            .child
+            .as_ref()
+            .map(|c| children_of(c.id()))
+            .unwrap_or_default();
+        self.upstreams = ports.to_vec();
+        self.generation += 1;
+        self.write_config();
+        for action in [&["-t"][..], &["-s", "reload"][..]] {
+            let mut cmd = Command::new(NGINX);
+            self.add_paths(&mut cmd);
+            let out = cmd
+                .args(action)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {NGINX} {action:?}: {e}"));
+            assert!(
+                out.status.success(),
+                "nginx {action:?} failed ({}):\n{}{}\n--- config ---\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(self.config_path()).unwrap_or_default()
+            );
+        }
+        if let Err(LaunchError::PortTaken(why) | LaunchError::Failed(why)) =
+            self.wait_until_serving()
+        {
+            panic!("nginx did not take the new upstreams {ports:?}: {why}");
+        }
+        // For a moment after the reload the old workers still accept too; nginx logs this line
+        // right before an old worker closes its listening sockets.
+        let deadline = Instant::now() + SERVICE_STARTUP_TIMEOUT;
+        for pid in old_workers {
+            let stopped_accepting = format!("{pid}#{pid}: gracefully shutting down");
+            while !self.error_log().contains(&stopped_accepting)
+                && Path::new(&format!("/proc/{pid}")).exists()
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "nginx's old worker {pid} still accepts {SERVICE_STARTUP_TIMEOUT:?} after the reload:\n{}",
+                    self.error_log()
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    fn add_paths(&self, cmd: &mut Command) {
+        cmd.arg("-p")
+            .arg(format!("{}/", self.dir.path().display()))
+            .arg("-c")
+            .arg(self.config_path())
+            .arg("-e")
+            .arg(self.error_log_path());
+    }
+
+    fn marker(&self) -> String {
+        format!("{} {}", self.dir.path().display(), self.generation)
+    }
+
+    fn write_config(&self) {
+        let dir = self.dir.path().display();
+        let servers: String = self
+            .upstreams
+            .iter()
+            .map(|p| format!("        server 127.0.0.1:{p} max_fails=1 fail_timeout=1s;\n"))
+            .collect();
+        // As root the workers would run as `nobody`, whose group Debian does not have.
+        let user = if is_root() { "user root root;\n" } else { "" };
+        let config = format!(
+            r#"# Written by the test harness (tests/common/services.rs); rewritten on reload.
+daemon off;
+master_process on;
+worker_processes 1;
+{user}pid {dir}/nginx.pid;
+error_log {dir}/error.log notice;
+
+events {{
+    worker_connections 8192;
+}}
+
+http {{
+    access_log off;
+    client_body_temp_path {dir}/client_body_temp;
+    proxy_temp_path {dir}/proxy_temp;
+    fastcgi_temp_path {dir}/fastcgi_temp;
+    uwsgi_temp_path {dir}/uwsgi_temp;
+    scgi_temp_path {dir}/scgi_temp;
+
+    map $http_upgrade $connection_upgrade {{
+        default upgrade;
+        ''      close;
+    }}
+
+    upstream roomcast {{
+        least_conn;
+{servers}    }}
+
+    server {{
+        listen 127.0.0.1:{port};
+
+        location = {GENERATION_PATH} {{
+            default_type text/plain;
+            return 200 "{marker}\n";
+        }}
+
+        location / {{
+            proxy_pass http://roomcast;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            # Longer than the relay's heartbeat: the relay decides when a quiet socket is dead.
+            proxy_read_timeout 75s;
+            proxy_send_timeout 75s;
+            # A refused upgrade (401, 403, 503) reaches the client as it is.
+            proxy_next_upstream error timeout;
+            proxy_buffering off;
+        }}
+    }}
+}}
+"#,
+            port = self.port,
+            marker = self.marker(),
+        );
+        std::fs::write(self.config_path(), config).expect("write nginx.conf");
+    }
+
+    /// Poll the generation path until this process serves the current configuration.
+    fn wait_until_serving(&mut self) -> Result<(), LaunchError> {
+        let want = self.marker();
+        let deadline = Instant::now() + SERVICE_STARTUP_TIMEOUT;
+        let mut last = String::new();
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    std::thread::sleep(Duration::from_millis(50));
+                    let log = self.error_log();
+                    return Err(if log.contains("Address already in use") {
+                        LaunchError::PortTaken(log)
+                    } else {
+                        LaunchError::Failed(format!("nginx exited with {status}:\n{log}"))
+                    });
+                }
+            }
+            if let Some(body) = blocking_get(self.addr(), GENERATION_PATH) {
+                if body.trim_end() == want {
+                    return Ok(());
+                }
+                last = body;
+            }
+            if Instant::now() >= deadline {
+                return Err(LaunchError::Failed(format!(
+                    "port {} did not answer {want:?} within {SERVICE_STARTUP_TIMEOUT:?} (last answer {last:?}); error log:\n{}",
+                    self.port,
+                    self.error_log()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Fast shutdown (SIGTERM: the master stops its workers), then SIGKILL for whatever is left.
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let workers = children_of(child.id());
+        send_signal(child.id(), libc::SIGTERM);
+        if !wait_for_child(&mut child, Duration::from_secs(3)) {
+            kill_and_reap(&mut child);
+            for worker in workers {
+                send_signal(worker, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+impl Endpoint for Nginx {
+    fn socket_addr(&self) -> SocketAddr {
+        self.addr()
     }
 }
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        self.stop();
+        if std::thread::panicking() {
+            let log = self.error_log();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "---- nginx on port {} proxying to {:?} (error log tail) ----\n{}",
+                self.port,
+                self.upstreams,
+                lines[lines.len().saturating_sub(30)..].join("\n")
+            );
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+#[allow(unsafe_code)]
+fn is_root() -> bool {
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Pids of the direct children of `pid` (nginx's workers).
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// `GET path` over a blocking socket with short timeouts; the body if the answer is 200.
+fn blocking_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
 }
