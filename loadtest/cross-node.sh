@@ -18,7 +18,7 @@ RATE=${3:-200}
 DURATION=${4:-20000}
 BIN=${ROOMCAST_BIN:-target/release/roomcast}
 LOAD=${ROOMCAST_LOAD:-target/release/roomcast-load}
-[ -x "$BIN" ] && [ -x "$LOAD" ] || cargo build --release --bin roomcast -p roomcast-load
+[ -x "$BIN" ] && [ -x "$LOAD" ] || { cargo build --release -p roomcast --bin roomcast && cargo build --release -p roomcast-load; }
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 TICKS=$(getconf CLK_TCK)
 
@@ -28,6 +28,8 @@ cleanup() { [ ${#pids[@]} -gt 0 ] && kill "${pids[@]}" 2>/dev/null || true; wait
 trap 'cleanup; rm -rf "$dir"' EXIT
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# nginx: the master and its workers.
+nginx_ticks() { local t=0 p; for p in "$1" $(pgrep -P "$1"); do t=$((t + $(cpu_ticks "$p"))); done; echo "$t"; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 run() {
@@ -55,7 +57,7 @@ run() {
     until curl -sf "http://127.0.0.1:$p/readyz" >/dev/null; do sleep 0.1; done
   done
   {
-    echo "daemon off; worker_processes 1; pid $dir/nginx-$label.pid; error_log $dir/nginx-$label.err;"
+    echo "daemon off; worker_processes 2; pid $dir/nginx-$label.pid; error_log $dir/nginx-$label.err;"
     echo "events { worker_connections 30000; }"
     echo "http { access_log off; client_body_temp_path $dir/b; proxy_temp_path $dir/p;"
     echo " fastcgi_temp_path $dir/f; uwsgi_temp_path $dir/u; scgi_temp_path $dir/s;"
@@ -73,7 +75,7 @@ run() {
   local before=() b_redis=0 b_nginx
   for p in "${node_pids[@]}"; do before+=("$(cpu_ticks "$p")"); done
   [ -n "$redis_pid" ] && b_redis=$(cpu_ticks "$redis_pid")
-  b_nginx=$(cpu_ticks "$(cat "$dir/nginx-$label.pid")")
+  b_nginx=$(nginx_ticks "$(cat "$dir/nginx-$label.pid")")
   "$LOAD" --url "ws://127.0.0.1:$nginx_port/chat" --token load --pid "${node_pids[0]}" \
     --json-out "$dir/$label.json" fanout --rooms "$ROOMS" --members "$MEMBERS" --rate "$RATE" \
     --duration-ms "$DURATION" >"$dir/$label.txt" 2>&1 || true
@@ -81,8 +83,8 @@ run() {
   for p in "${node_pids[@]}"; do relay_ticks=$((relay_ticks + $(cpu_ticks "$p") - before[i])); i=$((i + 1)); done
   local redis_ticks=0
   [ -n "$redis_pid" ] && redis_ticks=$(( $(cpu_ticks "$redis_pid") - b_redis ))
-  local nginx_ticks=$(( $(cpu_ticks "$(cat "$dir/nginx-$label.pid")") - b_nginx ))
-  python3 - "$dir/$label.json" "$label" "$nodes" "$relay_ticks" "$redis_ticks" "$nginx_ticks" "$TICKS" <<'PY'
+  local nginx_used=$(( $(nginx_ticks "$(cat "$dir/nginx-$label.pid")") - b_nginx ))
+  python3 - "$dir/$label.json" "$label" "$nodes" "$relay_ticks" "$redis_ticks" "$nginx_used" "$TICKS" <<'PY'
 import json, sys
 path, label, nodes, relay, redis, nginx, hz = sys.argv[1:]
 try:
