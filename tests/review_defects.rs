@@ -284,25 +284,31 @@ fn help_and_setting_errors_never_show_the_chat_token() {
         &["--trusted-proxies", "not-an-address"][..],
         &["--heartbeat-ms", "0"][..],
     ] {
-        let mut cmd = Command::new(relay_binary());
-        for key in RELAY_ENV {
-            cmd.env_remove(key);
-        }
-        let out = cmd
-            .env("CHAT_TOKEN", "supersecret")
-            .args(args)
-            .output()
-            .expect("run roomcast");
-        let all = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let all = run_once(("CHAT_TOKEN", "supersecret"), args);
         assert!(
             !all.contains("supersecret"),
             "CHAT_TOKEN=supersecret roomcast {args:?} shows the token:\n{all}"
         );
     }
+}
+
+/// Run the relay binary once with one setting and `args` (it exits: --help or a bad setting);
+/// everything it printed.
+fn run_once(setting: (&str, &str), args: &[&str]) -> String {
+    let mut cmd = Command::new(relay_binary());
+    for key in RELAY_ENV {
+        cmd.env_remove(key);
+    }
+    let out = cmd
+        .env(setting.0, setting.1)
+        .args(args)
+        .output()
+        .expect("run roomcast");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// REDIS_URL may carry a password: --help, setting errors and logs (debug included, with Redis
@@ -311,20 +317,7 @@ fn help_and_setting_errors_never_show_the_chat_token() {
 async fn the_redis_url_password_is_never_shown() {
     let url = "redis://:hunter2-s3cret@127.0.0.1:1";
     for args in [&["--help"][..], &["--redis-timeout-ms", "0"][..]] {
-        let mut cmd = Command::new(relay_binary());
-        for key in RELAY_ENV {
-            cmd.env_remove(key);
-        }
-        let out = cmd
-            .env("REDIS_URL", url)
-            .args(args)
-            .output()
-            .expect("run roomcast");
-        let all = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let all = run_once(("REDIS_URL", url), args);
         assert!(
             !all.contains("hunter2"),
             "roomcast {args:?} shows REDIS_URL:\n{all}"
