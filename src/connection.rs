@@ -312,8 +312,14 @@ impl Connection {
             }
             if ready.work {
                 if self.outbox.is_dead() {
-                    self.relay.metrics.heartbeat_terminations.increment(1);
-                    return Flow::Dropped;
+                    if self.has_unread_bytes() {
+                        // Not silent: we stopped reading it (its answers pile up), it did not
+                        // stop sending. Bytes waiting in the socket are a sign of life.
+                        self.outbox.revive();
+                    } else {
+                        self.relay.metrics.heartbeat_terminations.increment(1);
+                        return Flow::Dropped;
+                    }
                 }
                 if self.outbox.take_ping_due() {
                     self.note_liveness_while_paused();
@@ -375,13 +381,15 @@ impl Connection {
     /// A peer we stopped reading from (its answers pile up) may still be talking: bytes waiting
     /// in the socket are a sign of life, so it is not taken for dead by the heartbeat.
     fn note_liveness_while_paused(&self) {
-        if !self.reading_paused() {
-            return;
-        }
-        let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
-        if matches!(socket2::SockRef::from(&self.stream).peek(&mut byte), Ok(n) if n > 0) {
+        if self.reading_paused() && self.has_unread_bytes() {
             self.outbox.mark_alive();
         }
+    }
+
+    /// Bytes from the peer wait in the socket (without reading them).
+    fn has_unread_bytes(&self) -> bool {
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+        matches!(socket2::SockRef::from(&self.stream).peek(&mut byte), Ok(n) if n > 0)
     }
 
     /// The limits that need a clock: an incomplete frame's age and a pending write's progress.

@@ -276,6 +276,12 @@ impl Outbox {
         self.wake();
     }
 
+    /// The peer was declared dead but turned out to be talking (its bytes wait unread): alive.
+    pub fn revive(&self) {
+        self.flags.fetch_and(!DEAD, Ordering::Relaxed);
+        self.flags.fetch_or(ALIVE, Ordering::Relaxed);
+    }
+
     /// Whether the heartbeat declared this peer dead.
     pub fn is_dead(&self) -> bool {
         self.flags.load(Ordering::Relaxed) & DEAD != 0
