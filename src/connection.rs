@@ -322,7 +322,6 @@ impl Connection {
                     }
                 }
                 if self.outbox.take_ping_due() {
-                    self.note_liveness_while_paused();
                     self.send_control(Bytes::from_static(PING));
                 }
             }
@@ -378,15 +377,9 @@ impl Connection {
         self.pending.is_some() && self.backpressured()
     }
 
-    /// A peer we stopped reading from (its answers pile up) may still be talking: bytes waiting
-    /// in the socket are a sign of life, so it is not taken for dead by the heartbeat.
-    fn note_liveness_while_paused(&self) {
-        if self.reading_paused() && self.has_unread_bytes() {
-            self.outbox.mark_alive();
-        }
-    }
-
-    /// Bytes from the peer wait in the socket (without reading them).
+    /// Bytes from the peer wait in the socket (without reading them). A peer we stopped reading
+    /// from (its answers pile up) may still be talking: that is a sign of life, so the heartbeat
+    /// does not take it for dead. (If it never drains, WRITE_STALL_MS ends it.)
     fn has_unread_bytes(&self) -> bool {
         let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
         matches!(socket2::SockRef::from(&self.stream).peek(&mut byte), Ok(n) if n > 0)

@@ -282,15 +282,26 @@ async fn finish(
     all
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rolling_restart_behind_nginx_loses_nothing() {
-    let mut cluster = Cluster::start().await;
+/// A running cluster with every client in and publishing for a second already.
+async fn start_with_clients() -> (
+    Cluster,
+    Arc<AtomicBool>,
+    Arc<AtomicBool>,
+    Vec<tokio::task::JoinHandle<Seen>>,
+) {
+    let cluster = Cluster::start().await;
     let (publishing, stop) = (
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicBool::new(false)),
     );
     let tasks = run_clients(&cluster, publishing.clone(), stop.clone()).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
+    (cluster, publishing, stop, tasks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_behind_nginx_loses_nothing() {
+    let (mut cluster, publishing, stop, tasks) = start_with_clients().await;
     for i in 0..3 {
         let mut node = cluster.nodes[i].take().expect("running");
         let (status, _) = node.stop_with_sigterm(Duration::from_secs(10)).await;
@@ -314,13 +325,7 @@ async fn a_rolling_restart_behind_nginx_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_with_sigkill_loses_nothing() {
-    let mut cluster = Cluster::start().await;
-    let (publishing, stop) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    let tasks = run_clients(&cluster, publishing.clone(), stop.clone()).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (mut cluster, publishing, stop, tasks) = start_with_clients().await;
     let mut victim = cluster.nodes[1].take().expect("running");
     victim.signal(libc::SIGKILL);
     let _ = victim.wait_for_exit(Duration::from_secs(5)).await;
