@@ -282,6 +282,11 @@ impl Outbox {
         self.flags.fetch_or(ALIVE, Ordering::Relaxed);
     }
 
+    /// Whether a close was requested (the connection is on its way out).
+    pub fn is_closing(&self) -> bool {
+        self.lock().closing.is_some()
+    }
+
     /// Whether the heartbeat declared this peer dead.
     pub fn is_dead(&self) -> bool {
         self.flags.load(Ordering::Relaxed) & DEAD != 0

@@ -83,20 +83,27 @@ impl Registry {
         }
     }
 
-    /// Close the connections with the largest queues until the process-wide charge is back
-    /// under `target`. Returns how many were closed.
-    pub(crate) fn close_largest_queues(&self, target: usize) -> usize {
+    /// When the queues of the live connections hold more than `budget`, close the largest ones
+    /// until they hold at most `target`. Returns how many were closed. Connections already
+    /// closing are left out of the sum: their bytes are on their way out (a closed stalled
+    /// reader keeps its charge until its close handshake ends), and counting them again would
+    /// close a second, innocent connection for the same excess.
+    pub(crate) fn close_largest_queues(&self, budget: usize, target: usize) -> usize {
         let mut queues: Vec<(usize, Arc<Outbox>)> = Vec::new();
         for i in 0..REGISTRY_SHARDS {
             queues.extend(
                 self.shard(i)
                     .iter()
+                    .filter(|(_, o)| !o.is_closing())
                     .map(|(_, o)| (o.queued_bytes(), o.clone()))
                     .filter(|(queued, _)| *queued > 0),
             );
         }
+        let mut total: usize = queues.iter().map(|q| q.0).sum();
+        if total <= budget {
+            return 0;
+        }
         queues.sort_unstable_by_key(|q| std::cmp::Reverse(q.0));
-        let mut total = crate::outbox::total_queued_bytes();
         let mut closed = 0;
         for (queued, outbox) in queues {
             if total <= target {

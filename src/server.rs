@@ -175,8 +175,9 @@ async fn outbox_budget(relay: Arc<Relay>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = interval.tick() => {}
         }
+        // The process-wide sum is one atomic load; the registry is walked only past the budget.
         if crate::outbox::total_queued_bytes() > budget {
-            let closed = relay.registry.close_largest_queues(target);
+            let closed = relay.registry.close_largest_queues(budget, target);
             for _ in 0..closed {
                 relay.metrics.limit_closed(Limit::OutboxTotal);
             }
