@@ -19,10 +19,16 @@ use crate::rate::Window;
 /// One source address's shared state (held by each of its connections).
 #[derive(Debug)]
 pub struct AddressState {
+    ip: IpAddr,
     publish: Mutex<Window>,
 }
 
 impl AddressState {
+    /// The source address (canonical: an IPv4-mapped IPv6 address is its IPv4 address).
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+
     /// Count one published message; false when the address is over `limit` in this window.
     pub fn allow_publish(&self, now_ms: u32, window_ms: u32, limit: u32) -> bool {
         let mut w = self.publish.lock().unwrap_or_else(|p| p.into_inner());
@@ -44,10 +50,12 @@ pub struct Addresses {
 impl Addresses {
     /// The state of `ip`, created if needed.
     pub fn get(&self, ip: IpAddr, now_ms: u32) -> Arc<AddressState> {
+        let ip = crate::config::canonical(ip);
         self.map
-            .entry(crate::config::canonical(ip))
+            .entry(ip)
             .or_insert_with(|| {
                 Arc::new(AddressState {
+                    ip,
                     publish: Mutex::new(Window::new(now_ms)),
                 })
             })

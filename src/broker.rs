@@ -12,11 +12,12 @@
 //! (`http.rs`), never taken from what a client says about itself: a display name is a label that
 //! anyone may pick, so two clients both called `guest` must never swallow each other's messages.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::hub::{HistoryEntry, Hub, Room, Sender};
 use crate::outbox::Outbox;
-use crate::protocol::{self, ClientMessage};
+use crate::protocol::{self, ClientMessage, ErrorCode};
 
 /// What a publish did, for the sender's ack.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,16 +44,85 @@ pub enum PublishError {
     Unavailable,
 }
 
+impl PublishError {
+    /// The error event a client is told.
+    pub fn code(self) -> ErrorCode {
+        match self {
+            PublishError::Conflict => ErrorCode::Conflict,
+            // The room delivers slower than it is published to: same answer as a rate limit.
+            PublishError::Busy => ErrorCode::RateLimited,
+            PublishError::Unavailable => ErrorCode::Unavailable,
+        }
+    }
+}
+
+/// One publish: where, from whom, what.
+pub struct Publish<'a> {
+    pub room: &'a Arc<Room>,
+    pub from: &'a Sender,
+    pub message: &'a ClientMessage<'a>,
+    /// The client's address (none for the server API), for the audit log.
+    pub address: Option<IpAddr>,
+}
+
+/// Who is told how a publish went, when a networked broker learns it later.
+pub enum Reply {
+    /// A first-dialect connection: an ack (when the message has a requestId) or an error event,
+    /// queued behind the room's frames so it never overtakes the message it answers.
+    Ack(Arc<Outbox>),
+    /// A second-dialect connection: it sees its own chat event like every member, so only a
+    /// refusal is answered (an error event).
+    Chat(Arc<Outbox>),
+    /// The server API: the outcome, once.
+    Api(tokio::sync::oneshot::Sender<Result<Published, PublishError>>),
+}
+
+impl Reply {
+    /// Tell the publisher. Refusals sent to a connection are counted here
+    /// (`roomcast_publish_unavailable_total`, or the error code's invalid-message count); the
+    /// server API counts its own.
+    pub fn answer(
+        self,
+        hub: &Arc<Hub>,
+        room: &Arc<Room>,
+        request_id: Option<&str>,
+        outcome: Result<Published, PublishError>,
+    ) {
+        let outbox = match (self, &outcome) {
+            (Reply::Api(tx), _) => {
+                let _ = tx.send(outcome);
+                return;
+            }
+            (Reply::Chat(_), Ok(_)) => return,
+            (Reply::Ack(outbox), Ok(p)) => {
+                if let Some(rid) = request_id {
+                    let ack = protocol::ack_event(rid, &p.id, p.seq, p.duplicate);
+                    hub.send_in_order(room, &outbox, ack);
+                }
+                return;
+            }
+            (Reply::Ack(outbox) | Reply::Chat(outbox), Err(_)) => outbox,
+        };
+        let Err(error) = outcome else { return };
+        let code = error.code();
+        match code {
+            ErrorCode::Unavailable => hub.metrics().publish_unavailable.increment(1),
+            ErrorCode::RateLimited => hub.metrics().rate_limited.increment(1),
+            other => hub.metrics().invalid_message(other.as_str()),
+        }
+        hub.send_in_order(room, &outbox, protocol::error_event(code));
+    }
+}
+
 pub trait Broker: Send + Sync + 'static {
-    /// Publish `message` from `from` into `room`. Must not block or await. `Ok(Some(_))`: done,
-    /// the caller acks; `Ok(None)`: accepted for a networked broker, which answers `reply`
-    /// itself once the message is published (ack) or not (error event).
+    /// Publish. Must not block or await. `Ok(Some(_))`: done, the caller answers;
+    /// `Ok(None)`: accepted by a networked broker, which answers `reply` itself once the
+    /// message is published or not; `Err`: refused at once, nothing published, the caller
+    /// answers.
     fn publish(
         &self,
-        room: &Arc<Room>,
-        from: &Sender,
-        message: &ClientMessage<'_>,
-        reply: &Arc<Outbox>,
+        publish: &Publish<'_>,
+        reply: Reply,
     ) -> Result<Option<Published>, PublishError>;
 
     /// Whether publishes can succeed now (`/readyz`).
@@ -69,12 +139,11 @@ pub struct MemoryBroker {
 impl Broker for MemoryBroker {
     fn publish(
         &self,
-        room: &Arc<Room>,
-        from: &Sender,
-        message: &ClientMessage<'_>,
-        _reply: &Arc<Outbox>,
+        publish: &Publish<'_>,
+        _reply: Reply,
     ) -> Result<Option<Published>, PublishError> {
-        self.publish_now(room, from, message).map(Some)
+        self.publish_now(publish.room, publish.from, publish.message)
+            .map(Some)
     }
 }
 
@@ -117,6 +186,7 @@ impl MemoryBroker {
             from: &from.name,
             text: &message.text,
             sent_at: &sent_at,
+            request_id: message.request_id.as_deref(),
             seq,
         });
         let entry = HistoryEntry::new(
@@ -124,11 +194,11 @@ impl MemoryBroker {
             id,
             from.session,
             message.request_id.as_deref(),
-            event.inner,
+            event.inner.clone(),
             event.frame.len(),
         );
         self.hub.remember(room, &mut st, entry);
-        st.enqueue(event.frame);
+        st.enqueue(event);
         drop(st);
         self.hub.settle(room);
         Ok(Published {
@@ -162,6 +232,7 @@ mod tests {
             &watcher,
             sender("watcher", 9),
             None,
+            crate::hub::Greeting::Query,
         );
         events(&watcher);
         (MemoryBroker::new(hub), room, watcher, m)

@@ -137,6 +137,13 @@ pub struct Args {
     /// Time a new TCP connection has to send its HTTP request head, in milliseconds.
     #[arg(long, env = "HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
     pub handshake_timeout_ms: u64,
+    /// Second dialect (`GET /`): time a new connection has to send its `auth` message, in
+    /// milliseconds; past it the connection is closed with 4401.
+    #[arg(long, env = "AUTH_TIMEOUT_MS", default_value_t = 5_000)]
+    pub auth_timeout_ms: u64,
+    /// Second dialect: rooms one connection may be in at once; one more `join` closes it 1008.
+    #[arg(long, env = "MAX_ROOMS_PER_CONNECTION", default_value_t = 16)]
+    pub max_rooms_per_connection: usize,
     /// Time a closing connection has to take its close frame, in milliseconds.
     #[arg(long, env = "CLOSE_TIMEOUT_MS", default_value_t = 2_000)]
     pub close_timeout_ms: u64,
@@ -281,6 +288,8 @@ pub struct Settings {
     pub shutdown_drain: Duration,
     pub handshake_timeout: Duration,
     pub close_timeout: Duration,
+    pub auth_timeout: Duration,
+    pub max_rooms_per_connection: usize,
 }
 
 impl Default for Settings {
@@ -319,6 +328,8 @@ impl Settings {
         nonzero(args.redis_timeout_ms, "REDIS_TIMEOUT_MS")?;
         nonzero(args.redis_queue_max_bytes as u64, "REDIS_QUEUE_MAX_BYTES")?;
         nonzero(args.redis_key_ttl_secs, "REDIS_KEY_TTL_SECS")?;
+        nonzero(args.auth_timeout_ms, "AUTH_TIMEOUT_MS")?;
+        nonzero(args.max_rooms_per_connection as u64, "MAX_ROOMS_PER_CONNECTION")?;
         if let Some(url) = &args.redis_url {
             if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
                 return Err(ConfigError::RedisUrl);
@@ -395,6 +406,8 @@ impl Settings {
             shutdown_drain: Duration::from_millis(args.shutdown_drain_ms),
             handshake_timeout: Duration::from_millis(args.handshake_timeout_ms),
             close_timeout: Duration::from_millis(args.close_timeout_ms),
+            auth_timeout: Duration::from_millis(args.auth_timeout_ms),
+            max_rooms_per_connection: args.max_rooms_per_connection,
         })
     }
 

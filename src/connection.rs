@@ -26,12 +26,13 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::address::AddressState;
-use crate::broker::PublishError;
+use crate::broker::{Publish, PublishError, Published, Reply};
 use crate::frame::{self, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT};
-use crate::hub::{Membership, Resume, RoomReservation, Sender};
-use crate::metrics::Limit;
+use crate::hub::{Greeting, Membership, Resume, Room, RoomReservation, Sender};
+use crate::metrics::{AuthFailure, Dialect, Limit};
 use crate::outbox::{Outbox, Pushed};
-use crate::protocol::{self, ErrorCode};
+use crate::protocol::auth::{self as second, Command, Invalid};
+use crate::protocol::{self, ClientMessage, ErrorCode};
 use crate::rate::Window;
 use crate::relay::{ConnectionPermit, Registration, Relay};
 
@@ -53,14 +54,48 @@ thread_local! {
 /// Who a connection is, from its upgrade request.
 #[derive(Debug)]
 pub struct Identity {
-    pub name: String,
-    /// Issued by the relay (or given back by the client from an earlier greeting): the key of
-    /// requestId de-duplication.
-    pub session: u128,
-    pub room: RoomReservation,
-    pub resume: Option<Resume>,
     /// The client's source address (the peer, or X-Forwarded-For from a trusted proxy).
     pub address: IpAddr,
+    pub entry: Entry,
+}
+
+/// How the connection came in: which dialect, and what the upgrade already settled.
+#[derive(Debug)]
+pub enum Entry {
+    /// The first dialect: `/chat?token&name&room`, token checked, room reserved.
+    Query {
+        name: String,
+        /// Issued by the relay (or given back by the client from an earlier greeting): the key
+        /// of requestId de-duplication.
+        session: u128,
+        room: RoomReservation,
+        resume: Option<Resume>,
+    },
+    /// The second dialect: `GET /`; the token comes in the first message.
+    Auth,
+}
+
+/// The rooms a connection is in.
+enum Rooms {
+    /// The first dialect: the one room of its upgrade URL (also who it is: `sender()`).
+    One(Membership),
+    /// The second dialect: boxed, so first-dialect connections do not pay for it.
+    Many(Box<Chat>),
+}
+
+/// A second-dialect connection's state.
+struct Chat {
+    /// Set by a successful `auth`; before it, nothing joins, chats or receives.
+    sender: Option<Arc<Sender>>,
+    /// When the connection opened (relay clock, ms): `auth` must come within AUTH_TIMEOUT_MS.
+    opened_ms: u32,
+    rooms: Vec<Membership>,
+}
+
+impl Chat {
+    fn room(&self, name: &str) -> Option<&Membership> {
+        self.rooms.iter().find(|m| m.room().name() == name)
+    }
 }
 
 /// How the read side wants the connection to go on.
@@ -69,6 +104,8 @@ enum Flow {
     Continue,
     /// We close with this code (a close frame is sent).
     Close(u16),
+    /// We close with this code and reason (the second dialect's refusals).
+    CloseWith(u16, &'static str),
     /// The peer sent a close frame with this code (1005: none); we echo it.
     PeerClosed(u16),
     /// The socket ended without a close frame.
@@ -199,15 +236,15 @@ struct Connection {
     relay: Arc<Relay>,
     stream: TcpStream,
     outbox: Arc<Outbox>,
-    /// Also who this connection is (`membership.sender()`); leaves the room when dropped.
-    membership: Membership,
+    /// Also who this connection is; leaves every room when dropped.
+    rooms: Rooms,
     registration: Option<Registration>,
     rate: Window,
     abuse: Window,
     /// Pings, pongs and empty frames (CONTROL_FRAME_LIMIT).
     control: Window,
-    /// The source address's shared publish window; `None` when PUBLISH_RATE_PER_ADDRESS is off.
-    address: Option<Arc<AddressState>>,
+    /// The source address and its shared publish window (PUBLISH_RATE_PER_ADDRESS).
+    address: Arc<AddressState>,
     inbound: Option<Box<Inbound>>,
     pending: Option<Box<Pending>>,
     _permit: ConnectionPermit,
@@ -220,6 +257,13 @@ impl Drop for Connection {
         if let Some(r) = self.registration.take() {
             self.relay.registry.unregister(r);
         }
+        let (dialect, rooms) = match &self.rooms {
+            Rooms::One(_) => (Dialect::Query, 1),
+            Rooms::Many(chat) => (Dialect::Auth, chat.rooms.len()),
+        };
+        let metrics = self.relay.metrics.dialect(dialect);
+        metrics.connections.decrement(1.0);
+        metrics.memberships.decrement(rooms as f64);
     }
 }
 
@@ -233,13 +277,50 @@ pub(crate) fn spawn(
     permit: ConnectionPermit,
 ) {
     let outbox = Arc::new(Outbox::default());
-    let sender = Arc::new(Sender {
-        name: who.name.into(),
-        session: who.session,
-    });
-    let membership = relay
-        .hub
-        .join(who.room, &outbox, sender, who.resume.as_ref());
+    let now_ms = relay.now_ms();
+    let rooms = match who.entry {
+        Entry::Query {
+            name,
+            session,
+            room,
+            resume,
+        } => {
+            let sender = Arc::new(Sender {
+                name: name.into(),
+                session,
+            });
+            let metrics = relay.metrics.dialect(Dialect::Query);
+            metrics.joins.increment(1);
+            metrics.memberships.increment(1.0);
+            Rooms::One(
+                relay
+                    .hub
+                    .join(room, &outbox, sender, resume.as_ref(), Greeting::Query),
+            )
+        }
+        Entry::Auth => {
+            // The auth deadline needs a wake-up of its own (the heartbeat is too coarse for it):
+            // a short-lived timer that only nudges the task, which then checks the clock.
+            let weak = Arc::downgrade(&outbox);
+            let timeout = relay.settings.auth_timeout;
+            relay.tracker.spawn(async move {
+                tokio::time::sleep(timeout).await;
+                if let Some(outbox) = weak.upgrade() {
+                    outbox.nudge();
+                }
+            });
+            Rooms::Many(Box::new(Chat {
+                sender: None,
+                opened_ms: now_ms,
+                rooms: Vec::new(),
+            }))
+        }
+    };
+    let dialect = match rooms {
+        Rooms::One(_) => Dialect::Query,
+        Rooms::Many(_) => Dialect::Auth,
+    };
+    relay.metrics.dialect(dialect).connections.increment(1.0);
     if let Some(bytes) = relay.settings.send_buffer_bytes {
         // Bound what the kernel buffers for a reader that stalls, so OUTBOX_MAX_BYTES (and 1013)
         // is reached after kilobytes rather than megabytes of someone else's messages.
@@ -253,16 +334,12 @@ pub(crate) fn spawn(
         outbox.close(1001);
     }
     relay.metrics.connections_opened.increment(1);
-    let now_ms = relay.now_ms();
-    let address = relay
-        .settings
-        .publish_rate_per_address
-        .map(|_| relay.addresses.get(who.address, now_ms));
+    let address = relay.addresses.get(who.address, now_ms);
     let mut conn = Connection {
         relay: relay.clone(),
         stream,
         outbox,
-        membership,
+        rooms,
         registration,
         rate: Window::new(now_ms),
         abuse: Window::new(now_ms),
@@ -272,7 +349,7 @@ pub(crate) fn spawn(
         pending: None,
         _permit: permit,
     };
-    tracing::debug!(client_id = conn.membership.client_id(), "connected");
+    tracing::debug!(client_id = conn.client_id(), "connected");
     // `early` may be a slice of hyper's whole read buffer: copy what it holds and let the
     // buffer go now, or every idle connection would pin it.
     let flow = if early.is_empty() {
@@ -327,6 +404,10 @@ impl Connection {
             }
             if let Some(limit) = self.limit_passed() {
                 return Flow::Limit(limit);
+            }
+            if self.auth_overdue() {
+                self.relay.metrics.auth_failed(AuthFailure::Timeout);
+                return Flow::CloseWith(4401, "auth required");
             }
             match self.flush() {
                 Ok(None) => {}
@@ -383,6 +464,41 @@ impl Connection {
     fn has_unread_bytes(&self) -> bool {
         let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
         matches!(socket2::SockRef::from(&self.stream).peek(&mut byte), Ok(n) if n > 0)
+    }
+
+    /// A first-dialect connection's id, or 0 (for logs).
+    fn client_id(&self) -> u64 {
+        match &self.rooms {
+            Rooms::One(m) => m.client_id(),
+            Rooms::Many(_) => 0,
+        }
+    }
+
+    /// A second-dialect connection that has not authenticated within AUTH_TIMEOUT_MS.
+    fn auth_overdue(&self) -> bool {
+        let Rooms::Many(chat) = &self.rooms else {
+            return false;
+        };
+        let waited = self.relay.now_ms().wrapping_sub(chat.opened_ms);
+        chat.sender.is_none() && waited >= millis(self.relay.settings.auth_timeout)
+    }
+
+    /// The largest message this connection may send (the second dialect's is fixed by its
+    /// contract).
+    fn max_payload(&self) -> usize {
+        match self.rooms {
+            Rooms::One(_) => self.relay.settings.max_payload_bytes,
+            Rooms::Many(_) => second::MAX_MESSAGE_BYTES,
+        }
+    }
+
+    /// The close for a message over `max_payload`: 1009 in the first dialect, 1008 in the
+    /// second (its contract).
+    fn too_big(&self) -> Flow {
+        match self.rooms {
+            Rooms::One(_) => Flow::Close(1009),
+            Rooms::Many(_) => Flow::CloseWith(1008, "message too big"),
+        }
     }
 
     /// The limits that need a clock: an incomplete frame's age and a pending write's progress.
@@ -460,7 +576,7 @@ impl Connection {
             let (used, flow) = self.on_frames(&mut buf);
             if flow == Flow::Continue && used < buf.len() {
                 buf.drain(..used);
-                buf.shrink_to(self.relay.settings.max_payload_bytes + frame::MAX_HEADER + 4);
+                buf.shrink_to(self.max_payload() + frame::MAX_HEADER + 4);
                 let now_ms = self.relay.now_ms();
                 let inbound = self.inbound.get_or_insert_with(Default::default);
                 inbound.partial = buf;
@@ -483,12 +599,13 @@ impl Connection {
 
     /// Act on every complete frame at the front of `buf`; returns the bytes consumed.
     fn on_frames(&mut self, buf: &mut [u8]) -> (usize, Flow) {
-        let max = self.relay.settings.max_payload_bytes;
+        let max = self.max_payload();
         let mut at = 0;
         loop {
             let header = match frame::parse_header(&buf[at..], max) {
                 Ok(Some(h)) => h,
                 Ok(None) => return (at, Flow::Continue),
+                Err(e) if e.close_code() == 1009 => return (at, self.too_big()),
                 Err(e) => return (at, Flow::Close(e.close_code())),
             };
             let end = at + header.header_len + header.payload_len;
@@ -506,8 +623,8 @@ impl Connection {
     }
 
     fn on_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) -> Flow {
+        let max = self.max_payload();
         let settings = &self.relay.settings;
-        let max = settings.max_payload_bytes;
         // Frames that carry nothing cost the relay as much as any other: they have a budget.
         let costs_budget = matches!(opcode, OP_PING | OP_PONG)
             || (payload.is_empty() && matches!(opcode, OP_TEXT | OP_CONTINUATION));
@@ -542,7 +659,7 @@ impl Connection {
                     .as_mut()
                     .expect("fragmented implies inbound state");
                 if inbound.message.len() + payload.len() > max {
-                    return Flow::Close(1009);
+                    return self.too_big();
                 }
                 inbound.message.extend_from_slice(payload);
                 if !fin {
@@ -575,60 +692,218 @@ impl Connection {
         let Ok(text) = std::str::from_utf8(payload) else {
             return Flow::Close(1007);
         };
+        self.relay.metrics.messages_received.increment(1);
+        match &self.rooms {
+            Rooms::One(m) => {
+                let room = m.room().clone();
+                if let Some(flow) = self.over_rate(&room) {
+                    return flow;
+                }
+                match protocol::parse_client_message(text, self.relay.settings.max_text_chars) {
+                    Ok(message) => self.publish(&room, &message, false),
+                    Err(code) => self.refuse(code, Some(&room)),
+                }
+            }
+            Rooms::Many(_) => self.on_command(text),
+        }
+    }
+
+    /// Count a message against the connection's and its address's rate windows; past either,
+    /// the `rate_limited` answer (or the abuse close).
+    fn over_rate(&mut self, room: &Arc<Room>) -> Option<Flow> {
         let relay = self.relay.clone();
         let settings = &relay.settings;
-        relay.metrics.messages_received.increment(1);
         let now_ms = relay.now_ms();
         if self
             .rate
             .over(now_ms, millis(settings.rate_window), settings.rate_limit)
         {
-            return self.refuse(ErrorCode::RateLimited, now_ms);
+            return Some(self.refuse(ErrorCode::RateLimited, Some(room)));
         }
-        if let (Some(address), Some(limit)) = (&self.address, settings.publish_rate_per_address) {
-            if !address.allow_publish(now_ms, millis(settings.rate_window), limit) {
+        if let Some(limit) = settings.publish_rate_per_address {
+            if !self
+                .address
+                .allow_publish(now_ms, millis(settings.rate_window), limit)
+            {
                 relay.metrics.address_rate_limited.increment(1);
-                return self.refuse(ErrorCode::RateLimited, now_ms);
+                return Some(self.refuse(ErrorCode::RateLimited, Some(room)));
             }
         }
-        match protocol::parse_client_message(text, settings.max_text_chars) {
-            Ok(message) => {
-                let published = match relay.broker.publish(
-                    self.membership.room(),
-                    self.membership.sender(),
-                    &message,
-                    &self.outbox,
-                ) {
-                    Ok(Some(published)) => published,
-                    // A networked broker answers (ack or error) once Redis has.
-                    Ok(None) => return Flow::Continue,
-                    Err(PublishError::Conflict) => return self.refuse(ErrorCode::Conflict, now_ms),
-                    // The room delivers slower than it is published to: same answer as a rate limit.
-                    Err(PublishError::Busy) => return self.refuse(ErrorCode::RateLimited, now_ms),
-                    // Not the client's doing: told, counted, but not held against it.
-                    Err(PublishError::Unavailable) => {
-                        relay.metrics.publish_unavailable.increment(1);
-                        self.send_own(&protocol::error_event(ErrorCode::Unavailable));
-                        return Flow::Continue;
-                    }
-                };
-                if let Some(request_id) = message.request_id.as_deref() {
-                    let ack = protocol::ack_event(
-                        request_id,
-                        &published.id,
-                        published.seq,
-                        published.duplicate,
-                    );
-                    self.send_own(&ack);
+        None
+    }
+
+    /// Publish into `room` and answer what is known now (a networked broker answers later).
+    /// `chat`: the second dialect, which sees its own message and gets no ack.
+    fn publish(&mut self, room: &Arc<Room>, message: &ClientMessage<'_>, chat: bool) -> Flow {
+        let relay = self.relay.clone();
+        let sender = match &self.rooms {
+            Rooms::One(m) => m.sender().clone(),
+            Rooms::Many(c) => match &c.sender {
+                Some(s) => s.clone(),
+                None => return Flow::Continue, // not reachable: commands wait for auth
+            },
+        };
+        let publish = Publish {
+            room,
+            from: &sender,
+            message,
+            address: Some(self.address.ip()),
+        };
+        let reply = if chat {
+            Reply::Chat(self.outbox.clone())
+        } else {
+            Reply::Ack(self.outbox.clone())
+        };
+        let published = match relay.broker.publish(&publish, reply) {
+            Ok(Some(published)) => published,
+            // A networked broker answers (ack or error) once Redis has.
+            Ok(None) => return Flow::Continue,
+            // Not the client's doing: told, counted, but not held against it.
+            Err(PublishError::Unavailable) => {
+                relay.metrics.publish_unavailable.increment(1);
+                self.send_own(
+                    Some(room),
+                    &protocol::error_event(ErrorCode::Unavailable),
+                );
+                return Flow::Continue;
+            }
+            Err(e) => return self.refuse(e.code(), Some(room)),
+        };
+        let Published {
+            id,
+            seq,
+            duplicate,
+        } = published;
+        match message.request_id.as_deref() {
+            Some(request_id) if !chat => {
+                let ack = protocol::ack_event(request_id, &id, seq, duplicate);
+                self.send_own(Some(room), &ack);
+            }
+            _ => {}
+        }
+        Flow::Continue
+    }
+
+    /// One message of the second dialect.
+    fn on_command(&mut self, text: &str) -> Flow {
+        let relay = self.relay.clone();
+        let settings = &relay.settings;
+        let Rooms::Many(chat) = &mut self.rooms else {
+            unreachable!("the second dialect's connections hold Rooms::Many");
+        };
+        let command = second::parse(text);
+        if chat.sender.is_none() {
+            // Before auth only `auth` is accepted; anything else (invalid input included) fails.
+            let Ok(Command::Auth { token }) = command else {
+                relay.metrics.auth_failed(AuthFailure::NotAuth);
+                return Flow::CloseWith(4403, "auth failed");
+            };
+            if !relay.token_ok(&token) {
+                relay.metrics.auth_failed(AuthFailure::BadToken);
+                return Flow::CloseWith(4403, "auth failed");
+            }
+            let connection_id = uuid::Uuid::new_v4();
+            let sender = Arc::new(Sender {
+                name: protocol::DEFAULT_NAME.into(),
+                session: connection_id.as_u128(),
+            });
+            let hello = second::auth_ok(&connection_id, &sender.name);
+            chat.sender = Some(sender);
+            self.send_own(None, &hello);
+            return Flow::Continue;
+        }
+        let command = match command {
+            Ok(c) => c,
+            Err(Invalid(reason)) => {
+                relay.metrics.invalid_message("bad_type");
+                return Flow::CloseWith(1008, reason);
+            }
+        };
+        match command {
+            Command::Auth { .. } => Flow::CloseWith(1008, "already authenticated"),
+            Command::Ping => {
+                // App-level pings cost what control frames cost, and share their budget.
+                let now_ms = relay.now_ms();
+                let window_ms = millis(settings.control_frame_window);
+                if self
+                    .control
+                    .over(now_ms, window_ms, settings.control_frame_limit)
+                {
+                    return Flow::Limit(Limit::ControlFrames);
+                }
+                let sent_at =
+                    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+                self.send_own(None, &second::pong(&sent_at));
+                Flow::Continue
+            }
+            Command::Leave { room } => {
+                if let Some(at) = chat.rooms.iter().position(|m| m.room().name() == room) {
+                    chat.rooms.swap_remove(at); // dropping the membership leaves the room
+                    relay
+                        .metrics
+                        .dialect(Dialect::Auth)
+                        .memberships
+                        .decrement(1.0);
                 }
                 Flow::Continue
             }
-            Err(code) => self.refuse(code, now_ms),
+            Command::Join {
+                room,
+                history,
+                since,
+            } => {
+                if chat.room(room).is_some() {
+                    self.send_own(None, &second::joined(room));
+                    return Flow::Continue;
+                }
+                if chat.rooms.len() >= settings.max_rooms_per_connection {
+                    return Flow::CloseWith(1008, "too many rooms");
+                }
+                let Ok(reservation) = relay.hub.reserve(room) else {
+                    // Every room is in use on this relay: not the client's doing.
+                    self.send_own(None, &protocol::error_event(ErrorCode::Unavailable));
+                    return Flow::Continue;
+                };
+                let sender = chat.sender.clone().expect("authenticated above");
+                let resume = since.map(|(since, epoch)| Resume { since, epoch });
+                let membership = relay.hub.join(
+                    reservation,
+                    &self.outbox,
+                    sender,
+                    resume.as_ref(),
+                    Greeting::Auth { history },
+                );
+                chat.rooms.push(membership);
+                let metrics = relay.metrics.dialect(Dialect::Auth);
+                metrics.joins.increment(1);
+                metrics.memberships.increment(1.0);
+                Flow::Continue
+            }
+            Command::Chat {
+                room,
+                text,
+                request_id,
+            } => {
+                let Some(room) = chat.room(room).map(|m| m.room().clone()) else {
+                    return Flow::CloseWith(1008, "join room before chat");
+                };
+                if let Some(flow) = self.over_rate(&room) {
+                    return flow;
+                }
+                let request_id =
+                    request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string().into());
+                let message = ClientMessage {
+                    text,
+                    request_id: Some(request_id),
+                };
+                self.publish(&room, &message, true)
+            }
         }
     }
 
     /// Send an error event; too many of them in the abuse window end the connection with 1008.
-    fn refuse(&mut self, code: ErrorCode, now_ms: u32) -> Flow {
+    fn refuse(&mut self, code: ErrorCode, room: Option<&Arc<Room>>) -> Flow {
+        let now_ms = self.relay.now_ms();
         let settings = &self.relay.settings;
         if self
             .abuse
@@ -642,17 +917,21 @@ impl Connection {
             ErrorCode::RateLimited => self.relay.metrics.rate_limited.increment(1),
             other => self.relay.metrics.invalid_message(other.as_str()),
         }
-        self.send_own(&protocol::error_event(code));
+        self.send_own(room, &protocol::error_event(code));
         Flow::Continue
     }
 
-    /// Queue a frame for this connection only (an ack, an error event), under the same byte
-    /// limit as broadcasts, and behind the room's frames still waiting for delivery, so it never
-    /// overtakes the message it answers (the hub counts it like any delivered frame).
-    fn send_own(&self, frame: &Bytes) {
-        self.relay
-            .hub
-            .send_in_order(self.membership.room(), &self.outbox, frame.clone());
+    /// Queue a frame for this connection only (an ack, an error event). About a room: behind
+    /// that room's frames still waiting for delivery, so it never overtakes the message it
+    /// answers (the hub counts it like any delivered frame). Otherwise (auth_ok, pong) at once.
+    fn send_own(&self, room: Option<&Arc<Room>>, frame: &Bytes) {
+        match room {
+            Some(room) => self
+                .relay
+                .hub
+                .send_in_order(room, &self.outbox, frame.clone()),
+            None => self.send_control(frame.clone()),
+        }
     }
 
     /// Queue a control frame (a ping): same byte limit, not counted as a delivered frame.
@@ -705,6 +984,7 @@ impl Connection {
                 (code, Some((echo, close_reason(echo))))
             }
             Flow::Close(code) => (code, Some((code, close_reason(code)))),
+            Flow::CloseWith(code, reason) => (code, Some((code, reason))),
             Flow::Limit(limit) => {
                 relay.metrics.limit_closed(limit);
                 let (code, reason) = limit_close(limit);
@@ -712,12 +992,16 @@ impl Connection {
             }
         };
         relay.metrics.connection_closed(code);
-        tracing::debug!(client_id = self.membership.client_id(), code, "closing");
+        tracing::debug!(client_id = self.client_id(), code, "closing");
         // Leave first: the room stops queueing to a connection that is on its way out.
         if let Some(r) = self.registration.take() {
             relay.registry.unregister(r);
         }
-        self.membership.leave(); // idempotent; dropping the membership would leave too
+        // Idempotent; dropping the memberships would leave too.
+        match &self.rooms {
+            Rooms::One(m) => m.leave(),
+            Rooms::Many(chat) => chat.rooms.iter().for_each(Membership::leave),
+        }
         if let Some((send, reason)) = send {
             let mut pending = self.pending.take().map(|p| *p).unwrap_or_default();
             if send == 1013 || matches!(flow, Flow::PeerClosed(_)) {
@@ -798,6 +1082,8 @@ fn close_reason(code: u16) -> &'static str {
         1008 => "too many invalid messages",
         1009 => "message too big",
         1013 => "too slow: outbound queue full",
+        4401 => "auth required",
+        4403 => "auth failed",
         _ => "",
     }
 }

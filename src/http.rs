@@ -20,7 +20,7 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpStream;
 
 use crate::config::{Cidr, InvalidRoom};
-use crate::connection::{self, Identity};
+use crate::connection::{self, Entry, Identity};
 use crate::hub::Resume;
 use crate::metrics::Rejection;
 use crate::protocol;
@@ -61,14 +61,28 @@ pub(crate) async fn handle(
     peer: SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
     let is_upgrade = fastwebsockets::upgrade::is_upgrade_request(&req);
+    if is_upgrade && req.method() != Method::GET {
+        // RFC 6455 4.1: the opening handshake is a GET. Anything else never becomes a WebSocket.
+        relay.metrics.rejected(Rejection::BadHandshake);
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed: a WebSocket upgrade is a GET\n",
+        );
+        r.headers_mut()
+            .insert(hyper::header::ALLOW, HeaderValue::from_static("GET"));
+        return Ok(r);
+    }
     if req.uri().path() == "/chat" {
         return Ok(chat(&relay, req, is_upgrade, peer.ip()));
+    }
+    if is_upgrade && req.uri().path() == "/" {
+        return Ok(auth_first(&relay, req, peer.ip()));
     }
     if is_upgrade {
         relay.metrics.rejected(Rejection::NotFound);
         return Ok(text(
             StatusCode::NOT_FOUND,
-            "not found: WebSocket connections go to /chat\n",
+            "not found: WebSocket connections go to /chat or /\n",
         ));
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -246,15 +260,12 @@ fn chat(
     // WebSocket must never create a room, let alone evict another room's history for it.
     // (The answer is only built here; nothing reaches the client unless this function returns
     // it, so a refusal below still leaves the client with a plain HTTP status.)
-    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
-        Ok(pair) => pair,
-        Err(_) => {
-            return refuse(
-                Rejection::BadHandshake,
-                StatusCode::BAD_REQUEST,
-                "bad WebSocket handshake\n",
-            )
-        }
+    let Ok((response, upgrade)) = fastwebsockets::upgrade::upgrade(&mut req) else {
+        return refuse(
+            Rejection::BadHandshake,
+            StatusCode::BAD_REQUEST,
+            "bad WebSocket handshake\n",
+        );
     };
     let Ok(room) = relay.hub.reserve(&room) else {
         return refuse(
@@ -264,17 +275,76 @@ fn chat(
         );
     };
     let who = Identity {
-        name: protocol::sanitize_name(query.name.as_deref()),
-        session: query
-            .session
-            .unwrap_or_else(|| uuid::Uuid::new_v4().as_u128()),
-        room,
-        resume: query.since.map(|since| Resume {
-            since,
-            epoch: query.epoch,
-        }),
         address: client_address(&relay.settings.trusted_proxies, req.headers(), peer),
+        entry: Entry::Query {
+            name: protocol::sanitize_name(query.name.as_deref()),
+            session: query
+                .session
+                .unwrap_or_else(|| uuid::Uuid::new_v4().as_u128()),
+            room,
+            resume: query.since.map(|since| Resume {
+                since,
+                epoch: query.epoch,
+            }),
+        },
     };
+    switch(relay, response, upgrade, who, permit)
+}
+
+/// `GET /` with upgrade headers: the second dialect. The token comes in the first message, so
+/// the only checks here are the Origin (when there is one: without ambient credentials a
+/// missing Origin proves nothing and costs nothing), shutdown, capacity and the handshake.
+fn auth_first(relay: &Arc<Relay>, mut req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
+    let refuse = |why: Rejection, status: StatusCode, body: &'static str| {
+        relay.metrics.rejected(why);
+        text(status, body)
+    };
+    match req.headers().get(ORIGIN) {
+        Some(o) if !origin_allowed(relay, o.as_bytes()) => {
+            return refuse(
+                Rejection::ForbiddenOrigin,
+                StatusCode::FORBIDDEN,
+                "forbidden: origin not allowed\n",
+            )
+        }
+        _ => {}
+    }
+    if relay.is_shutting_down() {
+        return refuse(
+            Rejection::ShuttingDown,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down\n",
+        );
+    }
+    let Some(permit) = relay.try_acquire() else {
+        return refuse(
+            Rejection::Full,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "relay full: try again later\n",
+        );
+    };
+    let Ok((response, upgrade)) = fastwebsockets::upgrade::upgrade(&mut req) else {
+        return refuse(
+            Rejection::BadHandshake,
+            StatusCode::BAD_REQUEST,
+            "bad WebSocket handshake\n",
+        );
+    };
+    let who = Identity {
+        address: client_address(&relay.settings.trusted_proxies, req.headers(), peer),
+        entry: Entry::Auth,
+    };
+    switch(relay, response, upgrade, who, permit)
+}
+
+/// Answer 101 and, once hyper hands the connection over, start its WebSocket task.
+fn switch(
+    relay: &Arc<Relay>,
+    response: Response<http_body_util::Empty<Bytes>>,
+    upgrade: fastwebsockets::upgrade::UpgradeFut,
+    who: Identity,
+    permit: crate::relay::ConnectionPermit,
+) -> Response<Body> {
     let task_relay = relay.clone();
     relay.tracker.spawn(async move {
         // fastwebsockets wraps the upgraded stream in a `WebSocket` with its own read buffer; we

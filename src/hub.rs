@@ -158,6 +158,18 @@ struct Waiting {
     outbox: Arc<Outbox>,
     sender: Arc<Sender>,
     resume: Option<Resume>,
+    greeting: Greeting,
+}
+
+/// Which client dialect a joiner speaks: what it is greeted with and which frames it gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Greeting {
+    /// The first dialect (`/chat?room=..`): a `system` greeting and the history event, then
+    /// messages and presence events.
+    Query,
+    /// The second dialect (`join` over `GET /`): `joined`, the history only when asked for
+    /// (`history` or a resume), then chat events; no presence events.
+    Auth { history: bool },
 }
 
 /// The room map is full of rooms that still have members.
@@ -222,27 +234,38 @@ impl HistoryEntry {
     }
 }
 
-/// The members a frame goes to, shared by every frame queued between two membership changes.
-type Snapshot = Arc<[Arc<Outbox>]>;
+/// The members a frame goes to, shared by every frame queued between two membership changes:
+/// one allocation, first-dialect members first, then second-dialect members.
+#[derive(Clone)]
+struct Snapshot {
+    all: Arc<[Arc<Outbox>]>,
+    /// How many of `all` speak the first dialect.
+    query: usize,
+}
+
+impl Snapshot {
+    fn query(&self) -> &[Arc<Outbox>] {
+        &self.all[..self.query]
+    }
+
+    fn auth(&self) -> &[Arc<Outbox>] {
+        &self.all[self.query..]
+    }
+}
 
 /// Who a queued frame goes to.
 enum Recipients {
     /// The members when it was queued: a published message (its delivery is recorded in
-    /// `roomcast_publish_recipients`).
-    Message(Snapshot),
-    /// The members when it was queued: a presence event.
+    /// `roomcast_publish_recipients`). The frame is the first dialect's; the stored message
+    /// object (a slice of it) is what the second dialect's chat event is built from, once, by
+    /// the deliverer, when the room has such members.
+    Message(Snapshot, Bytes),
+    /// The first-dialect members when it was queued: a presence or history event.
     Members(Snapshot),
+    /// A few connections picked under the lock (second-dialect members told of a gap).
+    List(Box<[Arc<Outbox>]>),
     /// One connection (its ack or error event, kept behind the messages it answers).
     One(Arc<Outbox>),
-}
-
-impl Recipients {
-    fn outboxes(&self) -> &[Arc<Outbox>] {
-        match self {
-            Recipients::Message(members) | Recipients::Members(members) => members,
-            Recipients::One(outbox) => std::slice::from_ref(outbox),
-        }
-    }
 }
 
 /// A frame waiting for delivery.
@@ -269,8 +292,11 @@ pub struct RoomState {
     reserved: usize,
     /// Set while the room is listed in the hub's empty-room index: the stamp it is listed under.
     empty_since: Option<u64>,
-    /// By client id (see the module docs for why a B-tree).
+    /// First-dialect members by client id (see the module docs for why a B-tree).
     members: BTreeMap<u64, Arc<Outbox>>,
+    /// Second-dialect members by client id, and whether they asked for history (they are the
+    /// ones told when a gap loses messages).
+    chat_members: BTreeMap<u64, (Arc<Outbox>, bool)>,
     /// The members as of the last snapshot; `None` once membership changed since.
     snapshot: Option<Snapshot>,
     epoch: Arc<str>,
@@ -320,6 +346,7 @@ impl Room {
                 reserved: 0,
                 empty_since: None,
                 members: BTreeMap::new(),
+                chat_members: BTreeMap::new(),
                 snapshot: None,
                 epoch,
                 next_seq: 1,
@@ -353,7 +380,11 @@ impl Room {
 
 impl RoomState {
     pub fn member_count(&self) -> usize {
-        self.members.len()
+        self.members.len() + self.chat_members.len()
+    }
+
+    fn has_members(&self) -> bool {
+        !self.members.is_empty() || !self.chat_members.is_empty()
     }
 
     pub fn epoch(&self) -> &str {
@@ -399,46 +430,47 @@ impl RoomState {
     /// queued; it is delivered by [`Hub::settle`], outside the lock (which also records how many
     /// members it reached). Returns how many members that is. Callers check
     /// [`RoomState::delivery_full`] first: that is what bounds the queue.
-    pub fn enqueue(&mut self, frame: Bytes) -> usize {
+    pub fn enqueue(&mut self, event: protocol::MessageEvent) -> usize {
         debug_assert!(
             self.queue.len() <= DELIVERY_QUEUE_MAX,
             "callers keep the bound"
         );
-        let to = self.snapshot();
-        let recipients = to.len();
-        self.queue.push_back(Queued {
-            frame,
-            to: Recipients::Message(to),
-        });
-        recipients
+        self.enqueue_unchecked(event)
     }
 
     /// Queue a message from the networked broker's channel (bounded by its caller instead of
     /// [`RoomState::delivery_full`]: Redis, not a local publisher, sets its pace).
-    fn enqueue_unchecked(&mut self, frame: Bytes) -> usize {
+    fn enqueue_unchecked(&mut self, event: protocol::MessageEvent) -> usize {
         let to = self.snapshot();
-        let recipients = to.len();
+        let recipients = to.all.len();
         self.queue.push_back(Queued {
-            frame,
-            to: Recipients::Message(to),
+            frame: event.frame,
+            to: Recipients::Message(to, event.inner),
         });
         recipients
     }
 
     fn snapshot(&mut self) -> Snapshot {
-        let members = &self.members;
+        let (members, chat_members) = (&self.members, &self.chat_members);
         self.snapshot
-            .get_or_insert_with(|| members.values().cloned().collect())
+            .get_or_insert_with(|| Snapshot {
+                all: members
+                    .values()
+                    .chain(chat_members.values().map(|(o, _)| o))
+                    .cloned()
+                    .collect(),
+                query: members.len(),
+            })
             .clone()
     }
 
     fn is_evictable(&self) -> bool {
-        self.members.is_empty() && self.waiting.is_empty() && self.reserved == 0
+        !self.has_members() && self.waiting.is_empty() && self.reserved == 0
     }
 
     /// Members here or joiners waiting: a networked broker's room must be followed.
     fn wants_following(&self) -> bool {
-        !self.members.is_empty() || !self.waiting.is_empty()
+        self.has_members() || !self.waiting.is_empty()
     }
 
     /// The history a joiner gets — how many held entries to skip — and whether it is complete
@@ -656,6 +688,7 @@ impl Hub {
         outbox: &Arc<Outbox>,
         sender: Arc<Sender>,
         resume: Option<&Resume>,
+        greeting: Greeting,
     ) -> Membership {
         let client_id = self.next_client_id.fetch_add(1, Ordering::Relaxed);
         let room = reservation.room.clone();
@@ -663,7 +696,7 @@ impl Hub {
         let mut follow = None;
         match st.mirror {
             Mirror::Local | Mirror::Synced => {
-                self.admit(&room, &mut st, client_id, outbox, &sender, resume);
+                self.admit(&room, &mut st, client_id, outbox, &sender, resume, greeting);
             }
             Mirror::Unfollowed | Mirror::Pending(_) => {
                 st.waiting.push(Waiting {
@@ -671,6 +704,7 @@ impl Hub {
                     outbox: outbox.clone(),
                     sender: sender.clone(),
                     resume: resume.cloned(),
+                    greeting,
                 });
                 if matches!(st.mirror, Mirror::Unfollowed) {
                     st.mirror = Mirror::Pending(Vec::new());
@@ -702,24 +736,41 @@ impl Hub {
         outbox: &Arc<Outbox>,
         sender: &Arc<Sender>,
         resume: Option<&Resume>,
+        greeting: Greeting,
     ) {
         let (skip, complete) = st.history_for(resume);
-        let greeting = protocol::system_connected(&sender.name, client_id, sender.session);
-        let history = protocol::history_event(
-            &room.name,
-            &st.epoch,
-            complete,
-            st.history.iter().skip(skip).map(|e| &e.json),
-        );
+        let held = st.history.iter().skip(skip).map(|e| &e.json);
+        let (hello, history) = match greeting {
+            Greeting::Query => (
+                protocol::system_connected(&sender.name, client_id, sender.session),
+                Some(protocol::history_event(&room.name, &st.epoch, complete, held)),
+            ),
+            Greeting::Auth { history } => (
+                protocol::auth::joined(&room.name),
+                (history || resume.is_some()).then(|| {
+                    protocol::auth::history_event(&room.name, &st.epoch, complete, held)
+                }),
+            ),
+        };
         // Greeting and history may exceed a tiny OUTBOX_MAX_BYTES; they are sent regardless.
         let limit = usize::MAX;
-        outbox.push(&greeting, limit);
-        outbox.push(&history, limit);
-        self.metrics.frames_delivered.increment(2);
-        self.metrics
-            .bytes_sent
-            .increment((greeting.len() + history.len()) as u64);
-        st.members.insert(client_id, outbox.clone());
+        let mut bytes = 0;
+        for frame in std::iter::once(&hello).chain(history.as_ref()) {
+            outbox.push(frame, limit);
+            self.metrics.frames_delivered.increment(1);
+            bytes += frame.len();
+        }
+        self.metrics.bytes_sent.increment(bytes as u64);
+        match greeting {
+            Greeting::Query => {
+                st.members.insert(client_id, outbox.clone());
+            }
+            Greeting::Auth { history } => {
+                let told_of_gaps = history || resume.is_some();
+                st.chat_members
+                    .insert(client_id, (outbox.clone(), told_of_gaps));
+            }
+        }
         st.snapshot = None;
         self.sync_empty_listing(room, st);
         self.note_presence(room, st, Some(sender.name.clone()), None);
@@ -770,12 +821,12 @@ impl Hub {
             uuid::Uuid::nil(),
             0,
             None,
-            event.inner,
+            event.inner.clone(),
             event.frame.len(),
         );
         self.remember(room, st, entry);
         st.next_seq = seq + 1;
-        let recipients = st.enqueue_unchecked(event.frame);
+        let recipients = st.enqueue_unchecked(event);
         self.metrics.publish_recipients.record(recipients as f64);
     }
 
@@ -789,7 +840,7 @@ impl Hub {
         let Mirror::Pending(mut buffer) = std::mem::replace(&mut st.mirror, Mirror::Synced) else {
             unreachable!("checked above");
         };
-        let had_members = !st.members.is_empty();
+        let had_members = st.has_members();
         let same_epoch = &*st.epoch == snap.epoch.as_str();
         if had_members && same_epoch {
             // A gap or a reconnect: deliver what the members here have not had.
@@ -847,6 +898,7 @@ impl Hub {
                 &w.outbox,
                 &w.sender,
                 w.resume.as_ref(),
+                w.greeting,
             );
         }
         let mut follow = None;
@@ -865,17 +917,30 @@ impl Hub {
     /// The room's members get a fresh history event (epoch, everything held, complete:false):
     /// messages were lost between what they have and what the room holds now.
     fn tell_members_incomplete(&self, room: &Arc<Room>, st: &mut RoomState) {
-        let frame = protocol::history_event(
-            &room.name,
-            &st.epoch,
-            false,
-            st.history.iter().map(|e| &e.json),
-        );
         let to = st.snapshot();
-        st.queue.push_back(Queued {
-            frame,
-            to: Recipients::Members(to),
-        });
+        let held = st.history.iter().map(|e| &e.json);
+        if !st.members.is_empty() {
+            let frame = protocol::history_event(&room.name, &st.epoch, false, held.clone());
+            st.queue.push_back(Queued {
+                frame,
+                to: Recipients::Members(to),
+            });
+        }
+        // Second-dialect members that asked for history are told the same way; the others
+        // never asked for history events and get none.
+        let told: Box<[Arc<Outbox>]> = st
+            .chat_members
+            .values()
+            .filter(|(_, told)| *told)
+            .map(|(o, _)| o.clone())
+            .collect();
+        if !told.is_empty() {
+            let frame = protocol::auth::history_event(&room.name, &st.epoch, false, held);
+            st.queue.push_back(Queued {
+                frame,
+                to: Recipients::List(told),
+            });
+        }
     }
 
     /// A follow request could not be served (Redis did not answer): try again shortly, as long
@@ -943,7 +1008,7 @@ impl Hub {
         {
             let mut st = room.lock();
             if !matches!(st.mirror, Mirror::Synced) || st.members.is_empty() {
-                return;
+                return; // presence events go to first-dialect members only
             }
             if st.queue.len() >= REMOTE_QUEUE_MAX {
                 return; // the next presence event carries the count again
@@ -966,8 +1031,8 @@ impl Hub {
             .filter_map(|room| {
                 let count = {
                     let st = room.lock();
-                    (matches!(st.mirror, Mirror::Synced) && !st.members.is_empty())
-                        .then_some(st.members.len())
+                    (matches!(st.mirror, Mirror::Synced) && st.has_members())
+                        .then_some(st.member_count())
                 };
                 count.map(|c| (room, c))
             })
@@ -1085,7 +1150,38 @@ impl Hub {
     /// Push one shared frame to all its recipients. Counted once per call, not once per
     /// recipient. Returns the pushes made.
     fn deliver(&self, queued: &Queued) -> usize {
-        let (frame, to) = (&queued.frame, queued.to.outboxes());
+        let frame = &queued.frame;
+        match &queued.to {
+            Recipients::Message(members, inner) => {
+                let mut delivered = self.push_all(frame, members.query());
+                if !members.auth().is_empty() {
+                    // Built once per message, for every second-dialect member.
+                    if let Some(chat) = protocol::auth::chat_event(inner) {
+                        delivered += self.push_all(&chat, members.auth());
+                    }
+                }
+                // Members whose outbox took it (not those closing).
+                self.metrics.publish_recipients.record(delivered as f64);
+                members.all.len()
+            }
+            Recipients::Members(members) => {
+                self.push_all(frame, members.query());
+                members.query
+            }
+            Recipients::List(to) => {
+                self.push_all(frame, to);
+                to.len()
+            }
+            Recipients::One(outbox) => {
+                self.push_all(frame, std::slice::from_ref(outbox));
+                1
+            }
+        }
+    }
+
+    /// Push one shared frame to every outbox in `to`, counted once per call, not once per
+    /// recipient. Returns how many outboxes took it.
+    fn push_all(&self, frame: &Bytes, to: &[Arc<Outbox>]) -> usize {
         let max = self.settings.outbox_max_bytes;
         let mut delivered = 0u64;
         let mut slow = 0u64;
@@ -1103,11 +1199,7 @@ impl Hub {
         if slow > 0 {
             self.metrics.slow_consumer_closes.increment(slow);
         }
-        if let Recipients::Message(_) = queued.to {
-            // Members whose outbox took it (not those closing), as before delivery moved here.
-            self.metrics.publish_recipients.record(delivered as f64);
-        }
-        to.len()
+        delivered as usize
     }
 
     /// Drop the history of the rooms that published least recently until the process-wide
@@ -1211,7 +1303,7 @@ impl Hub {
             // (and it comes back to this node's members through the channel).
             if let Some(f) = self.follower() {
                 let message = presence_message(&p);
-                f.presence(room, st.members.len(), message, &p.joined, &p.left);
+                f.presence(room, st.member_count(), message, &p.joined, &p.left);
             }
             return;
         }
@@ -1219,7 +1311,7 @@ impl Hub {
             return;
         }
         let message = presence_message(&p);
-        let frame = protocol::presence_event(&message, st.members.len(), &p.joined, &p.left);
+        let frame = protocol::presence_event(&message, st.member_count(), &p.joined, &p.left);
         let to = Recipients::Members(st.snapshot());
         st.queue.push_back(Queued { frame, to });
     }
@@ -1318,7 +1410,9 @@ impl Membership {
             {
                 // Still waiting for the room's snapshot: never greeted, never announced.
                 st.waiting.swap_remove(at);
-            } else if st.members.remove(&self.client_id).is_some() {
+            } else if st.members.remove(&self.client_id).is_some()
+                || st.chat_members.remove(&self.client_id).is_some()
+            {
                 st.snapshot = None;
                 if let Some(hub) = &hub {
                     hub.note_presence(&self.room, &mut st, None, Some(self.sender.name.clone()));
@@ -1433,6 +1527,7 @@ pub(crate) mod tests {
             &outbox,
             sender(name, uuid::Uuid::new_v4().as_u128()),
             None,
+            Greeting::Query,
         );
         (outbox, m)
     }
@@ -1480,7 +1575,7 @@ pub(crate) mod tests {
         let quiet = hub.room("quiet").unwrap();
         assert!(hub.room("third").is_ok(), "the empty room made space");
         assert!(quiet.lock().evicted);
-        let _m2 = hub.join(hub.reserve("third").unwrap(), &outbox, sender("n", 1), None);
+        let _m2 = hub.join(hub.reserve("third").unwrap(), &outbox, sender("n", 1), None, Greeting::Query);
         assert!(hub.room("fourth").is_err());
     }
 
@@ -1493,7 +1588,7 @@ pub(crate) mod tests {
             "the only room is reserved, so not evictable"
         );
         let outbox = Arc::new(Outbox::default());
-        let _m = hub.join(held, &outbox, sender("n", 1), None);
+        let _m = hub.join(held, &outbox, sender("n", 1), None, Greeting::Query);
         assert_eq!(hub.room_count(), 1);
     }
 
@@ -1596,7 +1691,7 @@ pub(crate) mod tests {
         let broker = MemoryBroker::new(hub.clone());
         let room = hub.room("r").unwrap();
         let outbox = Arc::new(Outbox::default());
-        let _m = hub.join(hub.reserve("r").unwrap(), &outbox, sender("n", 1), None);
+        let _m = hub.join(hub.reserve("r").unwrap(), &outbox, sender("n", 1), None, Greeting::Query);
         events(&outbox);
         // As if another thread were in the middle of delivering this room's queue.
         room.lock().delivering = true;
@@ -1634,7 +1729,7 @@ pub(crate) mod tests {
         let room = hub.room("r").unwrap();
         let outbox = Arc::new(Outbox::default());
         let me = sender("n", 1);
-        let _m = hub.join(hub.reserve("r").unwrap(), &outbox, me.clone(), None);
+        let _m = hub.join(hub.reserve("r").unwrap(), &outbox, me.clone(), None, Greeting::Query);
         events(&outbox);
         // Nothing queued: an answer goes out at once.
         hub.send_in_order(

@@ -37,11 +37,69 @@ pub const REDIS_RECONNECTS: &str = "roomcast_redis_reconnects_total";
 pub const REDIS_ROUND_TRIP_SECONDS: &str = "roomcast_redis_round_trip_seconds";
 pub const REDIS_FOREIGN_MESSAGES: &str = "roomcast_redis_foreign_messages_total";
 pub const REMOTE_GAPS: &str = "roomcast_remote_gaps_total";
+pub const DIALECT_CONNECTIONS: &str = "roomcast_dialect_connections";
+pub const AUTH_FAILURES: &str = "roomcast_auth_failures_total";
+pub const JOINS: &str = "roomcast_joins_total";
+pub const MEMBERSHIPS: &str = "roomcast_memberships";
 
 /// Close codes that get their own label value; anything else is counted as `other`.
-pub const CLOSE_CODES: [u16; 11] = [
-    1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 1013,
+pub const CLOSE_CODES: [u16; 13] = [
+    1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 1013, 4401, 4403,
 ];
+
+/// The client dialects (labels of the per-dialect series): `query` is the first dialect
+/// (`/chat?token&name&room`), `auth` the second (`GET /`, an `auth` message first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Query,
+    Auth,
+}
+
+impl Dialect {
+    pub const ALL: [Dialect; 2] = [Dialect::Query, Dialect::Auth];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Dialect::Query => "query",
+            Dialect::Auth => "auth",
+        }
+    }
+}
+
+/// Why a second-dialect connection failed to authenticate (`roomcast_auth_failures_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// No `auth` message within AUTH_TIMEOUT_MS (4401).
+    Timeout,
+    /// The first message was not an `auth` message (4403).
+    NotAuth,
+    /// The token was wrong (4403).
+    BadToken,
+}
+
+impl AuthFailure {
+    pub const ALL: [AuthFailure; 3] = [
+        AuthFailure::Timeout,
+        AuthFailure::NotAuth,
+        AuthFailure::BadToken,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthFailure::Timeout => "timeout",
+            AuthFailure::NotAuth => "not_auth",
+            AuthFailure::BadToken => "bad_token",
+        }
+    }
+}
+
+/// Gauges and counters kept per dialect.
+#[derive(Clone)]
+pub struct PerDialect {
+    pub connections: Gauge,
+    pub joins: Counter,
+    pub memberships: Gauge,
+}
 
 /// Why an upgrade was answered with a plain HTTP status instead of 101.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +204,8 @@ pub struct Metrics {
     pub publish_recipients: Histogram,
     pub publish_to_write_seconds: Histogram,
     pub outbox_queued_bytes: Gauge,
+    dialects: Arc<[PerDialect; Dialect::ALL.len()]>,
+    auth_failures: Arc<[Counter; AuthFailure::ALL.len()]>,
 }
 
 impl Metrics {
@@ -190,7 +250,23 @@ impl Metrics {
             publish_recipients: metrics::histogram!(PUBLISH_RECIPIENTS),
             publish_to_write_seconds: metrics::histogram!(PUBLISH_TO_WRITE_SECONDS),
             outbox_queued_bytes: metrics::gauge!(OUTBOX_QUEUED_BYTES),
+            dialects: Arc::new(Dialect::ALL.map(|d| PerDialect {
+                connections: metrics::gauge!(DIALECT_CONNECTIONS, "dialect" => d.label()),
+                joins: metrics::counter!(JOINS, "dialect" => d.label()),
+                memberships: metrics::gauge!(MEMBERSHIPS, "dialect" => d.label()),
+            })),
+            auth_failures: Arc::new(
+                AuthFailure::ALL.map(|f| metrics::counter!(AUTH_FAILURES, "reason" => f.label())),
+            ),
         }
+    }
+
+    pub fn dialect(&self, dialect: Dialect) -> &PerDialect {
+        &self.dialects[dialect as usize]
+    }
+
+    pub fn auth_failed(&self, why: AuthFailure) {
+        self.auth_failures[why as usize].increment(1);
     }
 
     pub fn connection_closed(&self, code: u16) {
@@ -313,6 +389,19 @@ fn describe() {
         "Connections closed with 1013 because their outbound queue passed OUTBOX_MAX_BYTES."
     );
     describe_gauge!(ROOMS, "Rooms held in memory (with members or history).");
+    describe_gauge!(
+        DIALECT_CONNECTIONS,
+        "WebSocket connections currently open, by client dialect (query: /chat?token..., auth: GET / with an auth message first)."
+    );
+    describe_counter!(
+        AUTH_FAILURES,
+        "Second-dialect connections closed for failing to authenticate, by reason (timeout: 4401; not_auth, bad_token: 4403)."
+    );
+    describe_counter!(JOINS, "Rooms joined, by client dialect.");
+    describe_gauge!(
+        MEMBERSHIPS,
+        "Room memberships currently held, by client dialect (rooms per connection = memberships / connections)."
+    );
     describe_histogram!(PUBLISH_RECIPIENTS, "Recipients per published message.");
     describe_histogram!(
         PUBLISH_TO_WRITE_SECONDS,

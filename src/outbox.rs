@@ -219,6 +219,12 @@ impl Outbox {
         self.waker.wake();
     }
 
+    /// Wake the connection's task so it checks its clocked limits (an auth deadline), with
+    /// nothing queued.
+    pub fn nudge(&self) {
+        self.wake();
+    }
+
     /// Take everything queued (the writer keeps it until written).
     pub fn take(&self) -> Batch {
         let mut q = self.lock();

@@ -217,6 +217,16 @@ impl Relay {
         self.registry.close_all(1001);
     }
 
+    /// Whether `token` is the relay's token (compared in constant time).
+    pub fn token_ok(&self, token: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        bool::from(
+            token
+                .as_bytes()
+                .ct_eq(self.settings.chat_token.expose().as_bytes()),
+        )
+    }
+
     pub fn connection_count(&self) -> usize {
         self.connections.load(Ordering::Acquire)
     }

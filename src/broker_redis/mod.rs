@@ -46,11 +46,10 @@ use redis::{Script, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::broker::{Broker, PublishError, Published};
-use crate::hub::{Follower, Hub, Room, Sender};
+use crate::broker::{Broker, Publish, PublishError, Published, Reply};
+use crate::hub::{Follower, Hub, Room};
 use crate::metrics::Metrics;
-use crate::outbox::Outbox;
-use crate::protocol::{self, ClientMessage, ErrorCode};
+use crate::protocol;
 
 use wire::{PublishReply, RoomKeys};
 
@@ -97,7 +96,7 @@ pub enum RedisBrokerError {
 /// One publish on its way to Redis.
 struct Job {
     room: Arc<Room>,
-    reply: Arc<Outbox>,
+    reply: Reply,
     request_id: Option<Box<str>>,
     id: uuid::Uuid,
     /// The message object up to its `seq`, and after it.
@@ -192,11 +191,15 @@ impl RedisBroker {
 impl Broker for RedisBroker {
     fn publish(
         &self,
-        room: &Arc<Room>,
-        from: &Sender,
-        message: &ClientMessage<'_>,
-        reply: &Arc<Outbox>,
+        publish: &Publish<'_>,
+        reply: Reply,
     ) -> Result<Option<Published>, PublishError> {
+        let Publish {
+            room,
+            from,
+            message,
+            ..
+        } = *publish;
         let shared = &self.shared;
         if !shared.is_up() {
             return Err(PublishError::Unavailable);
@@ -209,6 +212,7 @@ impl Broker for RedisBroker {
             from: &from.name,
             text: &message.text,
             sent_at: &sent_at,
+            request_id: message.request_id.as_deref(),
             seq: 0,
         });
         let request_id = message.request_id.as_deref();
@@ -226,7 +230,7 @@ impl Broker for RedisBroker {
         }
         let job = Job {
             room: room.clone(),
-            reply: reply.clone(),
+            reply,
             request_id: request_id.map(Box::from),
             id,
             json_head,
@@ -292,16 +296,9 @@ impl Shared {
     }
 
     /// Answer a publish's sender (ack or error event) behind the room's queued frames.
-    fn answer(&self, job: &Job, frame: bytes::Bytes) {
-        self.hub.send_in_order(&job.room, &job.reply, frame);
-    }
-
-    fn answer_error(&self, job: &Job, code: ErrorCode) {
-        match code {
-            ErrorCode::Unavailable => self.metrics.publish_unavailable.increment(1),
-            other => self.metrics.invalid_message(other.as_str()),
-        }
-        self.answer(job, protocol::error_event(code));
+    fn answer(&self, job: Job, outcome: Result<Published, PublishError>) {
+        let request_id = job.request_id.as_deref();
+        job.reply.answer(&self.hub, &job.room, request_id, outcome);
     }
 
     fn keys(&self, room: &str) -> RoomKeys {
@@ -346,7 +343,7 @@ async fn publisher(shared: Arc<Shared>, mut jobs: mpsc::Receiver<Job>) {
                     Some(c) => in_flight.push(run_publish(shared.clone(), c.clone(), job)),
                     None => {
                         shared.queued_bytes.fetch_sub(job.charge, Ordering::AcqRel);
-                        shared.answer_error(&job, ErrorCode::Unavailable);
+                        shared.answer(job, Err(PublishError::Unavailable));
                     }
                 }
             }
@@ -405,32 +402,33 @@ async fn run_publish(shared: Arc<Shared>, mut connection: MultiplexedConnection,
         }
         Ok(Err(e)) => {
             shared.metrics.redis_errors.increment(1);
-            shared.answer_error(&job, ErrorCode::Unavailable);
+            shared.answer(job, Err(PublishError::Unavailable));
             return !(e.is_io_error() || e.is_connection_dropped());
         }
         Err(_) => {
             shared.metrics.redis_errors.increment(1);
-            shared.answer_error(&job, ErrorCode::Unavailable);
+            shared.answer(job, Err(PublishError::Unavailable));
             return false;
         }
     };
-    match reply {
-        Some(PublishReply::New { seq, .. }) => {
-            if let Some(rid) = job.request_id.as_deref() {
-                shared.answer(&job, protocol::ack_event(rid, &job.id, seq, false));
-            }
-        }
-        Some(PublishReply::Duplicate { seq, id }) => {
-            if let Some(rid) = job.request_id.as_deref() {
-                shared.answer(&job, protocol::ack_event(rid, &id, seq, true));
-            }
-        }
-        Some(PublishReply::Conflict) => shared.answer_error(&job, ErrorCode::Conflict),
+    let outcome = match reply {
+        Some(PublishReply::New { seq, .. }) => Ok(Published {
+            id: job.id,
+            seq,
+            duplicate: false,
+        }),
+        Some(PublishReply::Duplicate { seq, id }) => Ok(Published {
+            id,
+            seq,
+            duplicate: true,
+        }),
+        Some(PublishReply::Conflict) => Err(PublishError::Conflict),
         None => {
             shared.metrics.redis_errors.increment(1);
-            shared.answer_error(&job, ErrorCode::Unavailable);
+            Err(PublishError::Unavailable)
         }
-    }
+    };
+    shared.answer(job, outcome);
     true
 }
 

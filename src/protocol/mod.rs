@@ -13,6 +13,8 @@ use serde_json::value::RawValue;
 
 use crate::frame::{FrameBuilder, OP_TEXT};
 
+pub mod auth;
+
 pub const MAX_NAME_CHARS: usize = 24;
 pub const MAX_ROOM_CHARS: usize = 32;
 pub const MAX_REQUEST_ID_CHARS: usize = 64;
@@ -261,6 +263,9 @@ pub struct MessageFields<'a> {
     pub from: &'a str,
     pub text: &'a str,
     pub sent_at: &'a str,
+    /// The publisher's requestId, when it gave one (the second dialect always has one): part of
+    /// the message object, so every dialect and every node sees it.
+    pub request_id: Option<&'a str>,
     pub seq: u64,
 }
 
@@ -293,7 +298,7 @@ fn decimal_len(n: u64) -> usize {
 
 const MESSAGE_OPEN: &[u8] = b"{\"type\":\"message\",\"message\":";
 
-/// The inner message object `{"id":..,"room":..,"from":..,"text":..,"sentAt":..,"seq":` up to
+/// The inner message object `{"id":..,"room":..,"from":..,"text":..,"sentAt":..[,"requestId":..],"seq":` up to
 /// its `seq`, and what follows the `seq`: a networked broker fills in the `seq` it assigns.
 pub fn message_json_parts(m: &MessageFields<'_>) -> (String, &'static str) {
     let mut out = Vec::with_capacity(96 + m.text.len());
@@ -302,7 +307,7 @@ pub fn message_json_parts(m: &MessageFields<'_>) -> (String, &'static str) {
     (head, "}")
 }
 
-/// `{"id":"..","room":..,"from":..,"text":..,"sentAt":"..","seq":` — every field of a message
+/// `{"id":"..","room":..,"from":..,"text":..,"sentAt":"..",["requestId":..,]"seq":` — every field of a message
 /// object but the `seq` value, written once for the local and the networked broker alike.
 fn write_message_head(out: &mut Vec<u8>, m: &MessageFields<'_>) {
     out.extend_from_slice(b"{\"id\":\"");
@@ -319,7 +324,12 @@ fn write_message_head(out: &mut Vec<u8>, m: &MessageFields<'_>) {
     write_json_str(out, m.text);
     out.extend_from_slice(b",\"sentAt\":\"");
     out.extend_from_slice(m.sent_at.as_bytes());
-    out.extend_from_slice(b"\",\"seq\":");
+    out.push(b'"');
+    if let Some(rid) = m.request_id {
+        out.extend_from_slice(b",\"requestId\":");
+        write_json_str(out, rid);
+    }
+    out.extend_from_slice(b",\"seq\":");
 }
 
 /// The message event around an inner message object that came from a networked broker (built
@@ -349,6 +359,7 @@ pub fn message_event(m: &MessageFields<'_>) -> MessageEvent {
         + json_str_len(m.text)
         + ",\"sentAt\":\"".len()
         + m.sent_at.len()
+        + m.request_id.map_or(0, |r| ",\"requestId\":".len() + json_str_len(r))
         + "\",\"seq\":".len()
         + decimal_len(m.seq)
         + "}".len();
@@ -545,6 +556,7 @@ mod tests {
             from: "a\"b",
             text: "<b>",
             sent_at: "2026-01-01T00:00:00.000Z",
+            request_id: Some("r\"1"),
             seq: 7,
         };
         let MessageEvent { frame, inner } = message_event(&m);
@@ -590,6 +602,7 @@ mod tests {
                 from: "ada",
                 text,
                 sent_at: "2026-01-01T00:00:00.000Z",
+                request_id: (seq == 9).then_some("r-9"),
                 seq,
             };
             // message_event asserts (in debug builds) that the size it reserved is the size
@@ -632,6 +645,7 @@ mod tests {
             from: "ada \"the\" first",
             text: "héllo\n<b>",
             sent_at: "2026-01-01T00:00:00.000Z",
+            request_id: Some("req-1"),
             seq: 0,
         };
         let (head, tail) = message_json_parts(&m);
