@@ -66,7 +66,13 @@ fn room_with_members(
             let outbox = Arc::new(Outbox::default());
             let reservation = hub.reserve(room).expect("room");
             // Forgotten: a dropped membership leaves the room.
-            std::mem::forget(hub.join(reservation, &outbox, sender.clone(), None));
+            std::mem::forget(hub.join(
+                reservation,
+                &outbox,
+                sender.clone(),
+                None,
+                roomcast::hub::Greeting::Query,
+            ));
             outbox.take();
             outbox
         })
@@ -118,6 +124,7 @@ fn fanout(c: &mut Criterion) {
                     from: "ada",
                     text: "deploy 4312 finished in 41 s",
                     sent_at: "2026-11-22T07:20:57.123Z",
+                    request_id: None,
                     seq: 1,
                 })
                 .frame;

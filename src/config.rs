@@ -329,7 +329,10 @@ impl Settings {
         nonzero(args.redis_queue_max_bytes as u64, "REDIS_QUEUE_MAX_BYTES")?;
         nonzero(args.redis_key_ttl_secs, "REDIS_KEY_TTL_SECS")?;
         nonzero(args.auth_timeout_ms, "AUTH_TIMEOUT_MS")?;
-        nonzero(args.max_rooms_per_connection as u64, "MAX_ROOMS_PER_CONNECTION")?;
+        nonzero(
+            args.max_rooms_per_connection as u64,
+            "MAX_ROOMS_PER_CONNECTION",
+        )?;
         if let Some(url) = &args.redis_url {
             if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
                 return Err(ConfigError::RedisUrl);

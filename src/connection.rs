@@ -761,19 +761,12 @@ impl Connection {
             // Not the client's doing: told, counted, but not held against it.
             Err(PublishError::Unavailable) => {
                 relay.metrics.publish_unavailable.increment(1);
-                self.send_own(
-                    Some(room),
-                    &protocol::error_event(ErrorCode::Unavailable),
-                );
+                self.send_own(Some(room), &protocol::error_event(ErrorCode::Unavailable));
                 return Flow::Continue;
             }
             Err(e) => return self.refuse(e.code(), Some(room)),
         };
-        let Published {
-            id,
-            seq,
-            duplicate,
-        } = published;
+        let Published { id, seq, duplicate } = published;
         match message.request_id.as_deref() {
             Some(request_id) if !chat => {
                 let ack = protocol::ack_event(request_id, &id, seq, duplicate);

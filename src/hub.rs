@@ -743,13 +743,14 @@ impl Hub {
         let (hello, history) = match greeting {
             Greeting::Query => (
                 protocol::system_connected(&sender.name, client_id, sender.session),
-                Some(protocol::history_event(&room.name, &st.epoch, complete, held)),
+                Some(protocol::history_event(
+                    &room.name, &st.epoch, complete, held,
+                )),
             ),
             Greeting::Auth { history } => (
                 protocol::auth::joined(&room.name),
-                (history || resume.is_some()).then(|| {
-                    protocol::auth::history_event(&room.name, &st.epoch, complete, held)
-                }),
+                (history || resume.is_some())
+                    .then(|| protocol::auth::history_event(&room.name, &st.epoch, complete, held)),
             ),
         };
         // Greeting and history may exceed a tiny OUTBOX_MAX_BYTES; they are sent regardless.
@@ -1575,7 +1576,13 @@ pub(crate) mod tests {
         let quiet = hub.room("quiet").unwrap();
         assert!(hub.room("third").is_ok(), "the empty room made space");
         assert!(quiet.lock().evicted);
-        let _m2 = hub.join(hub.reserve("third").unwrap(), &outbox, sender("n", 1), None, Greeting::Query);
+        let _m2 = hub.join(
+            hub.reserve("third").unwrap(),
+            &outbox,
+            sender("n", 1),
+            None,
+            Greeting::Query,
+        );
         assert!(hub.room("fourth").is_err());
     }
 
@@ -1691,7 +1698,13 @@ pub(crate) mod tests {
         let broker = MemoryBroker::new(hub.clone());
         let room = hub.room("r").unwrap();
         let outbox = Arc::new(Outbox::default());
-        let _m = hub.join(hub.reserve("r").unwrap(), &outbox, sender("n", 1), None, Greeting::Query);
+        let _m = hub.join(
+            hub.reserve("r").unwrap(),
+            &outbox,
+            sender("n", 1),
+            None,
+            Greeting::Query,
+        );
         events(&outbox);
         // As if another thread were in the middle of delivering this room's queue.
         room.lock().delivering = true;
@@ -1729,7 +1742,13 @@ pub(crate) mod tests {
         let room = hub.room("r").unwrap();
         let outbox = Arc::new(Outbox::default());
         let me = sender("n", 1);
-        let _m = hub.join(hub.reserve("r").unwrap(), &outbox, me.clone(), None, Greeting::Query);
+        let _m = hub.join(
+            hub.reserve("r").unwrap(),
+            &outbox,
+            me.clone(),
+            None,
+            Greeting::Query,
+        );
         events(&outbox);
         // Nothing queued: an answer goes out at once.
         hub.send_in_order(

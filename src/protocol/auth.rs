@@ -111,10 +111,7 @@ pub fn parse(payload: &str) -> Result<Command<'_>, Invalid> {
         serde_json::error::Category::Data => Invalid("invalid message"),
         _ => Invalid("invalid JSON"),
     })?;
-    let kind = f
-        .kind
-        .and_then(as_string)
-        .ok_or(Invalid("unknown type"))?;
+    let kind = f.kind.and_then(as_string).ok_or(Invalid("unknown type"))?;
     match &*kind {
         "auth" => {
             let token = f.token.and_then(as_string).ok_or(Invalid("auth failed"))?;
@@ -356,7 +353,10 @@ mod tests {
             (r#"{"type":"join","roomId":"a b"}"#, "invalid roomId"),
             (r#"{"type":"join","roomId":"a\u0062"}"#, "invalid roomId"),
             (r#"{"type":"join","roomId":7}"#, "invalid roomId"),
-            (r#"{"type":"chat","roomId":"a","text":"  "}"#, "invalid text"),
+            (
+                r#"{"type":"chat","roomId":"a","text":"  "}"#,
+                "invalid text",
+            ),
             (r#"{"type":"chat","roomId":"a","text":5}"#, "invalid text"),
             (r#"{"type":"chat","roomId":"a"}"#, "invalid text"),
         ] {
@@ -366,9 +366,15 @@ mod tests {
         assert_eq!(parse(&long_room), Err(Invalid("invalid roomId")));
         let ok_room = format!(r#"{{"type":"join","roomId":"{}"}}"#, "r".repeat(64));
         assert!(parse(&ok_room).is_ok());
-        let long = format!(r#"{{"type":"chat","roomId":"a","text":"{}"}}"#, "é".repeat(1001));
+        let long = format!(
+            r#"{{"type":"chat","roomId":"a","text":"{}"}}"#,
+            "é".repeat(1001)
+        );
         assert_eq!(parse(&long), Err(Invalid("invalid text")));
-        let ok = format!(r#"{{"type":"chat","roomId":"a","text":"{}"}}"#, "é".repeat(1000));
+        let ok = format!(
+            r#"{{"type":"chat","roomId":"a","text":"{}"}}"#,
+            "é".repeat(1000)
+        );
         assert!(parse(&ok).is_ok());
     }
 

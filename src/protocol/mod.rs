@@ -359,7 +359,8 @@ pub fn message_event(m: &MessageFields<'_>) -> MessageEvent {
         + json_str_len(m.text)
         + ",\"sentAt\":\"".len()
         + m.sent_at.len()
-        + m.request_id.map_or(0, |r| ",\"requestId\":".len() + json_str_len(r))
+        + m.request_id
+            .map_or(0, |r| ",\"requestId\":".len() + json_str_len(r))
         + "\",\"seq\":".len()
         + decimal_len(m.seq)
         + "}".len();
