@@ -56,6 +56,8 @@ pub struct Client {
     pub frames: u64,
     /// Wire bytes of those text frames (header + payload).
     pub bytes: u64,
+    /// The reason of the relay's close frame, once one arrived.
+    pub close_reason: Option<String>,
 }
 
 impl std::fmt::Debug for Client {
@@ -77,6 +79,7 @@ impl Client {
             pings_seen: 0,
             frames: 0,
             bytes: 0,
+            close_reason: None,
         }
     }
 
@@ -149,6 +152,53 @@ impl Client {
         origin: Option<&str>,
     ) -> Result<Client, ConnectError> {
         Client::connect_to(relay, &format!("/chat?{query}"), origin, &[]).await
+    }
+
+    // --- the second dialect: `GET /`, an `auth` message first, rooms joined by message ------
+
+    /// Upgrade at `/` (the second dialect) with this Origin (None: no Origin header).
+    pub async fn connect_root(
+        endpoint: &impl Endpoint,
+        origin: Option<&str>,
+    ) -> Result<Client, ConnectError> {
+        Client::connect_to(endpoint, "/", origin, &[]).await
+    }
+
+    /// Upgrade at `/` and authenticate with `token`; returns the client and its `auth_ok`.
+    pub async fn authed(endpoint: &impl Endpoint, token: &str) -> (Client, Value) {
+        let mut client = Client::connect_root(endpoint, None)
+            .await
+            .unwrap_or_else(|e| panic!("upgrade at / failed: {e:?}"));
+        client
+            .send_json(&json!({"type": "auth", "token": token}))
+            .await;
+        let ok = client.expect_type("auth_ok").await;
+        (client, ok)
+    }
+
+    /// Send `join` and expect `joined` for that room next.
+    pub async fn join_room(&mut self, room: &str) -> Value {
+        self.send_json(&json!({"type": "join", "roomId": room}))
+            .await;
+        let joined = self.expect_type("joined").await;
+        assert_eq!(joined["roomId"], room, "joined answers the room asked for");
+        joined
+    }
+
+    /// Send a `chat` message.
+    pub async fn chat(&mut self, room: &str, text: &str, request_id: &str) {
+        self.send_json(
+            &json!({"type": "chat", "roomId": room, "text": text, "requestId": request_id}),
+        )
+        .await;
+    }
+
+    /// Read until the relay closes; returns the close code and reason (panics on anything
+    /// else ending the connection, or after [`WAIT`]).
+    pub async fn expect_close_with(&mut self) -> (u16, String) {
+        let code = self.expect_close(WAIT).await;
+        let code = code.unwrap_or_else(|| panic!("[{}] close frame without a code", self.name));
+        (code, self.close_reason.clone().unwrap_or_default())
     }
 
     /// Connect and read the `system` and `history` events that open every connection.
@@ -233,6 +283,7 @@ impl Client {
                 Some(Ok(Message::Close(frame))) => {
                     // Drive tungstenite's automatic close reply out to the socket.
                     let _ = tokio::time::timeout(Duration::from_millis(500), self.ws.next()).await;
+                    self.close_reason = frame.as_ref().map(|f| f.reason.to_string());
                     return Err(WsEnd::Closed(frame.map(|f| u16::from(f.code))));
                 }
             }

@@ -159,6 +159,20 @@ impl RawClient {
     /// Upgrade with an explicit query and, optionally, a small kernel receive buffer (set before
     /// connecting, so a client that stops reading backs up quickly).
     pub async fn connect_with(relay: &Relay, query: &str, recv_buffer: Option<u32>) -> RawClient {
+        RawClient::connect_path(relay, &format!("/chat?{query}"), recv_buffer).await
+    }
+
+    /// Upgrade at `/` (the second dialect) with a small kernel receive buffer.
+    pub async fn connect_root(relay: &Relay) -> RawClient {
+        RawClient::connect_path(relay, "/", Some(4096)).await
+    }
+
+    /// Upgrade at `path_and_query` with the relay's Origin; panics unless the answer is 101.
+    pub async fn connect_path(
+        relay: &Relay,
+        path_and_query: &str,
+        recv_buffer: Option<u32>,
+    ) -> RawClient {
         let socket = TcpSocket::new_v4().expect("socket");
         if let Some(size) = recv_buffer {
             socket.set_recv_buffer_size(size).expect("SO_RCVBUF");
@@ -167,11 +181,7 @@ impl RawClient {
             .await
             .expect("TCP connect timed out")
             .expect("TCP connect failed");
-        let head = upgrade_head(
-            relay.port(),
-            &format!("/chat?{query}"),
-            Some(&relay.origin()),
-        );
+        let head = upgrade_head(relay.port(), path_and_query, Some(&relay.origin()));
         stream
             .write_all(head.as_bytes())
             .await

@@ -48,6 +48,8 @@ pub const RELAY_ENV: &[&str] = &[
     "REDIS_TIMEOUT_MS",
     "REDIS_QUEUE_MAX_BYTES",
     "REDIS_KEY_TTL_SECS",
+    "AUTH_TIMEOUT_MS",
+    "MAX_ROOMS_PER_CONNECTION",
     "RUST_LOG",
 ];
 
