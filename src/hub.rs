@@ -1692,6 +1692,48 @@ pub(crate) mod tests {
         assert!(outboxes.iter().all(|o| Arc::strong_count(o) == 1));
     }
 
+    #[tokio::test]
+    async fn each_message_is_encoded_once_per_dialect_never_per_recipient() {
+        let hub = hub(10);
+        let broker = MemoryBroker::new(hub.clone());
+        let room = hub.room("r").unwrap();
+        let join = |greeting| {
+            let outbox = Arc::new(Outbox::default());
+            let m = hub.join(
+                hub.reserve("r").unwrap(),
+                &outbox,
+                sender("n", 1),
+                None,
+                greeting,
+            );
+            outbox.take(); // the greeting (and history)
+            (outbox, m)
+        };
+        let query: Vec<_> = (0..3).map(|_| join(Greeting::Query)).collect();
+        let auth: Vec<_> = (0..3)
+            .map(|_| join(Greeting::Auth { history: false }))
+            .collect();
+        for (o, _) in query.iter().chain(&auth) {
+            o.take(); // presence events (first dialect only)
+        }
+        broker
+            .publish_now(&room, &sender("ada", 2), &message("hi", Some("r1")))
+            .unwrap();
+        let frame_of = |o: &Arc<Outbox>| {
+            let mut batch = o.take().frames;
+            assert_eq!(batch.len(), 1, "one frame per member");
+            batch.pop_front().unwrap()
+        };
+        let first: Vec<Bytes> = query.iter().map(|(o, _)| frame_of(o)).collect();
+        let second: Vec<Bytes> = auth.iter().map(|(o, _)| frame_of(o)).collect();
+        // Same allocation for every member of a dialect: encoded once, written many times.
+        assert!(first.iter().all(|f| f.as_ptr() == first[0].as_ptr()));
+        assert!(second.iter().all(|f| f.as_ptr() == second[0].as_ptr()));
+        assert_ne!(first[0].as_ptr(), second[0].as_ptr());
+        assert!(first[0].windows(9).any(|w| w == b"\"message\""));
+        assert!(second[0].windows(6).any(|w| w == b"\"chat\""));
+    }
+
     #[test]
     fn publishers_only_queue_while_someone_else_delivers() {
         let hub = hub(10);
