@@ -375,3 +375,43 @@ async fn publishes_past_the_redis_queue_bound_get_unavailable() {
     )
     .await;
 }
+
+/// Both client dialects in one room across two nodes: a second-dialect chat on node A reaches a
+/// first-dialect client on node B as a `message`, and the other way round, with one `seq`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_dialects_share_a_room_across_nodes() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis), node(&redis));
+    wait_ready(&[&a, &b]).await;
+    let (mut second, _) = Client::authed(&a, &a.token).await;
+    second.join_room("mixed").await;
+    let (mut first, _, _) = Client::join(&b, "ada", "mixed").await;
+
+    second.chat("mixed", "from A, second dialect", "a-1").await;
+    let echo = second.expect_type("chat").await;
+    let got = first.next_message(WAIT).await;
+    assert_eq!(got["text"], "from A, second dialect");
+    assert_eq!(got["requestId"], "a-1");
+    assert_eq!(got["seq"], echo["seq"]);
+
+    first.publish("from B, first dialect").await;
+    let chat = second.expect_type("chat").await;
+    assert_eq!(chat["text"], "from B, first dialect");
+    assert_eq!(chat["userId"], "ada");
+    assert_eq!(chat["roomId"], "mixed");
+    assert_eq!(chat["seq"], echo["seq"].as_u64().unwrap() + 1);
+
+    // A second-dialect joiner on node B asking for history gets both, in order.
+    let (mut late, _) = Client::authed(&b, &b.token).await;
+    late.send_json(&json!({"type": "join", "roomId": "mixed", "history": true}))
+        .await;
+    late.expect_type("joined").await;
+    let history = late.expect_type("history").await;
+    let texts: Vec<&str> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["from A, second dialect", "from B, first dialect"]);
+}
