@@ -125,6 +125,18 @@ pub trait Broker: Send + Sync + 'static {
         reply: Reply,
     ) -> Result<Option<Published>, PublishError>;
 
+    /// A room's members across every node, when a networked broker knows it (`None`: this
+    /// node's count is the whole count).
+    fn online(
+        &self,
+        _room: &str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<u64>> + Send + '_>> {
+        Box::pin(std::future::ready(None))
+    }
+
+    /// Ask every other node to close `name`'s connections (this node closes its own).
+    fn disconnect(&self, _name: &str, _room: Option<&str>) {}
+
     /// Whether publishes can succeed now (`/readyz`).
     fn is_ready(&self) -> bool {
         true

@@ -137,6 +137,13 @@ pub struct Args {
     /// Time a new TCP connection has to send its HTTP request head, in milliseconds.
     #[arg(long, env = "HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
     pub handshake_timeout_ms: u64,
+    /// Key that enables the server API (`/api/*`, `Authorization: Bearer KEY`). Unset: the API
+    /// answers 404. A secret: --help and the logs never show its value.
+    #[arg(long, env = "API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Largest request body the server API reads, in bytes; larger bodies get 413.
+    #[arg(long, env = "API_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub api_max_body_bytes: usize,
     /// Second dialect (`GET /`): time a new connection has to send its `auth` message, in
     /// milliseconds; past it the connection is closed with 4401.
     #[arg(long, env = "AUTH_TIMEOUT_MS", default_value_t = 5_000)]
@@ -238,6 +245,8 @@ pub enum ConfigError {
     PayloadOutOfRange(usize),
     #[error("CHAT_TOKEN must not be empty")]
     EmptyToken,
+    #[error("API_KEY must not be empty (unset it to turn the server API off)")]
+    EmptyApiKey,
     #[error("ALLOWED_ORIGINS must list at least one origin")]
     NoOrigins,
     #[error("TRUSTED_PROXIES: {0:?} is not an IP address or CIDR")]
@@ -290,6 +299,9 @@ pub struct Settings {
     pub close_timeout: Duration,
     pub auth_timeout: Duration,
     pub max_rooms_per_connection: usize,
+    /// `None`: the server API is off (404).
+    pub api_key: Option<Secret>,
+    pub api_max_body_bytes: usize,
 }
 
 impl Default for Settings {
@@ -329,6 +341,10 @@ impl Settings {
         nonzero(args.redis_queue_max_bytes as u64, "REDIS_QUEUE_MAX_BYTES")?;
         nonzero(args.redis_key_ttl_secs, "REDIS_KEY_TTL_SECS")?;
         nonzero(args.auth_timeout_ms, "AUTH_TIMEOUT_MS")?;
+        nonzero(args.api_max_body_bytes as u64, "API_MAX_BODY_BYTES")?;
+        if args.api_key.as_deref() == Some("") {
+            return Err(ConfigError::EmptyApiKey);
+        }
         nonzero(
             args.max_rooms_per_connection as u64,
             "MAX_ROOMS_PER_CONNECTION",
@@ -411,6 +427,8 @@ impl Settings {
             close_timeout: Duration::from_millis(args.close_timeout_ms),
             auth_timeout: Duration::from_millis(args.auth_timeout_ms),
             max_rooms_per_connection: args.max_rooms_per_connection,
+            api_key: args.api_key.as_deref().map(Secret::from),
+            api_max_body_bytes: args.api_max_body_bytes,
         })
     }
 

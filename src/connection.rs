@@ -1075,6 +1075,7 @@ fn close_reason(code: u16) -> &'static str {
         1008 => "too many invalid messages",
         1009 => "message too big",
         1013 => "too slow: outbound queue full",
+        4000 => "disconnected by the server",
         4401 => "auth required",
         4403 => "auth failed",
         _ => "",

@@ -72,6 +72,9 @@ pub(crate) async fn handle(
             .insert(hyper::header::ALLOW, HeaderValue::from_static("GET"));
         return Ok(r);
     }
+    if req.uri().path().starts_with("/api/") {
+        return Ok(crate::api::handle(&relay, req, peer.ip()).await);
+    }
     if req.uri().path() == "/chat" {
         return Ok(chat(&relay, req, is_upgrade, peer.ip()));
     }

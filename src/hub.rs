@@ -292,11 +292,12 @@ pub struct RoomState {
     reserved: usize,
     /// Set while the room is listed in the hub's empty-room index: the stamp it is listed under.
     empty_since: Option<u64>,
-    /// First-dialect members by client id (see the module docs for why a B-tree).
-    members: BTreeMap<u64, Arc<Outbox>>,
-    /// Second-dialect members by client id, and whether they asked for history (they are the
-    /// ones told when a gap loses messages).
-    chat_members: BTreeMap<u64, (Arc<Outbox>, bool)>,
+    /// First-dialect members by client id (see the module docs for why a B-tree), and who
+    /// they are (the server API lists and disconnects members by name).
+    members: BTreeMap<u64, (Arc<Outbox>, Arc<Sender>)>,
+    /// Second-dialect members by client id, who they are, and whether they asked for history
+    /// (they are the ones told when a gap loses messages).
+    chat_members: BTreeMap<u64, (Arc<Outbox>, Arc<Sender>, bool)>,
     /// The members as of the last snapshot; `None` once membership changed since.
     snapshot: Option<Snapshot>,
     epoch: Arc<str>,
@@ -456,7 +457,8 @@ impl RoomState {
             .get_or_insert_with(|| Snapshot {
                 all: members
                     .values()
-                    .chain(chat_members.values().map(|(o, _)| o))
+                    .map(|(o, _)| o)
+                    .chain(chat_members.values().map(|(o, _, _)| o))
                     .cloned()
                     .collect(),
                 query: members.len(),
@@ -764,12 +766,13 @@ impl Hub {
         self.metrics.bytes_sent.increment(bytes as u64);
         match greeting {
             Greeting::Query => {
-                st.members.insert(client_id, outbox.clone());
+                st.members
+                    .insert(client_id, (outbox.clone(), sender.clone()));
             }
             Greeting::Auth { history } => {
                 let told_of_gaps = history || resume.is_some();
                 st.chat_members
-                    .insert(client_id, (outbox.clone(), told_of_gaps));
+                    .insert(client_id, (outbox.clone(), sender.clone(), told_of_gaps));
             }
         }
         st.snapshot = None;
@@ -932,8 +935,8 @@ impl Hub {
         let told: Box<[Arc<Outbox>]> = st
             .chat_members
             .values()
-            .filter(|(_, told)| *told)
-            .map(|(o, _)| o.clone())
+            .filter(|(_, _, told)| *told)
+            .map(|(o, _, _)| o.clone())
             .collect();
         if !told.is_empty() {
             let frame = protocol::auth::history_event(&room.name, &st.epoch, false, held);
@@ -1038,6 +1041,89 @@ impl Hub {
                 count.map(|c| (room, c))
             })
             .collect()
+    }
+
+    /// A room's members on this node: how many, and their names (at most `max_names`).
+    pub fn local_presence(&self, room_name: &str, max_names: usize) -> (usize, Vec<Arc<str>>) {
+        let Some(room) = self.rooms.get(room_name).map(|r| r.clone()) else {
+            return (0, Vec::new());
+        };
+        let st = room.lock();
+        let names = st
+            .members
+            .values()
+            .map(|(_, s)| s)
+            .chain(st.chat_members.values().map(|(_, s, _)| s))
+            .take(max_names)
+            .map(|s| s.name.clone())
+            .collect();
+        (st.member_count(), names)
+    }
+
+    /// Close every connection on this node whose name is `name` (in `room` only, when given)
+    /// with `code`. Returns how many connections were told to close.
+    pub fn disconnect(&self, name: &str, room: Option<&str>, code: u16) -> usize {
+        let rooms: Vec<Arc<Room>> = match room {
+            Some(r) => self.rooms.get(r).map(|r| r.clone()).into_iter().collect(),
+            None => self.rooms.iter().map(|r| r.value().clone()).collect(),
+        };
+        let mut outboxes: Vec<Arc<Outbox>> = Vec::new();
+        for room in rooms {
+            let st = room.lock();
+            let first = st.members.values().map(|(o, s)| (o, s));
+            let second = st.chat_members.values().map(|(o, s, _)| (o, s));
+            for (outbox, sender) in first.chain(second) {
+                if &*sender.name == name {
+                    outboxes.push(outbox.clone());
+                }
+            }
+        }
+        // A second-dialect connection is in several rooms: close it once.
+        outboxes.sort_by_key(|o| Arc::as_ptr(o) as usize);
+        outboxes.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        for outbox in &outboxes {
+            outbox.close(code);
+        }
+        outboxes.len()
+    }
+
+    /// Rooms with members on this node, by name, after `after`, at most `limit`: (name, members).
+    pub fn rooms_page(&self, after: Option<&str>, limit: usize) -> Vec<(Arc<str>, usize)> {
+        let mut rooms: Vec<(Arc<str>, usize)> = self
+            .rooms
+            .iter()
+            .filter(|r| after.is_none_or(|a| &**r.key() > a))
+            .filter_map(|r| {
+                let count = r.value().lock().member_count();
+                (count > 0).then(|| (r.key().clone(), count))
+            })
+            .collect();
+        rooms.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        rooms.truncate(limit);
+        rooms
+    }
+
+    /// The messages of a room after `since` held on this node: (epoch, complete, inner message
+    /// objects). `complete` is false when messages after `since` are no longer held. `None`
+    /// when the room is not known here.
+    pub fn history_after(&self, room_name: &str, since: u64) -> Option<(String, bool, Vec<Bytes>)> {
+        let room = self.rooms.get(room_name).map(|r| r.clone())?;
+        let st = room.lock();
+        let resume = Resume {
+            since,
+            epoch: Some(st.epoch.to_string()),
+        };
+        let (skip, complete) = st.history_for(Some(&resume));
+        let messages = if complete {
+            st.history
+                .iter()
+                .skip(skip)
+                .map(|e| e.json.clone())
+                .collect()
+        } else {
+            st.history.iter().map(|e| e.json.clone()).collect()
+        };
+        Some((st.epoch.to_string(), complete, messages))
     }
 
     /// Whether the room still has local members or joiners (a release may unsubscribe).

@@ -10,6 +10,7 @@
 
 pub mod address;
 pub mod alloc;
+pub mod api;
 pub mod broker;
 pub mod broker_redis;
 pub mod config;

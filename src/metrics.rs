@@ -41,11 +41,50 @@ pub const DIALECT_CONNECTIONS: &str = "roomcast_dialect_connections";
 pub const AUTH_FAILURES: &str = "roomcast_auth_failures_total";
 pub const JOINS: &str = "roomcast_joins_total";
 pub const MEMBERSHIPS: &str = "roomcast_memberships";
+pub const API_REQUESTS: &str = "roomcast_api_requests_total";
 
 /// Close codes that get their own label value; anything else is counted as `other`.
-pub const CLOSE_CODES: [u16; 13] = [
-    1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 1013, 4401, 4403,
+pub const CLOSE_CODES: [u16; 14] = [
+    1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1011, 1013, 4000, 4401, 4403,
 ];
+
+/// Server API routes (`roomcast_api_requests_total{route}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiRoute {
+    Publish,
+    History,
+    Presence,
+    Disconnect,
+    Rooms,
+    /// A wrong or missing API key (401).
+    Unauthorized,
+    /// No such route, or the wrong method.
+    Other,
+}
+
+impl ApiRoute {
+    pub const ALL: [ApiRoute; 7] = [
+        ApiRoute::Publish,
+        ApiRoute::History,
+        ApiRoute::Presence,
+        ApiRoute::Disconnect,
+        ApiRoute::Rooms,
+        ApiRoute::Unauthorized,
+        ApiRoute::Other,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ApiRoute::Publish => "publish",
+            ApiRoute::History => "history",
+            ApiRoute::Presence => "presence",
+            ApiRoute::Disconnect => "disconnect",
+            ApiRoute::Rooms => "rooms",
+            ApiRoute::Unauthorized => "unauthorized",
+            ApiRoute::Other => "other",
+        }
+    }
+}
 
 /// The client dialects (labels of the per-dialect series): `query` is the first dialect
 /// (`/chat?token&name&room`), `auth` the second (`GET /`, an `auth` message first).
@@ -206,6 +245,7 @@ pub struct Metrics {
     pub outbox_queued_bytes: Gauge,
     dialects: Arc<[PerDialect; Dialect::ALL.len()]>,
     auth_failures: Arc<[Counter; AuthFailure::ALL.len()]>,
+    api_requests: Arc<[Counter; ApiRoute::ALL.len()]>,
 }
 
 impl Metrics {
@@ -258,11 +298,18 @@ impl Metrics {
             auth_failures: Arc::new(
                 AuthFailure::ALL.map(|f| metrics::counter!(AUTH_FAILURES, "reason" => f.label())),
             ),
+            api_requests: Arc::new(
+                ApiRoute::ALL.map(|r| metrics::counter!(API_REQUESTS, "route" => r.label())),
+            ),
         }
     }
 
     pub fn dialect(&self, dialect: Dialect) -> &PerDialect {
         &self.dialects[dialect as usize]
+    }
+
+    pub fn api_request(&self, route: ApiRoute) {
+        self.api_requests[route as usize].increment(1);
     }
 
     pub fn auth_failed(&self, why: AuthFailure) {
@@ -398,6 +445,10 @@ fn describe() {
         "Second-dialect connections closed for failing to authenticate, by reason (timeout: 4401; not_auth, bad_token: 4403)."
     );
     describe_counter!(JOINS, "Rooms joined, by client dialect.");
+    describe_counter!(
+        API_REQUESTS,
+        "Server API requests, by route (unauthorized: a wrong or missing API_KEY; other: no such route or method)."
+    );
     describe_gauge!(
         MEMBERSHIPS,
         "Room memberships currently held, by client dialect (rooms per connection = memberships / connections)."

@@ -415,3 +415,58 @@ async fn both_dialects_share_a_room_across_nodes() {
         .collect();
     assert_eq!(texts, ["from A, second dialect", "from B, first dialect"]);
 }
+
+/// The server API with Redis: a publish on node A reaches node B's members, presence counts
+/// every node, and a disconnect closes the user's connections on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_api_works_across_nodes() {
+    let redis = RedisServer::start();
+    let api = |b: RelayBuilder| b.env("API_KEY", "k");
+    let a = api(Relay::builder().env("REDIS_URL", redis.url())).start();
+    let b = api(Relay::builder().env("REDIS_URL", redis.url())).start();
+    wait_ready(&[&a, &b]).await;
+    let (mut on_b, _, _) = Client::join(&b, "ada", "ops").await;
+    let (mut also_on_b, _, _) = Client::join(&b, "bob", "ops").await;
+    let post = |relay: &Relay, path: &str, body: Value| {
+        let body = body.to_string();
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer k\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let addr = relay.addr;
+        async move { http_exchange(addr, &req).await.expect("API call") }
+    };
+    let r = post(
+        &a,
+        "/api/publish",
+        json!({"room": "ops", "text": "from the API on A"}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(on_b.next_message(WAIT).await["text"], "from the API on A");
+
+    // Presence: node A has nobody in the room, yet counts node B's two members.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let p = http_get(
+            &a,
+            "/api/rooms/ops/presence",
+            &[("Authorization", "Bearer k")],
+        )
+        .await;
+        if p.json()["online"] == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "presence never counted node B: {}",
+            p.body
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    let r = post(&a, "/api/disconnect", json!({"name": "ada"})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(on_b.expect_close(WAIT).await, Some(4000));
+    also_on_b.publish_and_wait("bob stays").await;
+}

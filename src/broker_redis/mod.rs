@@ -249,6 +249,55 @@ impl Broker for RedisBroker {
     fn is_ready(&self) -> bool {
         self.shared.is_up()
     }
+
+    fn online(
+        &self,
+        room: &str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<u64>> + Send + '_>> {
+        let key = self.shared.keys(room).presence;
+        Box::pin(async move {
+            let read = async {
+                let mut c = self
+                    .shared
+                    .client
+                    .get_multiplexed_async_connection()
+                    .await?;
+                redis::cmd("HGET")
+                    .arg(&key)
+                    .arg("_total")
+                    .query_async::<Option<u64>>(&mut c)
+                    .await
+            };
+            match tokio::time::timeout(self.shared.settings.timeout, read).await {
+                Ok(Ok(total)) => Some(total.unwrap_or(0)),
+                _ => {
+                    self.shared.metrics.redis_errors.increment(1);
+                    None
+                }
+            }
+        })
+    }
+
+    fn disconnect(&self, name: &str, room: Option<&str>) {
+        let shared = self.shared.clone();
+        let request = wire::disconnect_request(name, room);
+        tokio::spawn(async move {
+            let send = async {
+                let mut c = shared.client.get_multiplexed_async_connection().await?;
+                redis::cmd("PUBLISH")
+                    .arg(wire::CONTROL_CHANNEL)
+                    .arg(&request)
+                    .query_async::<i64>(&mut c)
+                    .await
+            };
+            if !matches!(
+                tokio::time::timeout(shared.settings.timeout, send).await,
+                Ok(Ok(_))
+            ) {
+                shared.metrics.redis_errors.increment(1);
+            }
+        });
+    }
 }
 
 impl Follower for RedisBroker {
@@ -459,6 +508,15 @@ async fn rooms_task(shared: Arc<Shared>, mut commands: mpsc::Receiver<RoomComman
         }
         first = false;
         let (mut sink, mut stream) = pubsub.split();
+        let control = sink.subscribe(wire::CONTROL_CHANNEL);
+        if !matches!(
+            tokio::time::timeout(shared.settings.timeout, control).await,
+            Ok(Ok(()))
+        ) {
+            shared.metrics.redis_errors.increment(1);
+            tokio::time::sleep(jittered(backoff)).await;
+            continue;
+        }
         shared.subscriber_up.store(true, Ordering::Release);
         // Whatever happened while we were away: every room with local members reads its
         // snapshot again (and is subscribed first).
@@ -568,6 +626,15 @@ async fn read_snapshot(
 /// A message on a room channel: to the hub, which orders it (or a presence event, to the
 /// room's members here); anything roomcast did not publish is counted and dropped.
 fn on_message(shared: &Shared, message: &redis::Msg) {
+    if message.get_channel_name() == wire::CONTROL_CHANNEL {
+        match wire::parse_disconnect(message.get_payload_bytes()) {
+            Some((name, room)) => {
+                shared.hub.disconnect(name, room, protocol::DISCONNECT_CODE);
+            }
+            None => shared.metrics.redis_foreign_messages.increment(1),
+        }
+        return;
+    }
     let Some(room) = wire::room_of_channel(message.get_channel_name()) else {
         shared.metrics.redis_foreign_messages.increment(1);
         return;

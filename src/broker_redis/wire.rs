@@ -39,6 +39,26 @@ impl RoomKeys {
     }
 }
 
+/// The node-wide control channel: requests every node acts on (the server API's disconnect).
+pub(super) const CONTROL_CHANNEL: &str = "rc:control";
+
+/// A disconnect request on the control channel: `D\nNAME\nROOM` (ROOM empty: every room).
+pub(super) fn disconnect_request(name: &str, room: Option<&str>) -> String {
+    format!("D\n{name}\n{}", room.unwrap_or(""))
+}
+
+/// Parse a control message: the disconnect request's (name, room).
+pub(super) fn parse_disconnect(payload: &[u8]) -> Option<(&str, Option<&str>)> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let mut parts = text.splitn(3, '\n');
+    if parts.next()? != "D" {
+        return None;
+    }
+    let name = parts.next().filter(|n| !n.is_empty())?;
+    let room = parts.next()?;
+    Some((name, (!room.is_empty()).then_some(room)))
+}
+
 /// The room a channel belongs to (`rc:{ROOM}:channel`).
 pub(super) fn room_of_channel(channel: &str) -> Option<&str> {
     channel.strip_prefix("rc:{")?.strip_suffix("}:channel")

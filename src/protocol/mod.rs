@@ -20,6 +20,8 @@ pub const MAX_ROOM_CHARS: usize = 32;
 pub const MAX_REQUEST_ID_CHARS: usize = 64;
 pub const DEFAULT_NAME: &str = "guest";
 pub const DEFAULT_ROOM: &str = "lobby";
+/// Close code of a connection the server API disconnected (`disconnected by the server`).
+pub const DISCONNECT_CODE: u16 = 4000;
 
 /// Trim the way JavaScript's `String.prototype.trim` does (the Node contract's servers trim
 /// with it): Unicode white space and line terminators plus U+FEFF, but not U+0085.
@@ -173,6 +175,13 @@ pub fn sanitize_name(raw: Option<&str>) -> String {
     } else {
         DEFAULT_NAME.to_string()
     }
+}
+
+/// `name` when it keeps the naming rule (trimmed, 1..=24 characters of ASCII letters, digits,
+/// `_`, space, `-`).
+pub fn valid_name(raw: &str) -> Option<String> {
+    let name = sanitize_name(Some(raw));
+    (name != DEFAULT_NAME || js_trim(raw) == DEFAULT_NAME).then_some(name)
 }
 
 /// `room`: trimmed, 1..=32 characters of `[A-Za-z0-9_-]`; else `lobby`.

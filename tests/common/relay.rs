@@ -50,6 +50,8 @@ pub const RELAY_ENV: &[&str] = &[
     "REDIS_KEY_TTL_SECS",
     "AUTH_TIMEOUT_MS",
     "MAX_ROOMS_PER_CONNECTION",
+    "API_KEY",
+    "API_MAX_BODY_BYTES",
     "RUST_LOG",
 ];
 
