@@ -93,7 +93,7 @@ pub(crate) async fn handle(
         (&Method::POST, ["disconnect"]) => (ApiRoute::Disconnect, disconnect(relay, req).await),
         (&Method::GET, ["rooms"]) => (ApiRoute::Rooms, rooms(relay, &query)),
         (&Method::GET, ["rooms", room, "history"]) => {
-            (ApiRoute::History, history(relay, room, &query))
+            (ApiRoute::History, history(relay, room, &query).await)
         }
         (&Method::GET, ["rooms", room, "presence"]) => {
             (ApiRoute::Presence, presence(relay, room).await)
@@ -268,7 +268,7 @@ fn query_param(query: &str, key: &str) -> Option<String> {
 }
 
 /// `GET /api/rooms/{room}/history?since=N` → `{"room","epoch","complete","messages":[…]}`.
-fn history(relay: &Relay, room: &str, query: &str) -> Response<Body> {
+async fn history(relay: &Relay, room: &str, query: &str) -> Response<Body> {
     if !is_room_id(room) {
         return error(StatusCode::BAD_REQUEST, "bad_room", "invalid room name");
     }
@@ -285,10 +285,22 @@ fn history(relay: &Relay, room: &str, query: &str) -> Response<Body> {
             }
         },
     };
-    let (epoch, complete, messages) = relay
-        .hub
-        .history_after(room, since)
-        .unwrap_or_else(|| (String::new(), since == 0, Vec::new()));
+    let (epoch, complete, messages) = match relay.broker.room_snapshot(room).await {
+        // A networked broker holds the truth (this node may not follow the room).
+        Ok(Some(snap)) => slice(snap, since),
+        Ok(None) => relay
+            .hub
+            .history_after(room, since)
+            .unwrap_or_else(|| (String::new(), since == 0, Vec::new())),
+        Err(_) => {
+            relay.metrics.publish_unavailable.increment(1);
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the broker did not answer",
+            );
+        }
+    };
     let mut out = Vec::with_capacity(64 + messages.iter().map(|m| m.len() + 1).sum::<usize>());
     out.extend_from_slice(
         format!(
@@ -309,6 +321,21 @@ fn history(relay: &Relay, room: &str, query: &str) -> Response<Body> {
         StatusCode::OK,
         String::from_utf8(out).expect("message objects are UTF-8 JSON"),
     )
+}
+
+/// The messages of a broker's snapshot after `since`, as the hub slices its own history: all
+/// held and `complete:false` when some after `since` are gone (or `since` is past the end).
+fn slice(snap: crate::hub::RoomSnapshot, since: u64) -> (String, bool, Vec<Bytes>) {
+    let next_seq = snap.seq + 1;
+    let first_held = snap.history.first().map_or(next_seq, |(seq, _)| *seq);
+    let complete = since < next_seq && since + 1 >= first_held;
+    let messages = snap
+        .history
+        .into_iter()
+        .filter(|(seq, _)| !complete || *seq > since)
+        .map(|(_, json)| Bytes::from(json))
+        .collect();
+    (snap.epoch, complete, messages)
 }
 
 /// `GET /api/rooms/{room}/presence` → `{"online":N,"names":[…]}`: `online` across every node

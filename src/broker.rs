@@ -15,7 +15,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::hub::{HistoryEntry, Hub, Room, Sender};
+use crate::hub::{HistoryEntry, Hub, Room, RoomSnapshot, Sender};
 use crate::outbox::Outbox;
 use crate::protocol::{self, ClientMessage, ErrorCode};
 
@@ -132,6 +132,22 @@ pub trait Broker: Send + Sync + 'static {
         _room: &str,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<u64>> + Send + '_>> {
         Box::pin(std::future::ready(None))
+    }
+
+    /// A room's snapshot (epoch, last seq, history) from a networked broker, which holds the
+    /// truth; `None`: read the hub (the in-memory broker), or the broker did not answer
+    /// (`Some(None)` is not used; see the server API's history route).
+    fn room_snapshot(
+        &self,
+        _room: &str,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<Option<RoomSnapshot>, PublishError>>
+                + Send
+                + '_,
+        >,
+    > {
+        Box::pin(std::future::ready(Ok(None)))
     }
 
     /// Ask every other node to close `name`'s connections (this node closes its own).

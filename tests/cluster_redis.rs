@@ -444,6 +444,24 @@ async fn the_server_api_works_across_nodes() {
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(on_b.next_message(WAIT).await["text"], "from the API on A");
+    on_b.publish_and_wait("from ada on B").await;
+    // History from Redis, on a node that follows nothing of the room.
+    let h = http_get(
+        &a,
+        "/api/rooms/ops/history?since=1",
+        &[("Authorization", "Bearer k")],
+    )
+    .await;
+    assert_eq!(h.status, 200, "{}", h.body);
+    let h = h.json();
+    assert_eq!(h["complete"], true, "{h}");
+    let texts: Vec<&str> = h["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["from ada on B"]);
 
     // Presence: node A has nobody in the room, yet counts node B's two members.
     let deadline = tokio::time::Instant::now() + WAIT;

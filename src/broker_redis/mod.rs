@@ -278,6 +278,47 @@ impl Broker for RedisBroker {
         })
     }
 
+    fn room_snapshot(
+        &self,
+        room: &str,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<Option<crate::hub::RoomSnapshot>, PublishError>>
+                + Send
+                + '_,
+        >,
+    > {
+        let keys = self.shared.keys(room);
+        Box::pin(async move {
+            let shared = &self.shared;
+            let read = async {
+                let mut c = shared.client.get_multiplexed_async_connection().await?;
+                let mut invocation = shared.read_script.prepare_invoke();
+                invocation
+                    .key(&keys.epoch)
+                    .key(&keys.seq)
+                    .key(&keys.history)
+                    .key(&keys.dedupe)
+                    .arg(new_epoch())
+                    .arg(shared.key_ttl_secs());
+                invocation.invoke_async::<Value>(&mut c).await
+            };
+            match tokio::time::timeout(shared.settings.timeout, read).await {
+                Ok(Ok(value)) => match wire::parse_snapshot(&value) {
+                    Some(snapshot) => Ok(Some(snapshot)),
+                    None => {
+                        shared.metrics.redis_errors.increment(1);
+                        Err(PublishError::Unavailable)
+                    }
+                },
+                _ => {
+                    shared.metrics.redis_errors.increment(1);
+                    Err(PublishError::Unavailable)
+                }
+            }
+        })
+    }
+
     fn disconnect(&self, name: &str, room: Option<&str>) {
         let shared = self.shared.clone();
         let request = wire::disconnect_request(name, room);
