@@ -28,8 +28,9 @@ export function freePort() {
 /**
  * Starts the relay on 127.0.0.1:port (a free port unless given) and resolves once its first
  * stdout line says it is listening. `env` adds or overrides settings (RATE_LIMIT, ...).
+ * `extraOrigins` are allowed besides the relay's own origin (pages served from elsewhere).
  */
-export async function startRelay({ port, env = {}, startTimeoutMs = 15_000 } = {}) {
+export async function startRelay({ port, env = {}, extraOrigins = [], startTimeoutMs = 15_000 } = {}) {
   if (!existsSync(RELAY_BIN)) {
     throw new Error(`relay binary not found at ${RELAY_BIN} — build it first (cargo build --bin roomcast) or set ROOMCAST_BIN`);
   }
@@ -40,7 +41,7 @@ export async function startRelay({ port, env = {}, startTimeoutMs = 15_000 } = {
       ...process.env,
       HOST: '127.0.0.1',
       PORT: String(port),
-      ALLOWED_ORIGINS: origin,
+      ALLOWED_ORIGINS: [origin, ...extraOrigins].join(','),
       RUST_LOG: process.env.RUST_LOG ?? 'info',
       ...env,
     },

@@ -28,4 +28,4 @@ if [ ! -x "$BIN" ]; then
 fi
 
 mkdir -p artifacts
-exec node --test --test-concurrency=1 --test-timeout=180000 "$@" client.test.mjs e2e.test.mjs
+exec node --test --test-concurrency=1 --test-timeout=180000 "$@" client.test.mjs e2e.test.mjs seed-v2.test.mjs
