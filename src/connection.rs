@@ -301,9 +301,10 @@ pub(crate) fn spawn(
         Entry::Auth => {
             // The auth deadline needs a wake-up of its own (the heartbeat is too coarse for it):
             // a short-lived timer that only nudges the task, which then checks the clock.
+            // Not tracked: shutdown must not wait for it (it holds only a weak handle).
             let weak = Arc::downgrade(&outbox);
             let timeout = relay.settings.auth_timeout;
-            relay.tracker.spawn(async move {
+            tokio::spawn(async move {
                 tokio::time::sleep(timeout).await;
                 if let Some(outbox) = weak.upgrade() {
                     outbox.nudge();

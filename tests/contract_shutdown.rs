@@ -189,3 +189,24 @@ async fn readyz_turns_503_and_upgrades_are_refused_while_draining() {
         .expect("relay exits after the drain");
     assert!(status.success(), "{status:?}");
 }
+
+/// Regression: the second dialect's auth deadline timer must not hold up shutdown. It was a
+/// tracked task, so a relay with a freshly authenticated connection waited for the timer and
+/// exited with "drain time over" although every connection had closed.
+#[tokio::test]
+async fn an_auth_deadline_timer_does_not_hold_up_shutdown() {
+    let mut relay = Relay::start(&[("AUTH_TIMEOUT_MS", "60000"), ("SHUTDOWN_DRAIN_MS", "5000")]);
+    let (mut c, _) = Client::authed(&relay, &relay.token.clone()).await;
+    c.join_room("r").await;
+    let closed = tokio::spawn(async move { c.expect_close(Duration::from_secs(15)).await });
+    let (status, _took) = relay
+        .stop_with_signal(libc::SIGTERM, Duration::from_secs(10))
+        .await;
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert_eq!(closed.await.expect("client task"), Some(1001));
+    let logs = relay.logs();
+    assert!(
+        !logs.contains("drain time over"),
+        "shutdown waited for a timer:\n{logs}"
+    );
+}
