@@ -34,8 +34,17 @@ pub struct Args {
     pub port: u16,
     /// Shared token a client must present as `token=` in the upgrade URL [default: dev-token, for development only].
     /// A secret: `--help` never shows its value, and it is never logged.
-    #[arg(long, env = "CHAT_TOKEN", default_value = DEV_TOKEN, hide_default_value = true, hide_env_values = true)]
-    pub chat_token: String,
+    /// With signed tickets on (JWT_SECRET / JWT_PUBLIC_KEY_FILE), the static token is accepted
+    /// only when this is set explicitly.
+    #[arg(long, env = "CHAT_TOKEN", hide_env_values = true)]
+    pub chat_token: Option<String>,
+    /// HS256 secret for signed tickets (JWTs with exp, sub, rooms, pub) accepted wherever a
+    /// token goes. A secret: never shown.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// RS256 or ES256 public key (PEM file) for signed tickets.
+    #[arg(long, env = "JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<std::path::PathBuf>,
     /// Comma-separated Origin allow-list [default: http://localhost:PORT,http://127.0.0.1:PORT].
     #[arg(long, env = "ALLOWED_ORIGINS")]
     pub allowed_origins: Option<String>,
@@ -245,6 +254,10 @@ pub enum ConfigError {
     PayloadOutOfRange(usize),
     #[error("CHAT_TOKEN must not be empty")]
     EmptyToken,
+    #[error("JWT_SECRET must not be empty")]
+    EmptyJwtSecret,
+    #[error(transparent)]
+    Tickets(#[from] crate::ticket::TicketSetupError),
     #[error("API_KEY must not be empty (unset it to turn the server API off)")]
     EmptyApiKey,
     #[error("ALLOWED_ORIGINS must list at least one origin")]
@@ -261,6 +274,11 @@ pub enum ConfigError {
 pub struct Settings {
     pub listen_addr: SocketAddr,
     pub chat_token: Secret,
+    /// Whether the static `chat_token` is accepted (always, unless tickets are on and
+    /// CHAT_TOKEN was not set explicitly).
+    pub static_token: bool,
+    /// Signed tickets (`None`: off).
+    pub tickets: Option<std::sync::Arc<crate::ticket::Tickets>>,
     pub allowed_origins: Vec<String>,
     pub rate_limit: u32,
     pub rate_window: Duration,
@@ -360,9 +378,16 @@ impl Settings {
         if !(125..=1 << 20).contains(&args.max_payload_bytes) {
             return Err(ConfigError::PayloadOutOfRange(args.max_payload_bytes));
         }
-        if args.chat_token.is_empty() {
+        if args.chat_token.as_deref() == Some("") {
             return Err(ConfigError::EmptyToken);
         }
+        if args.jwt_secret.as_deref() == Some("") {
+            return Err(ConfigError::EmptyJwtSecret);
+        }
+        let jwt_secret = args.jwt_secret.as_deref().map(Secret::from);
+        let tickets =
+            crate::ticket::Tickets::load(jwt_secret.as_ref(), args.jwt_public_key_file.as_deref())?
+                .map(std::sync::Arc::new);
         let allowed_origins: Vec<String> = match &args.allowed_origins {
             Some(list) => list
                 .split(',')
@@ -386,7 +411,9 @@ impl Settings {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Settings {
             listen_addr: SocketAddr::new(args.host, args.port),
-            chat_token: Secret(args.chat_token),
+            static_token: tickets.is_none() || args.chat_token.is_some(),
+            tickets,
+            chat_token: Secret(args.chat_token.unwrap_or_else(|| DEV_TOKEN.to_string())),
             allowed_origins,
             rate_limit: args.rate_limit,
             rate_window: Duration::from_millis(args.rate_window_ms),
@@ -432,9 +459,9 @@ impl Settings {
         })
     }
 
-    /// True when the relay runs with the published development token.
+    /// True when the relay accepts the published development token.
     pub fn uses_dev_token(&self) -> bool {
-        self.chat_token.expose() == DEV_TOKEN
+        self.static_token && self.chat_token.expose() == DEV_TOKEN
     }
 
     /// When the listening port is chosen by the OS (port 0), the default allow-list must follow

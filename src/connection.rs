@@ -34,7 +34,8 @@ use crate::outbox::{Outbox, Pushed};
 use crate::protocol::auth::{self as second, Command, Invalid};
 use crate::protocol::{self, ClientMessage, ErrorCode};
 use crate::rate::Window;
-use crate::relay::{ConnectionPermit, Registration, Relay};
+use crate::relay::{ConnectionPermit, Credential, Registration, Relay};
+use crate::ticket::Grant;
 
 /// Per worker thread read buffer. Large enough to take many frames in one read; never held
 /// across an await, so it is shared by every connection the thread serves.
@@ -70,6 +71,8 @@ pub enum Entry {
         session: u128,
         room: RoomReservation,
         resume: Option<Resume>,
+        /// False for a read-only ticket.
+        publish: bool,
     },
     /// The second dialect: `GET /`; the token comes in the first message.
     Auth,
@@ -87,6 +90,8 @@ enum Rooms {
 struct Chat {
     /// Set by a successful `auth`; before it, nothing joins, chats or receives.
     sender: Option<Arc<Sender>>,
+    /// What a signed ticket allows (`None`: the static token, which allows everything).
+    grant: Option<Box<Grant>>,
     /// When the connection opened (relay clock, ms): `auth` must come within AUTH_TIMEOUT_MS.
     opened_ms: u32,
     rooms: Vec<Membership>,
@@ -245,6 +250,8 @@ struct Connection {
     control: Window,
     /// The source address and its shared publish window (PUBLISH_RATE_PER_ADDRESS).
     address: Arc<AddressState>,
+    /// False for a read-only ticket's connection (first dialect; the second keeps its grant).
+    may_publish: bool,
     inbound: Option<Box<Inbound>>,
     pending: Option<Box<Pending>>,
     _permit: ConnectionPermit,
@@ -278,13 +285,16 @@ pub(crate) fn spawn(
 ) {
     let outbox = Arc::new(Outbox::default());
     let now_ms = relay.now_ms();
+    let mut may_publish = true;
     let rooms = match who.entry {
         Entry::Query {
             name,
             session,
             room,
             resume,
+            publish,
         } => {
+            may_publish = publish;
             let sender = Arc::new(Sender {
                 name: name.into(),
                 session,
@@ -312,6 +322,7 @@ pub(crate) fn spawn(
             });
             Rooms::Many(Box::new(Chat {
                 sender: None,
+                grant: None,
                 opened_ms: now_ms,
                 rooms: Vec::new(),
             }))
@@ -341,6 +352,7 @@ pub(crate) fn spawn(
         stream,
         outbox,
         rooms,
+        may_publish,
         registration,
         rate: Window::new(now_ms),
         abuse: Window::new(now_ms),
@@ -701,6 +713,7 @@ impl Connection {
                     return flow;
                 }
                 match protocol::parse_client_message(text, self.relay.settings.max_text_chars) {
+                    Ok(_) if !self.may_publish => self.refuse(ErrorCode::Forbidden, Some(&room)),
                     Ok(message) => self.publish(&room, &message, false),
                     Err(code) => self.refuse(code, Some(&room)),
                 }
@@ -792,17 +805,24 @@ impl Connection {
                 relay.metrics.auth_failed(AuthFailure::NotAuth);
                 return Flow::CloseWith(4403, "auth failed");
             };
-            if !relay.token_ok(&token) {
+            let Some(credential) = relay.authenticate(&token) else {
                 relay.metrics.auth_failed(AuthFailure::BadToken);
                 return Flow::CloseWith(4403, "auth failed");
-            }
+            };
             let connection_id = uuid::Uuid::new_v4();
+            let name: Arc<str> = match &credential {
+                Credential::Static => protocol::DEFAULT_NAME.into(),
+                Credential::Ticket(grant) => grant.user.as_str().into(),
+            };
             let sender = Arc::new(Sender {
-                name: protocol::DEFAULT_NAME.into(),
+                name,
                 session: connection_id.as_u128(),
             });
             let hello = second::auth_ok(&connection_id, &sender.name);
             chat.sender = Some(sender);
+            if let Credential::Ticket(grant) = credential {
+                chat.grant = Some(Box::new(grant));
+            }
             self.send_own(None, &hello);
             return Flow::Continue;
         }
@@ -853,6 +873,10 @@ impl Connection {
                 if chat.rooms.len() >= settings.max_rooms_per_connection {
                     return Flow::CloseWith(1008, "too many rooms");
                 }
+                if chat.grant.as_ref().is_some_and(|g| !g.allows(room)) {
+                    relay.metrics.invalid_message(ErrorCode::Forbidden.as_str());
+                    return Flow::CloseWith(1008, "room not allowed");
+                }
                 let Ok(reservation) = relay.hub.reserve(room) else {
                     // Every room is in use on this relay: not the client's doing.
                     self.send_own(None, &protocol::error_event(ErrorCode::Unavailable));
@@ -881,6 +905,10 @@ impl Connection {
                 let Some(room) = chat.room(room).map(|m| m.room().clone()) else {
                     return Flow::CloseWith(1008, "join room before chat");
                 };
+                if chat.grant.as_ref().is_some_and(|g| !g.publish) {
+                    relay.metrics.invalid_message(ErrorCode::Forbidden.as_str());
+                    return Flow::CloseWith(1008, "forbidden");
+                }
                 if let Some(flow) = self.over_rate(&room) {
                     return flow;
                 }

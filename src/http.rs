@@ -16,7 +16,6 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, ORIGIN};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use subtle::ConstantTimeEq;
 use tokio::net::TcpStream;
 
 use crate::config::{Cidr, InvalidRoom};
@@ -24,7 +23,7 @@ use crate::connection::{self, Entry, Identity};
 use crate::hub::Resume;
 use crate::metrics::Rejection;
 use crate::protocol;
-use crate::relay::Relay;
+use crate::relay::{Credential, Relay};
 
 type Body = Full<Bytes>;
 
@@ -206,19 +205,13 @@ fn chat(
         }
     }
     let query = parse_query(req.uri().query().unwrap_or(""));
-    let token_ok = query.token.as_deref().is_some_and(|t| {
-        bool::from(
-            t.as_bytes()
-                .ct_eq(relay.settings.chat_token.expose().as_bytes()),
-        )
-    });
-    if !token_ok {
+    let Some(credential) = query.token.as_deref().and_then(|t| relay.authenticate(t)) else {
         return refuse(
             Rejection::Unauthorized,
             StatusCode::UNAUTHORIZED,
-            "unauthorized: token missing or wrong\n",
+            "unauthorized: token (or ticket) missing, wrong or expired\n",
         );
-    }
+    };
     let room = match (
         protocol::room_name(query.room.as_deref()),
         relay.settings.invalid_room,
@@ -234,6 +227,13 @@ fn chat(
             )
         }
     };
+    if !credential.allows_room(&room) {
+        return refuse(
+            Rejection::ForbiddenRoom,
+            StatusCode::FORBIDDEN,
+            "forbidden: the ticket does not cover this room\n",
+        );
+    }
     if relay.is_shutting_down() {
         return refuse(
             Rejection::ShuttingDown,
@@ -280,7 +280,11 @@ fn chat(
     let who = Identity {
         address: client_address(&relay.settings.trusted_proxies, req.headers(), peer),
         entry: Entry::Query {
-            name: protocol::sanitize_name(query.name.as_deref()),
+            name: match &credential {
+                Credential::Static => protocol::sanitize_name(query.name.as_deref()),
+                Credential::Ticket(grant) => grant.user.clone(),
+            },
+            publish: credential.may_publish(),
             session: query
                 .session
                 .unwrap_or_else(|| uuid::Uuid::new_v4().as_u128()),

@@ -25,3 +25,4 @@ pub mod protocol;
 pub mod rate;
 pub mod relay;
 pub mod server;
+pub mod ticket;

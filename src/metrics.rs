@@ -151,10 +151,12 @@ pub enum Rejection {
     ShuttingDown,
     RoomsFull,
     InvalidRoom,
+    /// A valid ticket that does not cover the room (403).
+    ForbiddenRoom,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 8] = [
+    pub const ALL: [Rejection; 9] = [
         Rejection::NotFound,
         Rejection::ForbiddenOrigin,
         Rejection::Unauthorized,
@@ -163,6 +165,7 @@ impl Rejection {
         Rejection::ShuttingDown,
         Rejection::RoomsFull,
         Rejection::InvalidRoom,
+        Rejection::ForbiddenRoom,
     ];
 
     pub fn label(self) -> &'static str {
@@ -175,6 +178,7 @@ impl Rejection {
             Rejection::ShuttingDown => "shutting_down",
             Rejection::RoomsFull => "rooms_full",
             Rejection::InvalidRoom => "invalid_room",
+            Rejection::ForbiddenRoom => "forbidden_room",
         }
     }
 }
@@ -212,7 +216,14 @@ impl Limit {
 }
 
 /// The error codes a client can be sent; `rate_limited` has its own counter as well.
-pub const INVALID_CODES: [&str; 5] = ["too_large", "bad_json", "bad_type", "empty", "conflict"];
+pub const INVALID_CODES: [&str; 6] = [
+    "too_large",
+    "bad_json",
+    "bad_type",
+    "empty",
+    "conflict",
+    "forbidden",
+];
 
 /// Cached handles for everything recorded on a hot or warm path.
 #[derive(Clone)]

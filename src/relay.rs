@@ -7,6 +7,7 @@
 //! here, apart from the server loop, is what lets dependencies point one way:
 //! `server → http → connection → relay → {broker, hub, outbox, address, metrics}`.
 
+use crate::ticket::{Grant, Tickets};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -151,6 +152,31 @@ impl Drop for ConnectionPermit {
     }
 }
 
+/// What a token proved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// The static `CHAT_TOKEN`: any name, any room, may publish.
+    Static,
+    /// A signed ticket: its user, rooms and publish flag.
+    Ticket(Grant),
+}
+
+impl Credential {
+    pub fn allows_room(&self, room: &str) -> bool {
+        match self {
+            Credential::Static => true,
+            Credential::Ticket(g) => g.allows(room),
+        }
+    }
+
+    pub fn may_publish(&self) -> bool {
+        match self {
+            Credential::Static => true,
+            Credential::Ticket(g) => g.publish,
+        }
+    }
+}
+
 impl Relay {
     /// The relay's shared state for `settings`; `prometheus` renders `/metrics` (none in tests
     /// that do not scrape).
@@ -217,14 +243,22 @@ impl Relay {
         self.registry.close_all(1001);
     }
 
-    /// Whether `token` is the relay's token (compared in constant time).
-    pub fn token_ok(&self, token: &str) -> bool {
+    /// Who `token` makes its holder: a valid signed ticket's grant, or anyone with the static
+    /// token (compared in constant time; refused when tickets are on and CHAT_TOKEN was not set
+    /// explicitly). `None`: refused.
+    pub fn authenticate(&self, token: &str) -> Option<Credential> {
         use subtle::ConstantTimeEq;
-        bool::from(
-            token
-                .as_bytes()
-                .ct_eq(self.settings.chat_token.expose().as_bytes()),
-        )
+        if let Some(tickets) = &self.settings.tickets {
+            if Tickets::looks_like_ticket(token) {
+                if let Some(grant) = tickets.verify(token) {
+                    return Some(Credential::Ticket(grant));
+                }
+            }
+        }
+        let matches = token
+            .as_bytes()
+            .ct_eq(self.settings.chat_token.expose().as_bytes());
+        (self.settings.static_token && bool::from(matches)).then_some(Credential::Static)
     }
 
     pub fn connection_count(&self) -> usize {

@@ -41,6 +41,8 @@ pub enum ErrorCode {
     Conflict,
     /// The broker (Redis) did not take the message: nothing was published, nothing is acked.
     Unavailable,
+    /// A read-only ticket tried to publish.
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -53,6 +55,7 @@ impl ErrorCode {
             ErrorCode::Empty => "empty",
             ErrorCode::Conflict => "conflict",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 
@@ -69,6 +72,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => {
                 "The message was not published: the relay cannot reach its broker. Try again."
             }
+            ErrorCode::Forbidden => "Your ticket is read-only: it does not allow publishing.",
         }
     }
 }
