@@ -48,6 +48,9 @@ pub const RELAY_ENV: &[&str] = &[
     "REDIS_TIMEOUT_MS",
     "REDIS_QUEUE_MAX_BYTES",
     "REDIS_KEY_TTL_SECS",
+    "AUDIT_LOG",
+    "AUDIT_QUEUE_MAX",
+    "AUDIT_QUEUE_MAX_BYTES",
     "RUST_LOG",
 ];
 
