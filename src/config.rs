@@ -5,9 +5,12 @@
 //! reads the environment. Every limit the relay enforces is a field here with a default.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+
+use crate::audit::AuditTarget;
 
 /// The token the relay accepts when none is configured. Good for a laptop, never for production;
 /// the relay logs a warning when it is in use.
@@ -163,6 +166,17 @@ pub struct Args {
     /// Time a closing connection has to take its close frame, in milliseconds.
     #[arg(long, env = "CLOSE_TIMEOUT_MS", default_value_t = 2_000)]
     pub close_timeout_ms: u64,
+    /// Audit log: one JSON line per published message, refused auth and server-side disconnect,
+    /// appended to this file (`-`: standard output). Reopened on SIGHUP. Unset: no audit log.
+    #[arg(long, env = "AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+    /// Audit lines waiting for the writer; past it a publish is refused with `unavailable`.
+    #[arg(long, env = "AUDIT_QUEUE_MAX", default_value_t = 65_536)]
+    pub audit_queue_max: usize,
+    /// Bytes of audit lines waiting for the writer; past it a publish is refused with
+    /// `unavailable`.
+    #[arg(long, env = "AUDIT_QUEUE_MAX_BYTES", default_value_t = 32 << 20)]
+    pub audit_queue_max_bytes: usize,
 }
 
 /// What happens to an upgrade whose room name breaks the naming rule.
@@ -266,7 +280,14 @@ pub enum ConfigError {
     BadProxy(String),
     #[error("REDIS_URL must start with redis:// (or rediss://)")]
     RedisUrl,
+    #[error("AUDIT_LOG must be a file path or - (standard output)")]
+    EmptyAuditLog,
+    #[error("AUDIT_QUEUE_MAX must be between 1 and {AUDIT_QUEUE_MAX_LIMIT}, got {0}")]
+    AuditQueueOutOfRange(usize),
 }
+
+/// The audit queue's slots (32 B each) are allocated at start: 4 Mi lines is 128 MiB already.
+pub const AUDIT_QUEUE_MAX_LIMIT: usize = 1 << 22;
 
 /// Validated settings. Built by [`Settings::from_args`]; tests may build one from
 /// [`Settings::default`] and override fields.
@@ -320,6 +341,10 @@ pub struct Settings {
     /// `None`: the server API is off (404).
     pub api_key: Option<Secret>,
     pub api_max_body_bytes: usize,
+    /// `None`: no audit log.
+    pub audit_log: Option<AuditTarget>,
+    pub audit_queue_max: usize,
+    pub audit_queue_max_bytes: usize,
 }
 
 impl Default for Settings {
@@ -372,6 +397,16 @@ impl Settings {
                 return Err(ConfigError::RedisUrl);
             }
         }
+        nonzero(args.audit_queue_max_bytes as u64, "AUDIT_QUEUE_MAX_BYTES")?;
+        if !(1..=AUDIT_QUEUE_MAX_LIMIT).contains(&args.audit_queue_max) {
+            return Err(ConfigError::AuditQueueOutOfRange(args.audit_queue_max));
+        }
+        let audit_log = match args.audit_log {
+            None => None,
+            Some(path) if path.as_os_str().is_empty() => return Err(ConfigError::EmptyAuditLog),
+            Some(path) if path.as_os_str() == "-" => Some(AuditTarget::Stdout),
+            Some(path) => Some(AuditTarget::File(path)),
+        };
         if let Some(max) = args.max_connections {
             nonzero(max as u64, "MAX_CONNECTIONS")?;
         }
@@ -456,6 +491,9 @@ impl Settings {
             max_rooms_per_connection: args.max_rooms_per_connection,
             api_key: args.api_key.as_deref().map(Secret::from),
             api_max_body_bytes: args.api_max_body_bytes,
+            audit_log,
+            audit_queue_max: args.audit_queue_max,
+            audit_queue_max_bytes: args.audit_queue_max_bytes,
         })
     }
 
@@ -527,6 +565,35 @@ mod tests {
         let args = Args::parse_from(["roomcast", "--chat-token", "supersecret"]);
         let s = Settings::from_args(args).unwrap();
         assert!(!format!("{s:?}").contains("supersecret"));
+    }
+
+    #[test]
+    fn audit_log_takes_a_path_or_a_dash() {
+        assert_eq!(Settings::default().audit_log, None);
+        let s = Settings::from_args(Args::parse_from(["roomcast", "--audit-log", "-"])).unwrap();
+        assert_eq!(s.audit_log, Some(AuditTarget::Stdout));
+        let args = Args::parse_from(["roomcast", "--audit-log", "/var/log/roomcast/audit.log"]);
+        let s = Settings::from_args(args).unwrap();
+        assert_eq!(
+            s.audit_log,
+            Some(AuditTarget::File("/var/log/roomcast/audit.log".into()))
+        );
+        assert_eq!(
+            (s.audit_queue_max, s.audit_queue_max_bytes),
+            (65_536, 32 << 20)
+        );
+        // An empty path is refused, by clap or by validation.
+        if let Ok(args) = Args::try_parse_from(["roomcast", "--audit-log", ""]) {
+            assert!(matches!(
+                Settings::from_args(args),
+                Err(ConfigError::EmptyAuditLog)
+            ));
+        }
+        let args = Args::parse_from(["roomcast", "--audit-queue-max", "0"]);
+        assert!(matches!(
+            Settings::from_args(args),
+            Err(ConfigError::AuditQueueOutOfRange(0))
+        ));
     }
 
     #[test]

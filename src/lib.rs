@@ -5,12 +5,13 @@
 //! state), `http` (routes and upgrade checks), `connection` (one socket's task), `frame` (RFC 6455
 //! codec), `protocol` (JSON), `outbox` (per-connection queue), `hub` (rooms, history, presence),
 //! `broker` (the publish seam and the in-memory broker), `broker_redis` (several nodes through
-//! Redis), `address` (per source address state), `metrics`, `limits`,
+//! Redis), `address` (per source address state), `audit` (the audit log), `metrics`, `limits`,
 //! `rate` (windows).
 
 pub mod address;
 pub mod alloc;
 pub mod api;
+pub mod audit;
 pub mod broker;
 pub mod broker_redis;
 pub mod config;

@@ -1,4 +1,5 @@
-//! The `roomcast` binary: settings, logging, the listener, then `server::run`.
+//! The `roomcast` binary: settings, logging, the audit log, the listener, signals, then
+//! `server::run`.
 
 use std::io::Write;
 
@@ -6,6 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpSocket;
 
+use roomcast::audit::{Audit, AuditSettings};
 use roomcast::config::{Args, Settings};
 use roomcast::{limits, metrics, relay, server};
 
@@ -26,11 +28,25 @@ fn main() -> anyhow::Result<()> {
     let explicit_origins = args.allowed_origins.is_some();
     let mut settings = Settings::from_args(args)?;
     let nofile = limits::raise_nofile_limit();
+    let prometheus = metrics::install_recorder().context("installing the metrics recorder")?;
+    // Opened before the start line: a path that cannot be opened stops the start, with its reason.
+    let audit = match &settings.audit_log {
+        None => None,
+        Some(target) => Some(
+            Audit::start(
+                target.clone(),
+                AuditSettings::from_settings(&settings),
+                &metrics::Metrics::new(),
+            )
+            .with_context(|| format!("opening the audit log {target} (AUDIT_LOG)"))?,
+        ),
+    };
+    let relay_audit = audit.clone();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(workers) = settings.worker_threads {
         runtime.worker_threads(workers);
     }
-    runtime
+    let served = runtime
         .enable_all()
         .on_thread_park(roomcast::alloc::trim_if_due)
         .build()
@@ -43,24 +59,47 @@ fn main() -> anyhow::Result<()> {
             let addr = listener.local_addr()?;
             settings.fix_default_origins(explicit_origins, addr.port());
             let max = *settings.max_connections.get_or_insert(relay::default_max_connections(nofile));
-            let prometheus = metrics::install_recorder().context("installing the metrics recorder")?;
             if settings.uses_dev_token() {
                 tracing::warn!("CHAT_TOKEN is the development token 'dev-token'; set CHAT_TOKEN before exposing this relay");
             }
             // Install the signal handlers before announcing readiness: a SIGTERM right after the
-            // start line must drain, not kill.
+            // start line must drain, not kill, and a SIGHUP must reopen the audit log.
             let shutdown = shutdown_signal()?;
+            if let Some(audit) = &relay_audit {
+                reopen_on_sighup(audit.clone())?;
+            }
             let mut stdout = std::io::stdout().lock();
             writeln!(stdout, "roomcast listening on http://{addr} (max connections {max}, open-file limit {nofile})")?;
             stdout.flush()?;
             drop(stdout);
             // The Redis URL may carry a password: only whether there is one is logged.
             let broker = if settings.redis_url.is_some() { "redis" } else { "memory" };
-            tracing::info!(%addr, max_connections = max, open_file_limit = nofile, origins = ?settings.allowed_origins, broker, "ready");
-            server::run(listener, settings, Some(prometheus), shutdown).await?;
+            let audit_log = settings.audit_log.as_ref().map(ToString::to_string);
+            tracing::info!(%addr, max_connections = max, open_file_limit = nofile, origins = ?settings.allowed_origins, broker, audit_log, "ready");
+            server::run(listener, settings, Some(prometheus), relay_audit, shutdown).await?;
             tracing::info!("stopped");
             Ok(())
-        })
+        });
+    // After the drain, or a failed start: what the connections recorded is written before the
+    // process exits (a blocked disk holds the exit for at most audit::SHUTDOWN_WAIT).
+    if let Some(audit) = &audit {
+        audit.shutdown();
+    }
+    served
+}
+
+/// Reopen the audit log on every SIGHUP (logrotate renames the file, then signals). Installed
+/// only with an audit log: without one, SIGHUP keeps its default action.
+fn reopen_on_sighup(audit: Audit) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reopening the audit log");
+            audit.reopen();
+        }
+    });
+    Ok(())
 }
 
 /// A future that resolves on SIGINT or SIGTERM; the handlers are installed when this returns.

@@ -42,6 +42,10 @@ pub const AUTH_FAILURES: &str = "roomcast_auth_failures_total";
 pub const JOINS: &str = "roomcast_joins_total";
 pub const MEMBERSHIPS: &str = "roomcast_memberships";
 pub const API_REQUESTS: &str = "roomcast_api_requests_total";
+pub const AUDIT_LINES: &str = "roomcast_audit_lines_total";
+pub const AUDIT_QUEUE_FULL: &str = "roomcast_audit_queue_full_total";
+pub const AUDIT_ERRORS: &str = "roomcast_audit_errors_total";
+pub const AUDIT_QUEUED_BYTES: &str = "roomcast_audit_queued_bytes";
 
 /// Close codes that get their own label value; anything else is counted as `other`.
 pub const CLOSE_CODES: [u16; 14] = [
@@ -246,6 +250,11 @@ pub struct Metrics {
     pub redis_round_trip_seconds: Histogram,
     pub redis_foreign_messages: Counter,
     pub remote_gaps: Counter,
+    pub audit_lines: Counter,
+    pub audit_queue_full: Counter,
+    pub audit_write_errors: Counter,
+    pub audit_open_errors: Counter,
+    pub audit_queued_bytes: Gauge,
     limit_closes: Arc<[Counter; Limit::ALL.len()]>,
     invalid: Arc<[Counter; INVALID_CODES.len()]>,
     pub heartbeat_terminations: Counter,
@@ -289,6 +298,11 @@ impl Metrics {
             redis_round_trip_seconds: metrics::histogram!(REDIS_ROUND_TRIP_SECONDS),
             redis_foreign_messages: metrics::counter!(REDIS_FOREIGN_MESSAGES),
             remote_gaps: metrics::counter!(REMOTE_GAPS),
+            audit_lines: metrics::counter!(AUDIT_LINES),
+            audit_queue_full: metrics::counter!(AUDIT_QUEUE_FULL),
+            audit_write_errors: metrics::counter!(AUDIT_ERRORS, "op" => "write"),
+            audit_open_errors: metrics::counter!(AUDIT_ERRORS, "op" => "open"),
+            audit_queued_bytes: metrics::gauge!(AUDIT_QUEUED_BYTES),
             limit_closes: Arc::new(
                 Limit::ALL.map(|l| metrics::counter!(LIMIT_CLOSES, "limit" => l.label())),
             ),
@@ -429,6 +443,22 @@ fn describe() {
     describe_counter!(
         REMOTE_GAPS,
         "Times a room's channel skipped a seq or changed epoch and the room was read again from Redis."
+    );
+    describe_counter!(
+        AUDIT_LINES,
+        "Lines written to the audit log (AUDIT_LOG): publishes, publish outcomes, refused auths, server-side disconnects."
+    );
+    describe_counter!(
+        AUDIT_QUEUE_FULL,
+        "Audit records refused because the audit queue (AUDIT_QUEUE_MAX lines, AUDIT_QUEUE_MAX_BYTES) was full or the writer had stopped; such a publish is answered unavailable."
+    );
+    describe_counter!(
+        AUDIT_ERRORS,
+        "Audit log failures, by op: write (a failed write or flush, retried every second; lines are kept) and open (a failed reopen; the file open before stays in use)."
+    );
+    describe_gauge!(
+        AUDIT_QUEUED_BYTES,
+        "Bytes of audit lines waiting for the writer (each charged its buffer capacity plus 16 B)."
     );
     describe_counter!(
         LIMIT_CLOSES,

@@ -1,6 +1,7 @@
 //! The relay's shared state: what every connection, request and background task reaches.
 //!
-//! `Relay` holds the validated settings, the hub (rooms), the broker (publishing), the metrics,
+//! `Relay` holds the validated settings, the hub (rooms), the broker (publishing), the audit log
+//! (when `AUDIT_LOG` is set), the metrics,
 //! the registry of open WebSockets (for the heartbeat, shutdown and the outbox budget), the per
 //! source address state and the connection count with its permits. It owns no task and no
 //! socket: `server.rs` runs the loops, `http.rs` and `connection.rs` use this state. Keeping it
@@ -17,6 +18,7 @@ use slab::Slab;
 use tokio_util::task::TaskTracker;
 
 use crate::address::Addresses;
+use crate::audit::Audit;
 use crate::broker::{Broker, MemoryBroker};
 use crate::broker_redis::{RedisBroker, RedisBrokerError, RedisSettings};
 use crate::config::Settings;
@@ -129,6 +131,9 @@ pub struct Relay {
     pub settings: Settings,
     pub hub: Arc<Hub>,
     pub broker: Arc<dyn Broker>,
+    /// `None` when `AUDIT_LOG` is unset. Record a publish here before it can be delivered; a
+    /// refusal (`AuditFull`) means the publish is answered `unavailable`.
+    pub audit: Option<Audit>,
     pub metrics: Metrics,
     pub registry: Registry,
     pub addresses: Addresses,
@@ -179,10 +184,12 @@ impl Credential {
 
 impl Relay {
     /// The relay's shared state for `settings`; `prometheus` renders `/metrics` (none in tests
-    /// that do not scrape).
+    /// that do not scrape); `audit` is the audit log the binary opened for `AUDIT_LOG` (it keeps
+    /// a handle to reopen it on SIGHUP and flush it after the drain).
     pub fn new(
         settings: Settings,
         prometheus: Option<PrometheusHandle>,
+        audit: Option<Audit>,
     ) -> Result<Arc<Relay>, RedisBrokerError> {
         let metrics = Metrics::new();
         let max_connections = settings
@@ -221,6 +228,7 @@ impl Relay {
         };
         Ok(Arc::new(Relay {
             broker,
+            audit,
             hub,
             metrics,
             registry: Registry::new(),
@@ -300,6 +308,9 @@ impl Relay {
         self.metrics
             .outbox_queued_bytes
             .set(crate::outbox::total_queued_bytes() as f64);
+        self.metrics
+            .audit_queued_bytes
+            .set(self.audit.as_ref().map_or(0, Audit::queued_bytes) as f64);
         let mut out = self
             .prometheus
             .as_ref()

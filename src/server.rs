@@ -18,6 +18,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::Audit;
 use crate::config::Settings;
 use crate::metrics::Limit;
 use crate::relay::{Relay, REGISTRY_SHARDS};
@@ -37,14 +38,16 @@ pub enum ServerError {
     Broker(#[from] crate::broker_redis::RedisBrokerError),
 }
 
-/// Serve on `listener` until `shutdown` resolves, then drain.
+/// Serve on `listener` until `shutdown` resolves, then drain. The caller owns `audit` (the
+/// audit log it opened): it flushes it with `Audit::shutdown` once this returns.
 pub async fn run(
     listener: TcpListener,
     settings: Settings,
     prometheus: Option<PrometheusHandle>,
+    audit: Option<Audit>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let relay = Relay::new(settings, prometheus)?;
+    let relay = Relay::new(settings, prometheus, audit)?;
     let stop = CancellationToken::new();
     let background = [
         tokio::spawn(heartbeat(relay.clone(), stop.clone())),

@@ -52,6 +52,9 @@ pub const RELAY_ENV: &[&str] = &[
     "MAX_ROOMS_PER_CONNECTION",
     "API_KEY",
     "API_MAX_BODY_BYTES",
+    "AUDIT_LOG",
+    "AUDIT_QUEUE_MAX",
+    "AUDIT_QUEUE_MAX_BYTES",
     "RUST_LOG",
 ];
 
