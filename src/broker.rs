@@ -15,6 +15,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::audit::{Audit, AuditEvent, Dialect};
 use crate::hub::{HistoryEntry, Hub, Room, RoomSnapshot, Sender};
 use crate::outbox::Outbox;
 use crate::protocol::{self, ClientMessage, ErrorCode};
@@ -78,6 +79,15 @@ pub enum Reply {
 }
 
 impl Reply {
+    /// Which dialect published (for the audit log).
+    pub fn dialect(&self) -> Dialect {
+        match self {
+            Reply::Ack(_) => Dialect::Query,
+            Reply::Chat(_) => Dialect::Auth,
+            Reply::Api(_) => Dialect::Api,
+        }
+    }
+
     /// Tell the publisher. Refusals sent to a connection are counted here
     /// (`roomcast_publish_unavailable_total`, or the error code's invalid-message count); the
     /// server API counts its own.
@@ -159,25 +169,58 @@ pub trait Broker: Send + Sync + 'static {
     }
 }
 
+/// Write a publish to the audit log before it can be delivered: a full audit queue refuses the
+/// publish (`unavailable`), so nothing is delivered that was not audited.
+pub fn audit_publish(
+    audit: Option<&Audit>,
+    publish: &Publish<'_>,
+    id: &uuid::Uuid,
+    seq: Option<u64>,
+    sent_at: &str,
+    dialect: Dialect,
+) -> Result<(), PublishError> {
+    let Some(audit) = audit else { return Ok(()) };
+    audit
+        .record(&AuditEvent::Publish {
+            id,
+            room: publish.room.name(),
+            seq,
+            from: &publish.from.name,
+            text: &publish.message.text,
+            request_id: publish.message.request_id.as_deref(),
+            sent_at,
+            address: publish.address,
+            dialect,
+        })
+        .map_err(|_| PublishError::Unavailable)
+}
+
 /// Single-node broker: ordering and history live in the room state in this process.
 pub struct MemoryBroker {
     hub: Arc<Hub>,
+    audit: Option<Audit>,
 }
 
 impl Broker for MemoryBroker {
     fn publish(
         &self,
         publish: &Publish<'_>,
-        _reply: Reply,
+        reply: Reply,
     ) -> Result<Option<Published>, PublishError> {
-        self.publish_now(publish.room, publish.from, publish.message)
+        self.publish_audited(publish, Some(reply.dialect()))
             .map(Some)
     }
 }
 
 impl MemoryBroker {
     pub fn new(hub: Arc<Hub>) -> MemoryBroker {
-        MemoryBroker { hub }
+        MemoryBroker { hub, audit: None }
+    }
+
+    /// Write every publish to `audit` before it is delivered.
+    pub fn with_audit(mut self, audit: Option<Audit>) -> MemoryBroker {
+        self.audit = audit;
+        self
     }
 
     /// Publish and say what happened, at once: everything lives in this process.
@@ -187,6 +230,28 @@ impl MemoryBroker {
         from: &Sender,
         message: &ClientMessage<'_>,
     ) -> Result<Published, PublishError> {
+        let publish = Publish {
+            room,
+            from,
+            message,
+            address: None,
+        };
+        self.publish_audited(&publish, None)
+    }
+
+    /// [`MemoryBroker::publish_now`], audited (when the audit log is on) under the room lock,
+    /// with the `seq` the message is about to take, before it is queued for delivery.
+    fn publish_audited(
+        &self,
+        publish: &Publish<'_>,
+        dialect: Option<Dialect>,
+    ) -> Result<Published, PublishError> {
+        let Publish {
+            room,
+            from,
+            message,
+            ..
+        } = *publish;
         let mut st = room.lock();
         if let Some(rid) = message.request_id.as_deref() {
             if let Some(e) = st.find_request(from.session, rid) {
@@ -205,9 +270,13 @@ impl MemoryBroker {
         if st.delivery_full() {
             return Err(PublishError::Busy);
         }
-        let seq = st.take_seq();
         let id = uuid::Uuid::new_v4();
         let sent_at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        if let Some(dialect) = dialect {
+            let seq = Some(st.next_seq());
+            audit_publish(self.audit.as_ref(), publish, &id, seq, &sent_at, dialect)?;
+        }
+        let seq = st.take_seq();
         let event = protocol::message_event(&protocol::MessageFields {
             id: &id,
             room: room.name(),

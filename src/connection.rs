@@ -26,6 +26,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::address::AddressState;
+use crate::audit::{AuditEvent, Dialect as AuditDialect};
 use crate::broker::{Publish, PublishError, Published, Reply};
 use crate::frame::{self, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT};
 use crate::hub::{Greeting, Membership, Resume, Room, RoomReservation, Sender};
@@ -420,6 +421,9 @@ impl Connection {
             }
             if self.auth_overdue() {
                 self.relay.metrics.auth_failed(AuthFailure::Timeout);
+                let address = Some(self.address.ip());
+                self.relay
+                    .audit_auth_refused(address, AuditDialect::Auth, "timeout", 4401);
                 return Flow::CloseWith(4401, "auth required");
             }
             match self.flush() {
@@ -801,12 +805,15 @@ impl Connection {
         let command = second::parse(text);
         if chat.sender.is_none() {
             // Before auth only `auth` is accepted; anything else (invalid input included) fails.
+            let address = Some(self.address.ip());
             let Ok(Command::Auth { token }) = command else {
                 relay.metrics.auth_failed(AuthFailure::NotAuth);
+                relay.audit_auth_refused(address, AuditDialect::Auth, "not_auth", 4403);
                 return Flow::CloseWith(4403, "auth failed");
             };
             let Some(credential) = relay.authenticate(&token) else {
                 relay.metrics.auth_failed(AuthFailure::BadToken);
+                relay.audit_auth_refused(address, AuditDialect::Auth, "bad_token", 4403);
                 return Flow::CloseWith(4403, "auth failed");
             };
             let connection_id = uuid::Uuid::new_v4();
@@ -1014,6 +1021,27 @@ impl Connection {
             }
         };
         relay.metrics.connection_closed(code);
+        let by_server = matches!(flow, Flow::Close(_) | Flow::CloseWith(..) | Flow::Limit(_));
+        if let (Some(audit), true) = (&relay.audit, by_server && code != 1001) {
+            let (name, room) = match &self.rooms {
+                Rooms::One(m) => (m.sender().name.clone(), Some(m.room().name())),
+                Rooms::Many(chat) => (
+                    chat.sender
+                        .as_ref()
+                        .map_or_else(|| "".into(), |s| s.name.clone()),
+                    None,
+                ),
+            };
+            let reason = send.map_or("", |(_, reason)| reason);
+            // Best effort: the connection closes either way.
+            let _ = audit.record(&AuditEvent::Disconnect {
+                name: &name,
+                room,
+                address: Some(self.address.ip()),
+                code,
+                reason,
+            });
+        }
         tracing::debug!(client_id = self.client_id(), code, "closing");
         // Leave first: the room stops queueing to a connection that is on its way out.
         if let Some(r) = self.registration.take() {

@@ -18,6 +18,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::audit::Dialect as AuditDialect;
 use crate::config::{Cidr, InvalidRoom};
 use crate::connection::{self, Entry, Identity};
 use crate::hub::Resume;
@@ -206,6 +207,10 @@ fn chat(
     }
     let query = parse_query(req.uri().query().unwrap_or(""));
     let Some(credential) = query.token.as_deref().and_then(|t| relay.authenticate(t)) else {
+        if is_upgrade {
+            let address = client_address(&relay.settings.trusted_proxies, req.headers(), peer);
+            relay.audit_auth_refused(Some(address), AuditDialect::Query, "unauthorized", 401);
+        }
         return refuse(
             Rejection::Unauthorized,
             StatusCode::UNAUTHORIZED,
@@ -228,6 +233,10 @@ fn chat(
         }
     };
     if !credential.allows_room(&room) {
+        if is_upgrade {
+            let address = client_address(&relay.settings.trusted_proxies, req.headers(), peer);
+            relay.audit_auth_refused(Some(address), AuditDialect::Query, "forbidden_room", 403);
+        }
         return refuse(
             Rejection::ForbiddenRoom,
             StatusCode::FORBIDDEN,

@@ -207,7 +207,7 @@ impl Relay {
             metrics.clone(),
         ));
         let broker: Arc<dyn Broker> = match &settings.redis_url {
-            None => Arc::new(MemoryBroker::new(hub.clone())),
+            None => Arc::new(MemoryBroker::new(hub.clone()).with_audit(audit.clone())),
             Some(url) => {
                 let redis = RedisBroker::start(
                     hub.clone(),
@@ -219,6 +219,7 @@ impl Relay {
                         queue_max_bytes: settings.redis_queue_max_bytes,
                     },
                     metrics.clone(),
+                    audit.clone(),
                 )?;
                 // Before any room exists: every room is then a mirror of Redis.
                 let follower: Arc<dyn Follower> = redis.clone();
@@ -249,6 +250,25 @@ impl Relay {
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
         self.registry.close_all(1001);
+    }
+
+    /// Write a refused auth to the audit log (when it is on). Best effort: the refusal stands
+    /// either way.
+    pub fn audit_auth_refused(
+        &self,
+        address: Option<std::net::IpAddr>,
+        dialect: crate::audit::Dialect,
+        reason: &str,
+        status: u16,
+    ) {
+        if let Some(audit) = &self.audit {
+            let _ = audit.record(&crate::audit::AuditEvent::AuthRefused {
+                address,
+                dialect,
+                reason,
+                status,
+            });
+        }
     }
 
     /// Who `token` makes its holder: a valid signed ticket's grant, or anyone with the static

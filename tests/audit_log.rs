@@ -3,11 +3,12 @@
 //! shutdown, never in the way of the relay's own stdout line. One JSON line per publish, with
 //! `audit:true`, the message's fields, the sender and its address.
 //!
-//! The publish lines are written by the publish paths (connection, broker, server API); the
-//! tests that need them are ignored until those call sites are wired.
+//! The publish lines are written by the brokers before a message can be delivered, for both
+//! client dialects and the server API; refused auths and server-side closes are written too.
 
 mod common;
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -316,7 +317,6 @@ fn assert_publish_line(line: &Value, message: &Value, request_id: Option<&str>) 
 }
 
 #[tokio::test]
-#[ignore = "until publish call sites are wired"]
 async fn a_first_dialect_publish_is_written_as_one_audit_line() {
     let dir = TempDir::new("audit-publish");
     let path = audit_log(&dir);
@@ -355,7 +355,6 @@ async fn a_first_dialect_publish_is_written_as_one_audit_line() {
 }
 
 #[tokio::test]
-#[ignore = "until publish call sites are wired"]
 async fn audit_log_dash_writes_publish_lines_to_stdout() {
     let relay = Relay::start(&[("AUDIT_LOG", "-")]);
     let (mut ada, _, _) = Client::join(&relay, "ada", "lobby").await;
@@ -371,7 +370,6 @@ async fn audit_log_dash_writes_publish_lines_to_stdout() {
 }
 
 #[tokio::test]
-#[ignore = "until publish call sites are wired"]
 async fn sigterm_writes_every_audited_publish_before_the_exit() {
     let dir = TempDir::new("audit-flush");
     let path = audit_log(&dir);
@@ -400,4 +398,144 @@ async fn sigterm_writes_every_audited_publish_before_the_exit() {
         .map(|v| v["text"].clone())
         .collect();
     assert_eq!(published, texts, "every publish, in order, none twice");
+}
+
+/// Every source of a message is audited — a second-dialect chat and a server API publish — and
+/// so are refused auths (401 in the first dialect, 4403 in the second) and server-side closes.
+#[tokio::test]
+async fn every_publish_refused_auth_and_server_close_is_audited() {
+    let dir = TempDir::new("audit-sources");
+    let path = audit_log(&dir);
+    let relay = Relay::builder()
+        .env("AUDIT_LOG", path.display())
+        .env("API_KEY", "k")
+        .start();
+    let (mut chat, _) = Client::authed(&relay, &relay.token).await;
+    chat.join_room("room:demo").await;
+    chat.chat("room:demo", "from the second dialect", "r-2")
+        .await;
+    chat.expect_type("chat").await;
+    let line = wait_for_publish_line(
+        "the file",
+        WAIT,
+        || file_lines(&path),
+        "from the second dialect",
+    )
+    .await;
+    assert_eq!(line["dialect"], "auth", "{line}");
+    assert_eq!(line["room"], "room:demo");
+    assert_eq!(line["requestId"], "r-2");
+    assert_eq!(line["seq"], 1);
+    assert_eq!(line["address"], "127.0.0.1");
+
+    let body = json!({"room": "room:demo", "text": "from the API", "from": "ci"}).to_string();
+    let req = format!(
+        "POST /api/publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer k\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let r = http_exchange(relay.addr, &req).await.expect("API call");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let line = wait_for_publish_line("the file", WAIT, || file_lines(&path), "from the API").await;
+    assert_eq!(
+        (line["dialect"].as_str(), line["from"].as_str()),
+        (Some("api"), Some("ci")),
+        "{line}"
+    );
+    assert_eq!(line["id"], r.json()["id"]);
+
+    // Refused auths: a wrong token at /chat (401) and a wrong token in the auth message (4403).
+    let bad = Client::connect_query(&relay, "token=wrong&name=eve&room=lobby").await;
+    assert!(matches!(bad, Err(ConnectError::Status(401))), "{bad:?}");
+    let mut eve = Client::connect_root(&relay, None).await.expect("upgrade");
+    eve.send_json(&json!({"type": "auth", "token": "wrong"}))
+        .await;
+    assert_eq!(eve.expect_close(WAIT).await, Some(4403));
+    // A server-side close: an invalid message in the second dialect (1008).
+    chat.send_text("{nope").await;
+    assert_eq!(chat.expect_close(WAIT).await, Some(1008));
+
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let lines = file_lines(&path);
+        let refused: Vec<(u64, &str)> = lines
+            .iter()
+            .filter(|l| l["event"] == "auth_refused")
+            .map(|l| {
+                (
+                    l["status"].as_u64().unwrap_or(0),
+                    l["dialect"].as_str().unwrap_or(""),
+                )
+            })
+            .collect();
+        let closed = lines.iter().any(|l| {
+            l["event"] == "disconnect" && l["code"] == 1008 && l["reason"] == "invalid JSON"
+        });
+        if refused.contains(&(401, "query")) && refused.contains(&(4403, "auth")) && closed {
+            for l in lines.iter().filter(|l| l["event"] == "auth_refused") {
+                assert!(
+                    !l.to_string().contains("wrong"),
+                    "a token in the audit log: {l}"
+                );
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "missing audit lines: {lines:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A full audit queue refuses publishes with `unavailable`: nothing is delivered that was not
+/// audited. The audit log is a FIFO that nobody reads, so the writer stalls once the pipe is
+/// full and the (small) queue fills behind it.
+#[tokio::test]
+async fn a_full_audit_queue_refuses_publishes_and_delivers_nothing_unaudited() {
+    let dir = TempDir::new("audit-full");
+    let fifo = dir.path().join("audit.fifo");
+    let status = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(status.success());
+    // Hold the read end open (never reading), so the relay can open the write end.
+    let _reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .expect("open the FIFO's read end");
+    let relay = Relay::builder()
+        .env("AUDIT_LOG", fifo.display())
+        .env("AUDIT_QUEUE_MAX", 4)
+        .env("RATE_LIMIT", 100000)
+        .env("PUBLISH_RATE_PER_ADDRESS", 0)
+        .env("ABUSE_LIMIT", 100000)
+        .start();
+    let (mut sender, _, _) = Client::join(&relay, "ada", "lobby").await;
+    let (mut watcher, _, _) = Client::join(&relay, "bob", "lobby").await;
+    let text = "x".repeat(400);
+    let mut accepted = 0u64;
+    let mut refused = false;
+    for i in 0..5000 {
+        sender
+            .send_json(&json!({"type": "message", "text": text, "requestId": format!("r{i}")}))
+            .await;
+        let answer = sender
+            .next_event_matching(WAIT, |e| e["type"] == "ack" || e["type"] == "error")
+            .await;
+        if answer["type"] == "error" {
+            assert_eq!(answer["code"], "unavailable", "{answer}");
+            refused = true;
+            break;
+        }
+        accepted += 1;
+    }
+    assert!(refused, "the audit queue never filled");
+    assert!(
+        metric(&relay, "roomcast_audit_queue_full_total", &[]).await >= 1.0,
+        "the refusal is counted"
+    );
+    // The watcher got exactly the accepted messages: nothing unaudited was delivered.
+    let mut seen = 0u64;
+    while let Ok(e) = watcher.try_next_event(Duration::from_millis(500)).await {
+        if e["type"] == "message" {
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, accepted);
 }

@@ -142,6 +142,8 @@ struct Shared {
     subscriber_up: AtomicBool,
     queued_bytes: AtomicUsize,
     rooms: mpsc::Sender<RoomCommand>,
+    /// Every publish is written here before it goes to Redis (`AUDIT_LOG`).
+    audit: Option<crate::audit::Audit>,
     /// The subscription connection saw Redis go away: the publishing connection is stale too
     /// and is made again before the next publish, rather than failing one first.
     reset_publisher: tokio::sync::Notify,
@@ -160,6 +162,7 @@ impl RedisBroker {
         hub: Arc<Hub>,
         settings: RedisSettings,
         metrics: Metrics,
+        audit: Option<crate::audit::Audit>,
     ) -> Result<Arc<RedisBroker>, RedisBrokerError> {
         let client = redis::Client::open(settings.url.as_str()).map_err(RedisBrokerError::Url)?;
         let (jobs, jobs_rx) = mpsc::channel(PUBLISH_QUEUE_JOBS);
@@ -180,6 +183,7 @@ impl RedisBroker {
             queued_bytes: AtomicUsize::new(0),
             rooms,
             reset_publisher: tokio::sync::Notify::new(),
+            audit,
         });
         tokio::spawn(publisher(shared.clone(), jobs_rx));
         tokio::spawn(rooms_task(shared.clone(), rooms_rx));
@@ -227,6 +231,19 @@ impl Broker for RedisBroker {
             .is_err()
         {
             return Err(PublishError::Unavailable);
+        }
+        // Audited before Redis sees it (Redis gives the seq; the line has none). A publish that
+        // Redis then refuses or finds a duplicate gets a second line with its outcome.
+        if let Err(e) = crate::broker::audit_publish(
+            shared.audit.as_ref(),
+            publish,
+            &id,
+            None,
+            &sent_at,
+            reply.dialect(),
+        ) {
+            shared.queued_bytes.fetch_sub(charge, Ordering::AcqRel);
+            return Err(e);
         }
         let job = Job {
             room: room.clone(),
@@ -387,6 +404,24 @@ impl Shared {
 
     /// Answer a publish's sender (ack or error event) behind the room's queued frames.
     fn answer(&self, job: Job, outcome: Result<Published, PublishError>) {
+        if let Some(audit) = &self.audit {
+            let not_delivered = match &outcome {
+                Ok(p) if p.duplicate => Some("duplicate"),
+                Ok(_) => None,
+                Err(PublishError::Conflict) => Some("conflict"),
+                Err(PublishError::Busy) => Some("busy"),
+                Err(PublishError::Unavailable) => Some("unavailable"),
+            };
+            if let Some(outcome) = not_delivered {
+                // Best effort: the publish was not delivered, so a full queue loses nothing
+                // that reached anyone.
+                let _ = audit.record(&crate::audit::AuditEvent::PublishOutcome {
+                    id: &job.id,
+                    room: job.room.name(),
+                    outcome,
+                });
+            }
+        }
         let request_id = job.request_id.as_deref();
         job.reply.answer(&self.hub, &job.room, request_id, outcome);
     }
