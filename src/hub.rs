@@ -152,7 +152,7 @@ enum Mirror {
     Synced,
 }
 
-/// A joiner waiting for its room's snapshot.
+/// A joiner: admitted at once, or waiting for its room's snapshot.
 struct Waiting {
     client_id: u64,
     outbox: Arc<Outbox>,
@@ -694,20 +694,21 @@ impl Hub {
     ) -> Membership {
         let client_id = self.next_client_id.fetch_add(1, Ordering::Relaxed);
         let room = reservation.room.clone();
+        let joiner = Waiting {
+            client_id,
+            outbox: outbox.clone(),
+            sender: sender.clone(),
+            resume: resume.cloned(),
+            greeting,
+        };
         let mut st = room.lock();
         let mut follow = None;
         match st.mirror {
             Mirror::Local | Mirror::Synced => {
-                self.admit(&room, &mut st, client_id, outbox, &sender, resume, greeting);
+                self.admit(&room, &mut st, &joiner);
             }
             Mirror::Unfollowed | Mirror::Pending(_) => {
-                st.waiting.push(Waiting {
-                    client_id,
-                    outbox: outbox.clone(),
-                    sender: sender.clone(),
-                    resume: resume.cloned(),
-                    greeting,
-                });
+                st.waiting.push(joiner);
                 if matches!(st.mirror, Mirror::Unfollowed) {
                     st.mirror = Mirror::Pending(Vec::new());
                     st.generation += 1;
@@ -730,16 +731,15 @@ impl Hub {
     }
 
     /// Greet a joiner from the room's state and make it a member. Under the room lock.
-    fn admit(
-        self: &Arc<Self>,
-        room: &Arc<Room>,
-        st: &mut RoomState,
-        client_id: u64,
-        outbox: &Arc<Outbox>,
-        sender: &Arc<Sender>,
-        resume: Option<&Resume>,
-        greeting: Greeting,
-    ) {
+    fn admit(self: &Arc<Self>, room: &Arc<Room>, st: &mut RoomState, joiner: &Waiting) {
+        let Waiting {
+            client_id,
+            outbox,
+            sender,
+            resume,
+            greeting,
+        } = joiner;
+        let (client_id, resume, greeting) = (*client_id, resume.as_ref(), *greeting);
         let (skip, complete) = st.history_for(resume);
         let held = st.history.iter().skip(skip).map(|e| &e.json);
         let (hello, history) = match greeting {
@@ -895,15 +895,7 @@ impl Hub {
             self.accept_remote(room, &mut st, *seq, json);
         }
         for w in std::mem::take(&mut st.waiting) {
-            self.admit(
-                room,
-                &mut st,
-                w.client_id,
-                &w.outbox,
-                &w.sender,
-                w.resume.as_ref(),
-                w.greeting,
-            );
+            self.admit(room, &mut st, &w);
         }
         let mut follow = None;
         if gap {

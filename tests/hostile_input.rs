@@ -2489,8 +2489,8 @@ async fn a_flood_of_bad_messages_gets_errors_then_1008() {
     let mut wire = Wire::open(&relay, "flooder", &room, &[]).await;
     let mut seen = Seen::default();
     let mut expected = vec![Expect::System, Expect::History, Expect::Presence];
-    expected.extend(std::iter::repeat(Expect::Error(BAD_JSON)).take(20));
-    expected.extend(std::iter::repeat(Expect::Error(&["rate_limited"])).take(10));
+    expected.extend(std::iter::repeat_n(Expect::Error(BAD_JSON), 20));
+    expected.extend(std::iter::repeat_n(Expect::Error(&["rate_limited"]), 10));
     let mut rng = Rng::new(99);
     let mut bytes = Vec::new();
     for _ in 0..200 {
@@ -3326,8 +3326,8 @@ async fn bug_abuse_close_is_also_counted_as_an_error_event() {
     let mut wire = Wire::open(&relay, "flooder", &room, &[]).await;
     let mut seen = Seen::default();
     let mut expected = vec![Expect::System, Expect::History, Expect::Presence];
-    expected.extend(std::iter::repeat(Expect::Error(BAD_JSON)).take(20));
-    expected.extend(std::iter::repeat(Expect::Error(&["rate_limited"])).take(10));
+    expected.extend(std::iter::repeat_n(Expect::Error(BAD_JSON), 20));
+    expected.extend(std::iter::repeat_n(Expect::Error(&["rate_limited"]), 10));
     let mut rng = Rng::new(98);
     let mut bytes = Vec::new();
     for _ in 0..31 {
