@@ -51,6 +51,8 @@ pub const RELAY_ENV: &[&str] = &[
     "AUTH_TIMEOUT_MS",
     "MAX_ROOMS_PER_CONNECTION",
     "API_KEY",
+    "JWT_SECRET",
+    "JWT_PUBLIC_KEY_FILE",
     "API_MAX_BODY_BYTES",
     "AUDIT_LOG",
     "AUDIT_QUEUE_MAX",
