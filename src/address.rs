@@ -1,4 +1,5 @@
-//! Per source address state: the publish rate shared by every connection from one address.
+//! Per source address state: the publish rate shared by every connection from one address, and
+//! how many connections the address holds (`MAX_CONNECTIONS_PER_IP`).
 //!
 //! A connection's own rate window starts afresh when it reconnects, so a client that reconnects
 //! every few messages would never meet it. The window here belongs to the address instead, and
@@ -10,6 +11,7 @@
 //! `TRUSTED_PROXIES` (see `http.rs`). This module does not look at requests.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
@@ -21,6 +23,8 @@ use crate::rate::Window;
 pub struct AddressState {
     ip: IpAddr,
     publish: Mutex<Window>,
+    /// Connections open (or upgrading) from this address.
+    connections: AtomicU32,
 }
 
 impl AddressState {
@@ -41,6 +45,43 @@ impl AddressState {
     }
 }
 
+/// One connection's hold on its address's share: counted while it lives (from before the 101
+/// until the connection ends), given back on drop.
+#[derive(Debug)]
+pub struct AddressSlot {
+    state: Arc<AddressState>,
+}
+
+impl AddressSlot {
+    /// Take one of `ip`'s connection slots; `None` when it already holds `max` (0: no limit).
+    pub fn take(state: Arc<AddressState>, max: u32) -> Option<AddressSlot> {
+        let taken = state
+            .connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (max == 0 || n < max).then_some(n + 1)
+            });
+        taken.ok().map(|_| AddressSlot { state })
+    }
+
+    /// Connections this address holds now (this one included).
+    pub fn held(&self) -> u32 {
+        self.state.connections.load(Ordering::Acquire)
+    }
+}
+
+impl std::ops::Deref for AddressSlot {
+    type Target = AddressState;
+    fn deref(&self) -> &AddressState {
+        &self.state
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        self.state.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Every source address with an open connection or a running window.
 #[derive(Debug, Default)]
 pub struct Addresses {
@@ -57,6 +98,7 @@ impl Addresses {
                 Arc::new(AddressState {
                     ip,
                     publish: Mutex::new(Window::new(now_ms)),
+                    connections: AtomicU32::new(0),
                 })
             })
             .clone()

@@ -149,6 +149,14 @@ pub struct Args {
     /// Time a new TCP connection has to send its HTTP request head, in milliseconds.
     #[arg(long, env = "HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
     pub handshake_timeout_ms: u64,
+    /// Connections one source address may hold (0: no limit); past it the upgrade gets 429. The
+    /// source is the peer, or X-Forwarded-For from TRUSTED_PROXIES.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: u32,
+    /// WebSocket handshakes the relay starts per second (0: no limit); past it the upgrade gets
+    /// 503 with Retry-After, so a reconnect storm costs bounded work per second.
+    #[arg(long, env = "MAX_HANDSHAKES_PER_SECOND", default_value_t = 0)]
+    pub max_handshakes_per_second: u32,
     /// Key that enables the server API (`/api/*`, `Authorization: Bearer KEY`). Unset: the API
     /// answers 404. A secret: --help and the logs never show its value.
     #[arg(long, env = "API_KEY", hide_env_values = true)]
@@ -338,6 +346,8 @@ pub struct Settings {
     pub close_timeout: Duration,
     pub auth_timeout: Duration,
     pub max_rooms_per_connection: usize,
+    pub max_connections_per_ip: u32,
+    pub max_handshakes_per_second: u32,
     /// `None`: the server API is off (404).
     pub api_key: Option<Secret>,
     pub api_max_body_bytes: usize,
@@ -491,6 +501,8 @@ impl Settings {
             max_rooms_per_connection: args.max_rooms_per_connection,
             api_key: args.api_key.as_deref().map(Secret::from),
             api_max_body_bytes: args.api_max_body_bytes,
+            max_connections_per_ip: args.max_connections_per_ip,
+            max_handshakes_per_second: args.max_handshakes_per_second,
             audit_log,
             audit_queue_max: args.audit_queue_max,
             audit_queue_max_bytes: args.audit_queue_max_bytes,

@@ -16,7 +16,6 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -25,7 +24,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::address::AddressState;
+use crate::address::AddressSlot;
 use crate::audit::{AuditEvent, Dialect as AuditDialect};
 use crate::broker::{Publish, PublishError, Published, Reply};
 use crate::frame::{self, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT};
@@ -56,8 +55,9 @@ thread_local! {
 /// Who a connection is, from its upgrade request.
 #[derive(Debug)]
 pub struct Identity {
-    /// The client's source address (the peer, or X-Forwarded-For from a trusted proxy).
-    pub address: IpAddr,
+    /// The client's source address (the peer, or X-Forwarded-For from a trusted proxy), and
+    /// its share of MAX_CONNECTIONS_PER_IP, held for the connection's life.
+    pub address: AddressSlot,
     pub entry: Entry,
 }
 
@@ -249,8 +249,9 @@ struct Connection {
     abuse: Window,
     /// Pings, pongs and empty frames (CONTROL_FRAME_LIMIT).
     control: Window,
-    /// The source address and its shared publish window (PUBLISH_RATE_PER_ADDRESS).
-    address: Arc<AddressState>,
+    /// The source address, its shared publish window (PUBLISH_RATE_PER_ADDRESS) and its
+    /// connection slot (MAX_CONNECTIONS_PER_IP).
+    address: AddressSlot,
     /// False for a read-only ticket's connection (first dialect; the second keeps its grant).
     may_publish: bool,
     inbound: Option<Box<Inbound>>,
@@ -347,7 +348,7 @@ pub(crate) fn spawn(
         outbox.close(1001);
     }
     relay.metrics.connections_opened.increment(1);
-    let address = relay.addresses.get(who.address, now_ms);
+    let address = who.address;
     let mut conn = Connection {
         relay: relay.clone(),
         stream,

@@ -18,6 +18,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::address::AddressSlot;
 use crate::audit::Dialect as AuditDialect;
 use crate::config::{Cidr, InvalidRoom};
 use crate::connection::{self, Entry, Identity};
@@ -261,6 +262,10 @@ fn chat(
         );
         return r;
     }
+    let slot = match admit(relay, &req, peer) {
+        Ok(slot) => slot,
+        Err(refusal) => return refusal,
+    };
     let Some(permit) = relay.try_acquire() else {
         return refuse(
             Rejection::Full,
@@ -287,7 +292,7 @@ fn chat(
         );
     };
     let who = Identity {
-        address: client_address(&relay.settings.trusted_proxies, req.headers(), peer),
+        address: slot,
         entry: Entry::Query {
             name: match &credential {
                 Credential::Static => protocol::sanitize_name(query.name.as_deref()),
@@ -332,6 +337,10 @@ fn auth_first(relay: &Arc<Relay>, mut req: Request<Incoming>, peer: IpAddr) -> R
             "shutting down\n",
         );
     }
+    let slot = match admit(relay, &req, peer) {
+        Ok(slot) => slot,
+        Err(refusal) => return refusal,
+    };
     let Some(permit) = relay.try_acquire() else {
         return refuse(
             Rejection::Full,
@@ -347,10 +356,41 @@ fn auth_first(relay: &Arc<Relay>, mut req: Request<Incoming>, peer: IpAddr) -> R
         );
     };
     let who = Identity {
-        address: client_address(&relay.settings.trusted_proxies, req.headers(), peer),
+        address: slot,
         entry: Entry::Auth,
     };
     switch(relay, response, upgrade, who, permit)
+}
+
+/// The abuse controls every upgrade passes before its handshake, in both dialects: the source
+/// address's share (`MAX_CONNECTIONS_PER_IP`, 429) and the relay's handshake rate
+/// (`MAX_HANDSHAKES_PER_SECOND`, 503 with `Retry-After`). The slot returned is held for the
+/// connection's life.
+fn admit(
+    relay: &Arc<Relay>,
+    req: &Request<Incoming>,
+    peer: IpAddr,
+) -> Result<AddressSlot, Response<Body>> {
+    let address = client_address(&relay.settings.trusted_proxies, req.headers(), peer);
+    let state = relay.addresses.get(address, relay.now_ms());
+    let Some(slot) = AddressSlot::take(state, relay.settings.max_connections_per_ip) else {
+        relay.metrics.rejected(Rejection::PerIpLimit);
+        return Err(text(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connections from your address\n",
+        ));
+    };
+    if !relay.allow_handshake() {
+        relay.metrics.rejected(Rejection::HandshakeRate);
+        let mut r = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections opening at once: retry in a second\n",
+        );
+        r.headers_mut()
+            .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return Err(r);
+    }
+    Ok(slot)
 }
 
 /// Answer 101 and, once hyper hands the connection over, start its WebSocket task.

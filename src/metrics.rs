@@ -157,10 +157,14 @@ pub enum Rejection {
     InvalidRoom,
     /// A valid ticket that does not cover the room (403).
     ForbiddenRoom,
+    /// MAX_CONNECTIONS_PER_IP reached for the source address (429).
+    PerIpLimit,
+    /// MAX_HANDSHAKES_PER_SECOND reached (503 with Retry-After).
+    HandshakeRate,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 9] = [
+    pub const ALL: [Rejection; 11] = [
         Rejection::NotFound,
         Rejection::ForbiddenOrigin,
         Rejection::Unauthorized,
@@ -170,6 +174,8 @@ impl Rejection {
         Rejection::RoomsFull,
         Rejection::InvalidRoom,
         Rejection::ForbiddenRoom,
+        Rejection::PerIpLimit,
+        Rejection::HandshakeRate,
     ];
 
     pub fn label(self) -> &'static str {
@@ -183,6 +189,8 @@ impl Rejection {
             Rejection::RoomsFull => "rooms_full",
             Rejection::InvalidRoom => "invalid_room",
             Rejection::ForbiddenRoom => "forbidden_room",
+            Rejection::PerIpLimit => "per_ip_limit",
+            Rejection::HandshakeRate => "handshake_rate",
         }
     }
 }

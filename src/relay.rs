@@ -134,6 +134,8 @@ pub struct Relay {
     /// `None` when `AUDIT_LOG` is unset. Record a publish here before it can be delivered; a
     /// refusal (`AuditFull`) means the publish is answered `unavailable`.
     pub audit: Option<Audit>,
+    /// This second's handshakes (MAX_HANDSHAKES_PER_SECOND).
+    handshakes: Mutex<crate::rate::Window>,
     pub metrics: Metrics,
     pub registry: Registry,
     pub addresses: Addresses,
@@ -240,6 +242,7 @@ impl Relay {
             started: tokio::time::Instant::now(),
             shutting_down: AtomicBool::new(false),
             prometheus,
+            handshakes: Mutex::new(crate::rate::Window::new(0)),
             process_metrics: Mutex::new(None),
             settings,
         }))
@@ -250,6 +253,18 @@ impl Relay {
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
         self.registry.close_all(1001);
+    }
+
+    /// Count one handshake against MAX_HANDSHAKES_PER_SECOND; false when this second's are
+    /// used up.
+    pub fn allow_handshake(&self) -> bool {
+        let max = self.settings.max_handshakes_per_second;
+        if max == 0 {
+            return true;
+        }
+        let now_ms = self.now_ms();
+        let mut w = self.handshakes.lock().unwrap_or_else(|p| p.into_inner());
+        !w.over(now_ms, 1000, max)
     }
 
     /// Write a refused auth to the audit log (when it is on). Best effort: the refusal stands
