@@ -13,7 +13,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{as_string, js_trim, present, text_frame, write_json_str};
+use super::{as_string, js_trim, present, text_frame, write_history, write_json_str};
 use crate::frame::{FrameBuilder, OP_TEXT};
 
 /// Longest text, in characters after trimming.
@@ -255,40 +255,16 @@ pub fn chat_event(inner: &[u8]) -> Option<Bytes> {
 }
 
 /// `{"type":"history","roomId":R,"epoch":E,"complete":B,"messages":[chat events]}`, oldest
-/// first.
+/// first (a stored object that does not read back is left out).
 pub fn history_event<'a>(
     room: &str,
     epoch: &str,
     complete: bool,
     messages: impl Iterator<Item = &'a Bytes> + Clone,
 ) -> Bytes {
-    let size: usize = messages.clone().map(|m| m.len() + 64).sum();
-    let mut b = FrameBuilder::with_capacity(80 + room.len() + epoch.len() + size);
-    let out = b.payload();
-    out.extend_from_slice(b"{\"type\":\"history\",\"roomId\":");
-    write_json_str(out, room);
-    out.extend_from_slice(b",\"epoch\":");
-    write_json_str(out, epoch);
-    out.extend_from_slice(if complete {
-        b",\"complete\":true"
-    } else {
-        b",\"complete\":false"
-    });
-    out.extend_from_slice(b",\"messages\":[");
-    let mut first = true;
-    for m in messages {
-        let mark = out.len();
-        if !first {
-            out.push(b',');
-        }
-        if write_chat(out, m).is_some() {
-            first = false;
-        } else {
-            out.truncate(mark);
-        }
-    }
-    out.extend_from_slice(b"]}");
-    b.finish(OP_TEXT).0
+    write_history("roomId", room, epoch, complete, messages, 64, |out, m| {
+        write_chat(out, m).is_some()
+    })
 }
 
 #[cfg(test)]

@@ -419,10 +419,30 @@ pub fn history_event<'a>(
     complete: bool,
     messages: impl Iterator<Item = &'a Bytes> + Clone,
 ) -> Bytes {
-    let size: usize = messages.clone().map(|m| m.len() + 1).sum();
+    write_history("room", room, epoch, complete, messages, 1, |out, m| {
+        out.extend_from_slice(m);
+        true
+    })
+}
+
+/// A history event, `{"type":"history","<room_key>":R,"epoch":E,"complete":B,"messages":[..]}`,
+/// with each stored message written by `write_one` (which may decline one: false). Both
+/// dialects' history events are this shape; `extra` is the bytes each message may add.
+fn write_history<'a>(
+    room_key: &str,
+    room: &str,
+    epoch: &str,
+    complete: bool,
+    messages: impl Iterator<Item = &'a Bytes> + Clone,
+    extra: usize,
+    mut write_one: impl FnMut(&mut Vec<u8>, &Bytes) -> bool,
+) -> Bytes {
+    let size: usize = messages.clone().map(|m| m.len() + extra).sum();
     let mut b = FrameBuilder::with_capacity(80 + room.len() + epoch.len() + size);
     let out = b.payload();
-    out.extend_from_slice(b"{\"type\":\"history\",\"room\":");
+    out.extend_from_slice(b"{\"type\":\"history\",\"");
+    out.extend_from_slice(room_key.as_bytes());
+    out.extend_from_slice(b"\":");
     write_json_str(out, room);
     out.extend_from_slice(b",\"epoch\":");
     write_json_str(out, epoch);
@@ -432,11 +452,17 @@ pub fn history_event<'a>(
         b",\"complete\":false"
     });
     out.extend_from_slice(b",\"messages\":[");
-    for (i, m) in messages.enumerate() {
-        if i > 0 {
+    let mut first = true;
+    for m in messages {
+        let mark = out.len();
+        if !first {
             out.push(b',');
         }
-        out.extend_from_slice(m);
+        if write_one(out, m) {
+            first = false;
+        } else {
+            out.truncate(mark);
+        }
     }
     out.extend_from_slice(b"]}");
     b.finish(OP_TEXT).0
