@@ -841,18 +841,24 @@ impl Connection {
                 return Flow::CloseWith(1008, reason);
             }
         };
+        // Pings, joins and leaves publish nothing, so they do not spend the chat rate; they cost
+        // what control frames cost and share that budget (CONTROL_FRAME_LIMIT), so a join/leave
+        // or ping flood ends like a WebSocket ping flood.
+        if matches!(
+            command,
+            Command::Ping | Command::Join { .. } | Command::Leave { .. }
+        ) {
+            let window_ms = millis(settings.control_frame_window);
+            if self
+                .control
+                .over(relay.now_ms(), window_ms, settings.control_frame_limit)
+            {
+                return Flow::Limit(Limit::ControlFrames);
+            }
+        }
         match command {
             Command::Auth { .. } => Flow::CloseWith(1008, "already authenticated"),
             Command::Ping => {
-                // App-level pings cost what control frames cost, and share their budget.
-                let now_ms = relay.now_ms();
-                let window_ms = millis(settings.control_frame_window);
-                if self
-                    .control
-                    .over(now_ms, window_ms, settings.control_frame_limit)
-                {
-                    return Flow::Limit(Limit::ControlFrames);
-                }
                 let sent_at =
                     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
                 self.send_own(None, &second::pong(&sent_at));

@@ -530,3 +530,36 @@ async fn a_second_dialect_reader_that_stops_reading_is_closed_1013() {
         })
         .await;
 }
+
+/// Joins, leaves and pings publish nothing, so they leave the chat rate alone, but they share
+/// the control-frame budget: a join/leave flood ends like a ping flood (1008).
+#[tokio::test]
+async fn a_join_leave_flood_is_closed_like_a_ping_flood() {
+    let relay = Relay::start(&[("CONTROL_FRAME_LIMIT", "10"), ("RATE_LIMIT", "3")]);
+    let mut a = authed(&relay).await;
+    // Four joins: more than RATE_LIMIT, and the chats after them still go through.
+    for room in ["r1", "r2", "r3", "r4"] {
+        a.join_room(room).await;
+    }
+    a.chat("r1", "still allowed", "c1").await;
+    a.expect_type("chat").await;
+    for i in 0..20 {
+        let msg = if i % 2 == 0 {
+            json!({"type": "leave", "roomId": "r1"})
+        } else {
+            json!({"type": "join", "roomId": "r1"})
+        };
+        a.send_json(&msg).await;
+    }
+    let (code, reason) = a.expect_close_with().await;
+    assert_eq!((code, reason.as_str()), (1008, "too many control frames"));
+    assert_eq!(
+        metric(
+            &relay,
+            "roomcast_limit_closes_total",
+            &[("limit", "control_frames")]
+        )
+        .await,
+        1.0
+    );
+}
