@@ -818,14 +818,16 @@ impl Connection {
                 return Flow::CloseWith(4403, "auth failed");
             };
             let connection_id = uuid::Uuid::new_v4();
-            let name: Arc<str> = match &credential {
-                Credential::Static => protocol::DEFAULT_NAME.into(),
-                Credential::Ticket(grant) => grant.user.as_str().into(),
+            // A ticket's user keeps one de-duplication session everywhere; a static-token
+            // connection is nobody in particular, so its session is the connection's.
+            let (name, session): (Arc<str>, u128) = match &credential {
+                Credential::Static => (
+                    protocol::DEFAULT_NAME.into(),
+                    connection_id.as_u128() & !crate::ticket::TICKET_SESSION_BIT,
+                ),
+                Credential::Ticket(grant) => (grant.user.as_str().into(), grant.session()),
             };
-            let sender = Arc::new(Sender {
-                name,
-                session: connection_id.as_u128(),
-            });
+            let sender = Arc::new(Sender { name, session });
             let hello = second::auth_ok(&connection_id, &sender.name);
             chat.sender = Some(sender);
             if let Credential::Ticket(grant) = credential {

@@ -26,6 +26,7 @@ use crate::hub::Resume;
 use crate::metrics::Rejection;
 use crate::protocol;
 use crate::relay::{Credential, Relay};
+use crate::ticket::TICKET_SESSION_BIT;
 
 type Body = Full<Bytes>;
 
@@ -299,9 +300,13 @@ fn chat(
                 Credential::Ticket(grant) => grant.user.clone(),
             },
             publish: credential.may_publish(),
-            session: query
-                .session
-                .unwrap_or_else(|| uuid::Uuid::new_v4().as_u128()),
+            session: match &credential {
+                Credential::Ticket(grant) => grant.session(),
+                Credential::Static => query
+                    .session
+                    .filter(|s| s & TICKET_SESSION_BIT == 0)
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().as_u128() & !TICKET_SESSION_BIT),
+            },
             room,
             resume: query.since.map(|since| Resume {
                 since,

@@ -20,6 +20,9 @@ use crate::config::Secret;
 
 /// Longest `sub`, in characters.
 pub const MAX_SUB_CHARS: usize = 64;
+/// Set in ticket users' sessions only: sessions the relay issues at random, and sessions a
+/// client gives back, never have it.
+pub const TICKET_SESSION_BIT: u128 = 1 << 127;
 /// Clock skew forgiven on `exp` and `nbf`, in seconds.
 const LEEWAY_SECS: u64 = 5;
 
@@ -48,6 +51,20 @@ pub struct Grant {
 }
 
 impl Grant {
+    /// The de-duplication session of this ticket's user: a stable 128-bit hash of `sub` (FNV-1a),
+    /// the same on every node and every reconnect, so a user's retried `requestId` is caught
+    /// whichever connection carries it. Its top bit is set, and no other session has it (see
+    /// [`TICKET_SESSION_BIT`]), so a static-token client cannot claim a ticket user's session.
+    pub fn session(&self) -> u128 {
+        const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
+        const PRIME: u128 = 0x0000000001000000000000000000013B;
+        b"ticket:"
+            .iter()
+            .chain(self.user.as_bytes())
+            .fold(OFFSET, |h, &b| (h ^ u128::from(b)).wrapping_mul(PRIME))
+            | TICKET_SESSION_BIT
+    }
+
     /// Whether the holder may join `room`.
     pub fn allows(&self, room: &str) -> bool {
         self.rooms.iter().any(|r| r == room) || self.prefixes.iter().any(|p| room.starts_with(p))
@@ -188,6 +205,18 @@ mod tests {
         assert!(!g.publish);
         assert!(g.allows("lobby") && g.allows("team:ops") && g.allows("team:"));
         assert!(!g.allows("lobby2") && !g.allows("tea"));
+        let same = t
+            .verify(&hs(json!({"sub": "ada", "exp": now() + 90}), "s3cret"))
+            .unwrap();
+        assert_eq!(g.session(), same.session(), "one user, one session");
+        assert_ne!(
+            g.session(),
+            Grant {
+                user: "bob".into(),
+                ..same
+            }
+            .session()
+        );
         let g = t
             .verify(&hs(json!({"sub": "bob", "exp": now() + 60}), "s3cret"))
             .unwrap();

@@ -287,3 +287,48 @@ fn a_public_key_file_that_is_not_a_key_stops_the_start() {
         "{stderr}"
     );
 }
+
+/// A ticket's user keeps one de-duplication session across reconnects and dialects: a retried
+/// `requestId` is caught on a new connection. A static-token client cannot claim that session.
+#[tokio::test]
+async fn a_ticket_users_retry_is_deduplicated_across_connections() {
+    let relay = Relay::builder().env("JWT_SECRET", SECRET).start();
+    let ticket = mint(claims("ada", &["lobby"], true));
+    let mut first = Client::connect_query(&relay, &query(&ticket, "x", "lobby"))
+        .await
+        .unwrap();
+    let system = first.expect_type("system").await;
+    let session = system["session"].as_str().unwrap().to_string();
+    first.expect_type("history").await;
+    first
+        .send_json(&json!({"type": "message", "text": "once", "requestId": "r1"}))
+        .await;
+    let ack = first.next_event_of_type("ack", WAIT).await;
+    assert_ne!(ack["duplicate"], true, "{ack}");
+    drop(first);
+    let mut again = Client::connect_query(&relay, &query(&ticket, "x", "lobby"))
+        .await
+        .unwrap();
+    again.expect_type("system").await;
+    again.expect_type("history").await;
+    again
+        .send_json(&json!({"type": "message", "text": "once", "requestId": "r1"}))
+        .await;
+    let ack2 = again.next_event_of_type("ack", WAIT).await;
+    assert_eq!(
+        (ack2["duplicate"].clone(), ack2["seq"].clone()),
+        (json!(true), ack["seq"].clone())
+    );
+    // A static-token client giving back the ticket user's session gets a fresh one.
+    let (mut other, system, _) = Client::join(&relay, "eve", "lobby").await;
+    assert_ne!(system["session"].as_str().unwrap(), session);
+    let _ = other.close_normally().await;
+    let q = format!("{}&session={session}", relay.chat_query("eve", "lobby"));
+    let mut eve = Client::connect_query(&relay, &q).await.unwrap();
+    let system = eve.expect_type("system").await;
+    assert_ne!(
+        system["session"].as_str().unwrap(),
+        session,
+        "a ticket session cannot be claimed"
+    );
+}
