@@ -62,10 +62,19 @@ pub(crate) async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let is_upgrade = fastwebsockets::upgrade::is_upgrade_request(&req);
     if req.uri().path() == "/chat" {
-        return Ok(chat(&relay, req, is_upgrade, peer.ip()));
+        return Ok(chat(&relay, req, is_upgrade, peer));
     }
     if is_upgrade {
         relay.metrics.rejected(Rejection::NotFound);
+        crate::log::refusal(&crate::log::Refusal {
+            status: StatusCode::NOT_FOUND.as_u16(),
+            reason: Rejection::NotFound,
+            peer,
+            client: None,
+            path: req.uri().path(),
+            upgrade: true,
+            detail: None,
+        });
         return Ok(text(
             StatusCode::NOT_FOUND,
             "not found: WebSocket connections go to /chat\n",
@@ -74,12 +83,31 @@ pub(crate) async fn handle(
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"));
     }
+    let page = relay.settings.serve_page;
+    let public_metrics = relay.settings.admin_addr.is_none();
     Ok(match req.uri().path() {
-        "/" | "/index.html" => respond(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML),
+        "/" | "/index.html" if page => {
+            respond(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML)
+        }
         "/roomcast-client.js" => {
             respond(StatusCode::OK, "text/javascript; charset=utf-8", CLIENT_JS)
         }
-        "/app.js" => respond(StatusCode::OK, "text/javascript; charset=utf-8", APP_JS),
+        "/app.js" if page => respond(StatusCode::OK, "text/javascript; charset=utf-8", APP_JS),
+        "/metrics" if !public_metrics => text(StatusCode::NOT_FOUND, "not found\n"),
+        _ => return handle_admin(relay, req).await,
+    })
+}
+
+/// The routes of the admin listener (ADMIN_ADDR), also answered on the public port (where
+/// `/metrics` is only answered without ADMIN_ADDR).
+pub(crate) async fn handle_admin(
+    relay: Arc<Relay>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"));
+    }
+    Ok(match req.uri().path() {
         "/healthz" => json(
             StatusCode::OK,
             format!("{{\"ok\":true,\"clients\":{}}}", relay.connection_count()),
@@ -169,23 +197,41 @@ fn chat(
     relay: &Arc<Relay>,
     mut req: Request<Incoming>,
     is_upgrade: bool,
-    peer: IpAddr,
+    peer_addr: SocketAddr,
 ) -> Response<Body> {
+    let peer = peer_addr.ip();
+    let client = client_address(&relay.settings.trusted_proxies, req.headers(), peer);
+    // Every refusal is counted (upgrades only: the probe is a plain GET) and logged (both).
+    let refuse_with =
+        |why: Rejection, status: StatusCode, body: &'static str, detail: Option<&str>| {
+            if is_upgrade {
+                relay.metrics.rejected(why);
+            }
+            crate::log::refusal(&crate::log::Refusal {
+                status: status.as_u16(),
+                reason: why,
+                peer: peer_addr,
+                client: (client != peer).then_some(client),
+                path: "/chat",
+                upgrade: is_upgrade,
+                detail,
+            });
+            text(status, body)
+        };
     let refuse = |why: Rejection, status: StatusCode, body: &'static str| {
-        if is_upgrade {
-            relay.metrics.rejected(why);
-        }
-        text(status, body)
+        refuse_with(why, status, body, None)
     };
     match req.headers().get(ORIGIN) {
         Some(o) if origin_allowed(relay, o.as_bytes()) => {}
         None if !is_upgrade => {} // same-origin fetches carry no Origin; the probe still checks the token
-        _ => {
-            return refuse(
+        origin => {
+            let shown = origin.map(|o| String::from_utf8_lossy(o.as_bytes()).into_owned());
+            return refuse_with(
                 Rejection::ForbiddenOrigin,
                 StatusCode::FORBIDDEN,
                 "forbidden: origin not allowed\n",
-            )
+                Some(shown.as_deref().unwrap_or("origin_missing")),
+            );
         }
     }
     let query = parse_query(req.uri().query().unwrap_or(""));
@@ -196,10 +242,16 @@ fn chat(
         )
     });
     if !token_ok {
-        return refuse(
+        let detail = if query.token.is_some() {
+            "token_wrong"
+        } else {
+            "token_missing"
+        };
+        return refuse_with(
             Rejection::Unauthorized,
             StatusCode::UNAUTHORIZED,
             "unauthorized: token missing or wrong\n",
+            Some(detail),
         );
     }
     let room = match (
@@ -273,7 +325,7 @@ fn chat(
             since,
             epoch: query.epoch,
         }),
-        address: client_address(&relay.settings.trusted_proxies, req.headers(), peer),
+        address: client,
     };
     let task_relay = relay.clone();
     relay.tracker.spawn(async move {

@@ -6,7 +6,7 @@
 //! codec), `protocol` (JSON), `outbox` (per-connection queue), `hub` (rooms, history, presence),
 //! `broker` (the publish seam and the in-memory broker), `broker_redis` (several nodes through
 //! Redis), `address` (per source address state), `metrics`, `limits`,
-//! `rate` (windows).
+//! `rate` (windows), `log` (the logger and the access lines).
 
 pub mod address;
 pub mod alloc;
@@ -18,6 +18,7 @@ pub mod frame;
 pub mod http;
 pub mod hub;
 pub mod limits;
+pub mod log;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;

@@ -116,10 +116,13 @@ impl Registry {
         closed
     }
 
-    fn close_all(&self, code: u16) {
+    /// Every open WebSocket's outbox, for a shutdown that closes them a few at a time.
+    pub(crate) fn open_outboxes(&self) -> Vec<Arc<Outbox>> {
+        let mut all = Vec::new();
         for i in 0..REGISTRY_SHARDS {
-            self.for_each_in(i, |o| o.close(code));
+            all.extend(self.shard(i).iter().map(|(_, o)| o.clone()));
         }
+        all
     }
 }
 
@@ -210,11 +213,12 @@ impl Relay {
         }))
     }
 
-    /// Refuse new upgrades from now on and ask every open WebSocket to close with 1001.
-    /// A connection that registers after this sees the flag (see `connection::spawn`).
+    /// Refuse new upgrades from now on (503) and answer `/readyz` with 503. The open WebSockets
+    /// stay until the server closes them (after LAME_DUCK_MS, spread over SHUTDOWN_SPREAD_MS);
+    /// a connection that registers after this sees the flag and is closed with 1001 at once
+    /// (see `connection::spawn`).
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
-        self.registry.close_all(1001);
     }
 
     pub fn connection_count(&self) -> usize {
