@@ -22,7 +22,7 @@ pub const PUBLISH_RATE_PER_ADDRESS_FACTOR: u32 = 10;
 #[derive(Debug, Parser)]
 #[command(
     name = "roomcast",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("ROOMCAST_COMMIT"), ")"),
     about = "roomcast: a WebSocket edge relay for real-time rooms"
 )]
 pub struct Args {

@@ -109,3 +109,45 @@ async fn the_admin_readyz_turns_503_during_a_shutdown() {
         .expect("the relay exits after its lame-duck wait and drain");
     assert!(status.success(), "{status:?}");
 }
+
+/// The commit the binary under test was built from, as build.rs finds it.
+fn expected_commit() -> String {
+    if let Ok(commit) = std::env::var("ROOMCAST_COMMIT") {
+        if !commit.is_empty() {
+            return commit;
+        }
+    }
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(repo_root())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+#[tokio::test]
+async fn build_info_names_the_version_and_the_commit() {
+    let relay = Relay::start(&[]);
+    let metrics = parse_exposition(&http_get(&relay, "/metrics", &[]).await.body);
+    let commit = expected_commit();
+    assert_eq!(
+        metrics.get(
+            "roomcast_build_info",
+            &[("version", env!("CARGO_PKG_VERSION")), ("commit", &commit)]
+        ),
+        Some(1.0),
+        "roomcast_build_info{{version, commit={commit}}}: {:?}",
+        metrics.series("roomcast_build_info")
+    );
+    let version = std::process::Command::new(relay_binary())
+        .arg("--version")
+        .output()
+        .expect("roomcast --version");
+    let version = String::from_utf8_lossy(&version.stdout);
+    assert!(
+        version.contains(env!("CARGO_PKG_VERSION")) && version.contains(&commit),
+        "--version names both: {version}"
+    );
+}
