@@ -42,6 +42,8 @@ export async function startRelay({ port, env = {}, startTimeoutMs = 15_000 } = {
       PORT: String(port),
       ALLOWED_ORIGINS: origin,
       RUST_LOG: process.env.RUST_LOG ?? 'info',
+      // No load balancer to wait for: a stopped relay closes its WebSockets at once.
+      LAME_DUCK_MS: '0',
       ...env,
     },
     stdio: ['ignore', 'pipe', 'pipe'],
