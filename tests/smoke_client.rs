@@ -219,3 +219,33 @@ async fn speaks_wss_through_a_tls_proxy_trusting_a_ca_file() {
         describe(&out)
     );
 }
+
+#[tokio::test]
+async fn readyz_mode_is_0_while_ready_5_while_shutting_down_and_3_when_gone() {
+    let mut relay = Relay::start(&[("LAME_DUCK_MS", "2000")]);
+    let out = smoke(&[&base(&relay), "--readyz"], None);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let (_ada, _, _) = Client::join(&relay, "ada", "ready").await;
+    relay.signal(libc::SIGTERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let out = loop {
+        let out = smoke(&[&base(&relay), "--readyz"], None);
+        if out.status.code() != Some(0) || std::time::Instant::now() >= deadline {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "while draining: {}",
+        describe(&out)
+    );
+    let port = relay.port();
+    relay
+        .wait_for_exit(Duration::from_secs(15))
+        .await
+        .expect("exits");
+    let out = smoke(&[&format!("http://127.0.0.1:{port}"), "--readyz"], None);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+}

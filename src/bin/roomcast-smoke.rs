@@ -53,6 +53,10 @@ struct Args {
     /// Give up connecting, and give up waiting for the echo, after this many milliseconds each.
     #[arg(long, default_value_t = 10_000)]
     timeout_ms: u64,
+    /// Only ask the relay's plain-HTTP `/readyz` (0: ready, 5: not ready, 3: unreachable), for
+    /// a container's HEALTHCHECK on its own port; nothing is published.
+    #[arg(long)]
+    readyz: bool,
 }
 
 /// How the check failed; each has its exit code.
@@ -211,6 +215,51 @@ fn explain_refusal(status: u16, origin: &str, body: &str) -> Failure {
     }
 }
 
+/// `GET /readyz` over plain HTTP/1.0 at the URL's host and port.
+async fn readyz(args: &Args) -> Result<String, Failure> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let url = url::Url::parse(&args.url)
+        .map_err(|e| Failure::Usage(format!("not a URL: {}: {e}", args.url)))?;
+    if !matches!(url.scheme(), "http" | "ws") {
+        return Err(Failure::Usage(
+            "--readyz speaks plain HTTP to the relay's own port: use an http:// URL".into(),
+        ));
+    }
+    let host = url.host_str().unwrap_or("localhost").to_string();
+    let port = url.port().unwrap_or(80);
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| Failure::Unreachable(format!("cannot connect to {host}:{port}: {e}")))?;
+        let request = format!("GET /readyz HTTP/1.0\r\nHost: {host}:{port}\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| Failure::Unreachable(format!("{host}:{port}: {e}")))?;
+        let mut answer = Vec::new();
+        stream
+            .take(64 * 1024)
+            .read_to_end(&mut answer)
+            .await
+            .map_err(|e| Failure::Unreachable(format!("{host}:{port}: {e}")))?;
+        Ok::<_, Failure>(String::from_utf8_lossy(&answer).into_owned())
+    };
+    let answer = tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| {
+            Failure::Unreachable(format!("no answer from {host}:{port} in {timeout:?}"))
+        })??;
+    let status = answer.split_whitespace().nth(1).unwrap_or("?");
+    if status == "200" {
+        Ok(format!("ready: {host}:{port}"))
+    } else {
+        Err(Failure::Unavailable(format!(
+            "not ready: /readyz answered {status} (shutting down, or its broker is down)"
+        )))
+    }
+}
+
 async fn smoke(args: &Args) -> Result<String, Failure> {
     let url = chat_url(args)?;
     let origin = args.origin.clone().unwrap_or_else(|| default_origin(&url));
@@ -314,7 +363,12 @@ async fn main() -> ExitCode {
             };
         }
     };
-    match smoke(&args).await {
+    let outcome = if args.readyz {
+        readyz(&args).await
+    } else {
+        smoke(&args).await
+    };
+    match outcome {
         Ok(line) => {
             println!("{line}");
             ExitCode::SUCCESS
