@@ -1,4 +1,5 @@
-//! The `roomcast` binary: settings, logging, the listener, then `server::run`.
+//! The `roomcast` binary: settings, logging, the listeners (public and `ADMIN_ADDR`), the start
+//! line, the stop signals, then `server::serve`.
 
 use std::io::Write;
 
