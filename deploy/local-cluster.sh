@@ -62,12 +62,13 @@ done
   sed -e "/^        server 127.0.0.1:808[0-9]/d" \
       -e "s|^        least_conn;|        least_conn;\n$servers|" \
       -e "s|^        listen 8080;|        listen 127.0.0.1:$PORT;|" \
+      -e "s|/var/log/nginx/roomcast-access.log|$dir/access.log|" \
       -e "s|^http {|http {\n    access_log off;\n    client_body_temp_path $dir/body;\n    proxy_temp_path $dir/proxy;\n    fastcgi_temp_path $dir/fastcgi;\n    uwsgi_temp_path $dir/uwsgi;\n    scgi_temp_path $dir/scgi;|" \
       deploy/nginx.conf
 } >"$dir/nginx.conf"
 "$NGINX" -p "$dir" -c "$dir/nginx.conf" &
 pids+=($!)
 
-echo "roomcast cluster: http://localhost:$PORT (nginx) -> $NODES nodes on $((PORT + 1))-$((PORT + NODES)), Redis on $REDIS_PORT; logs in $dir; Ctrl-C stops all"
+echo "roomcast cluster: http://localhost:$PORT (nginx) -> $NODES nodes on $((PORT + 1))-$((PORT + NODES)), Redis on $REDIS_PORT; logs (nginx's access.log too) in $dir; Ctrl-C stops all"
 wait -n "${pids[@]}" || true
 echo "local-cluster: a process exited; stopping the rest" >&2

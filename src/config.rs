@@ -25,13 +25,14 @@ pub const PUBLISH_RATE_PER_ADDRESS_FACTOR: u32 = 10;
 #[derive(Debug, Parser)]
 #[command(
     name = "roomcast",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("ROOMCAST_COMMIT"), ")"),
     about = "roomcast: a WebSocket edge relay for real-time rooms"
 )]
 pub struct Args {
-    /// Address to listen on.
-    #[arg(long, env = "HOST", default_value = "0.0.0.0")]
-    pub host: IpAddr,
+    /// Address to listen on [default: 127.0.0.1 while CHAT_TOKEN is the development token, else
+    /// 0.0.0.0]. A non-loopback HOST with the development token is refused at start.
+    #[arg(long, env = "HOST")]
+    pub host: Option<IpAddr>,
     /// Port to listen on (0 picks a free port; the chosen one is printed at start).
     #[arg(long, env = "PORT", default_value_t = 8080)]
     pub port: u16,
@@ -185,6 +186,46 @@ pub struct Args {
     /// `unavailable`.
     #[arg(long, env = "AUDIT_QUEUE_MAX_BYTES", default_value_t = 32 << 20)]
     pub audit_queue_max_bytes: usize,
+    /// After SIGTERM, how long the relay keeps its open WebSockets (while /readyz answers 503 and
+    /// new upgrades get 503) before it closes them with 1001, so a load balancer has stopped
+    /// routing to it when the clients reconnect, in milliseconds. SIGINT skips this wait.
+    #[arg(long, env = "LAME_DUCK_MS", default_value_t = 5_000)]
+    pub lame_duck_ms: u64,
+    /// The 1001 closes of a shutdown are spread evenly over this many milliseconds, so clients
+    /// do not all reconnect at once (0: all at once). Must be shorter than SHUTDOWN_DRAIN_MS.
+    #[arg(long, env = "SHUTDOWN_SPREAD_MS", default_value_t = 2_000)]
+    pub shutdown_spread_ms: u64,
+    /// A second listener (e.g. 127.0.0.1:9090) for /metrics, /healthz and /readyz. When set, the
+    /// public port no longer answers /metrics.
+    #[arg(long, env = "ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
+    /// Serve the demo chat page at / (it pre-fills the token field); `false` for production
+    /// (/roomcast-client.js is still served).
+    #[arg(long, env = "SERVE_PAGE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub serve_page: bool,
+    /// Log line format on stderr: `text` or `json` (one object per line).
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+    /// Log filter, tracing's syntax (e.g. `info`, `warn,roomcast::access=info`).
+    #[arg(long = "log-filter", env = "RUST_LOG", default_value = "info")]
+    pub log_filter: String,
+    /// Set (to anything but empty) for logs without colours. Colours are only ever used when
+    /// stderr is a terminal; json is never coloured. https://no-color.org
+    #[arg(long = "no-color", env = "NO_COLOR", num_args = 0..=1, default_missing_value = "1", value_name = "ANY")]
+    pub no_color: Option<String>,
+    /// Access log lines (refused requests, closed connections) per second, each kind; past it
+    /// lines are counted, and one line a second says how many were left out, by reason.
+    #[arg(long, env = "LOG_LINES_PER_SECOND", default_value_t = 50)]
+    pub log_lines_per_second: u32,
+}
+
+/// The format of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// `TIME LEVEL target: message key=value ...`
+    Text,
+    /// One JSON object per line, fields at the top level.
+    Json,
 }
 
 /// What happens to an upgrade whose room name breaks the naming rule.
@@ -292,6 +333,13 @@ pub enum ConfigError {
     EmptyAuditLog,
     #[error("AUDIT_QUEUE_MAX must be between 1 and {AUDIT_QUEUE_MAX_LIMIT}, got {0}")]
     AuditQueueOutOfRange(usize),
+    #[error(
+        "HOST={0} lets other machines connect, but CHAT_TOKEN is the published development token: \
+         set CHAT_TOKEN to a secret (for example `openssl rand -hex 32`), or HOST=127.0.0.1 to stay local"
+    )]
+    DevTokenOnNetwork(IpAddr),
+    #[error("SHUTDOWN_SPREAD_MS ({spread}) must be shorter than SHUTDOWN_DRAIN_MS ({drain}): the closes are spread inside the drain")]
+    SpreadLongerThanDrain { spread: u64, drain: u64 },
 }
 
 /// The audit queue's slots (32 B each) are allocated at start: 4 Mi lines is 128 MiB already.
@@ -355,6 +403,22 @@ pub struct Settings {
     pub audit_log: Option<AuditTarget>,
     pub audit_queue_max: usize,
     pub audit_queue_max_bytes: usize,
+    pub lame_duck: Duration,
+    pub shutdown_spread: Duration,
+    /// `None`: /metrics is on the public port.
+    pub admin_addr: Option<SocketAddr>,
+    pub serve_page: bool,
+    pub log: LogSettings,
+}
+
+/// How the relay logs (`crate::log`).
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub filter: String,
+    /// NO_COLOR was set: never colour, even on a terminal.
+    pub no_color: bool,
+    pub lines_per_second: u32,
 }
 
 impl Default for Settings {
@@ -433,6 +497,24 @@ impl Settings {
         let tickets =
             crate::ticket::Tickets::load(jwt_secret.as_ref(), args.jwt_public_key_file.as_deref())?
                 .map(std::sync::Arc::new);
+        // The development token is open to the network only when it is accepted: CHAT_TOKEN unset
+        // (or set to it) and no tickets to require instead.
+        let dev_token = args.chat_token.as_deref().unwrap_or(DEV_TOKEN) == DEV_TOKEN
+            && (tickets.is_none() || args.chat_token.is_some());
+        let host = match args.host {
+            Some(host) if dev_token && !canonical(host).is_loopback() => {
+                return Err(ConfigError::DevTokenOnNetwork(host))
+            }
+            Some(host) => host,
+            None if dev_token => IpAddr::from([127, 0, 0, 1]),
+            None => IpAddr::from([0, 0, 0, 0]),
+        };
+        if args.shutdown_spread_ms > 0 && args.shutdown_spread_ms >= args.shutdown_drain_ms {
+            return Err(ConfigError::SpreadLongerThanDrain {
+                spread: args.shutdown_spread_ms,
+                drain: args.shutdown_drain_ms,
+            });
+        }
         let allowed_origins: Vec<String> = match &args.allowed_origins {
             Some(list) => list
                 .split(',')
@@ -455,7 +537,7 @@ impl Settings {
             .map(|p| Cidr::parse(p).ok_or_else(|| ConfigError::BadProxy(p.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Settings {
-            listen_addr: SocketAddr::new(args.host, args.port),
+            listen_addr: SocketAddr::new(host, args.port),
             static_token: tickets.is_none() || args.chat_token.is_some(),
             tickets,
             chat_token: Secret(args.chat_token.unwrap_or_else(|| DEV_TOKEN.to_string())),
@@ -506,6 +588,16 @@ impl Settings {
             audit_log,
             audit_queue_max: args.audit_queue_max,
             audit_queue_max_bytes: args.audit_queue_max_bytes,
+            lame_duck: Duration::from_millis(args.lame_duck_ms),
+            shutdown_spread: Duration::from_millis(args.shutdown_spread_ms),
+            admin_addr: args.admin_addr,
+            serve_page: args.serve_page,
+            log: LogSettings {
+                format: args.log_format,
+                filter: args.log_filter,
+                no_color: args.no_color.is_some_and(|v| !v.is_empty()),
+                lines_per_second: args.log_lines_per_second,
+            },
         })
     }
 
@@ -515,14 +607,31 @@ impl Settings {
     }
 
     /// When the listening port is chosen by the OS (port 0), the default allow-list must follow
-    /// the real port. Called once the listener is bound; explicit lists are left alone.
+    /// the real port. Called once the listener is bound; explicit lists are left alone. A relay
+    /// bound to one specific address also allows the page it serves there.
     pub fn fix_default_origins(&mut self, args_had_origins: bool, bound_port: u16) {
         if !args_had_origins {
             self.allowed_origins = vec![
                 format!("http://localhost:{bound_port}"),
                 format!("http://127.0.0.1:{bound_port}"),
             ];
+            let ip = self.listen_addr.ip();
+            if !ip.is_unspecified() && !canonical(ip).is_loopback() {
+                self.allowed_origins
+                    .push(format!("http://{}", SocketAddr::new(ip, bound_port)));
+            }
         }
+    }
+}
+
+/// The URL to print at start for a relay bound to `bound`: one a browser on this machine can
+/// open and whose Origin the default allow-list accepts (an unspecified address such as 0.0.0.0
+/// is not something to open in a browser).
+pub fn start_url(bound: SocketAddr) -> String {
+    match bound.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => format!("http://127.0.0.1:{}", bound.port()),
+        IpAddr::V6(v6) if v6.is_unspecified() => format!("http://localhost:{}", bound.port()),
+        _ => format!("http://{bound}"),
     }
 }
 
@@ -545,6 +654,93 @@ mod tests {
             (50, 500, 2048)
         );
         assert_eq!(s.heartbeat_interval, Duration::from_secs(30));
+        assert_eq!(s.listen_addr.ip().to_string(), "127.0.0.1");
+        assert!(s.serve_page && s.admin_addr.is_none());
+        assert_eq!(s.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn host_defaults_to_loopback_only_with_the_development_token() {
+        let parse =
+            |args: &[&str]| Settings::from_args(Args::parse_from([&["roomcast"], args].concat()));
+        let host = |args: &[&str]| parse(args).expect("valid").listen_addr.ip().to_string();
+        assert_eq!(host(&[]), "127.0.0.1");
+        assert_eq!(host(&["--chat-token", "s3cret"]), "0.0.0.0");
+        assert_eq!(host(&["--host", "::1"]), "::1");
+        assert_eq!(host(&["--host", "127.0.0.2"]), "127.0.0.2");
+        for public in ["0.0.0.0", "::", "192.0.2.1"] {
+            assert!(
+                matches!(
+                    parse(&["--host", public]),
+                    Err(ConfigError::DevTokenOnNetwork(_))
+                ),
+                "{public} with the development token"
+            );
+            assert!(matches!(
+                parse(&["--host", public, "--chat-token", DEV_TOKEN]),
+                Err(ConfigError::DevTokenOnNetwork(_))
+            ));
+        }
+        let message = parse(&["--host", "0.0.0.0"]).unwrap_err().to_string();
+        assert!(
+            message.contains("CHAT_TOKEN") && message.contains("HOST=127.0.0.1"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn the_shutdown_spread_must_fit_in_the_drain() {
+        let args = Args::parse_from(["roomcast", "--shutdown-spread-ms", "5000"]);
+        assert!(matches!(
+            Settings::from_args(args),
+            Err(ConfigError::SpreadLongerThanDrain { .. })
+        ));
+        let args = Args::parse_from([
+            "roomcast",
+            "--shutdown-spread-ms",
+            "0",
+            "--shutdown-drain-ms",
+            "1",
+        ]);
+        assert!(Settings::from_args(args).is_ok());
+    }
+
+    #[test]
+    fn the_start_url_is_one_a_browser_can_open() {
+        let url = |s: &str| start_url(s.parse().expect("socket address"));
+        assert_eq!(url("0.0.0.0:8080"), "http://127.0.0.1:8080");
+        assert_eq!(url("[::]:8080"), "http://localhost:8080");
+        assert_eq!(url("127.0.0.1:8080"), "http://127.0.0.1:8080");
+        assert_eq!(url("10.1.2.3:80"), "http://10.1.2.3:80");
+    }
+
+    #[test]
+    fn a_relay_bound_to_one_address_allows_its_own_page() {
+        let args = Args::parse_from(["roomcast", "--host", "10.1.2.3", "--chat-token", "s"]);
+        let mut s = Settings::from_args(args).expect("valid");
+        s.fix_default_origins(false, 9000);
+        assert_eq!(
+            s.allowed_origins,
+            [
+                "http://localhost:9000",
+                "http://127.0.0.1:9000",
+                "http://10.1.2.3:9000"
+            ]
+        );
+    }
+
+    #[test]
+    fn no_color_counts_only_when_not_empty() {
+        let no_color = |args: &[&str]| {
+            Settings::from_args(Args::parse_from([&["roomcast"], args].concat()))
+                .expect("valid")
+                .log
+                .no_color
+        };
+        assert!(!no_color(&[]));
+        assert!(no_color(&["--no-color"]));
+        assert!(no_color(&["--no-color", "1"]));
+        assert!(!no_color(&["--no-color", ""]));
     }
 
     #[test]

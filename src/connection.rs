@@ -93,8 +93,6 @@ struct Chat {
     sender: Option<Arc<Sender>>,
     /// What a signed ticket allows (`None`: the static token, which allows everything).
     grant: Option<Box<Grant>>,
-    /// When the connection opened (relay clock, ms): `auth` must come within AUTH_TIMEOUT_MS.
-    opened_ms: u32,
     rooms: Vec<Membership>,
 }
 
@@ -116,6 +114,8 @@ enum Flow {
     PeerClosed(u16),
     /// The socket ended without a close frame.
     Dropped,
+    /// The heartbeat found the peer silent: dropped without a close frame.
+    Silent,
     /// A limit closes the connection (its code and reason come from the limit).
     Limit(Limit),
 }
@@ -254,6 +254,8 @@ struct Connection {
     address: AddressSlot,
     /// False for a read-only ticket's connection (first dialect; the second keeps its grant).
     may_publish: bool,
+    /// When the upgrade completed (relay clock, ms): the auth deadline, the connection's age.
+    opened_ms: u32,
     inbound: Option<Box<Inbound>>,
     pending: Option<Box<Pending>>,
     _permit: ConnectionPermit,
@@ -325,7 +327,6 @@ pub(crate) fn spawn(
             Rooms::Many(Box::new(Chat {
                 sender: None,
                 grant: None,
-                opened_ms: now_ms,
                 rooms: Vec::new(),
             }))
         }
@@ -355,6 +356,7 @@ pub(crate) fn spawn(
         outbox,
         rooms,
         may_publish,
+        opened_ms: now_ms,
         registration,
         rate: Window::new(now_ms),
         abuse: Window::new(now_ms),
@@ -410,7 +412,7 @@ impl Connection {
                         self.outbox.revive();
                     } else {
                         self.relay.metrics.heartbeat_terminations.increment(1);
-                        return Flow::Dropped;
+                        return Flow::Silent;
                     }
                 }
                 if self.outbox.take_ping_due() {
@@ -497,7 +499,7 @@ impl Connection {
         let Rooms::Many(chat) = &self.rooms else {
             return false;
         };
-        let waited = self.relay.now_ms().wrapping_sub(chat.opened_ms);
+        let waited = self.relay.now_ms().wrapping_sub(self.opened_ms);
         chat.sender.is_none() && waited >= millis(self.relay.settings.auth_timeout)
     }
 
@@ -1016,7 +1018,7 @@ impl Connection {
         let relay = self.relay.clone();
         let (code, send) = match flow {
             Flow::Continue => unreachable!("finish is only called with a terminal flow"),
-            Flow::Dropped => (1006, None),
+            Flow::Dropped | Flow::Silent => (1006, None),
             Flow::PeerClosed(code) => {
                 let echo = if code == 1005 { 1000 } else { code };
                 (code, Some((echo, close_reason(echo))))
@@ -1030,6 +1032,34 @@ impl Connection {
             }
         };
         relay.metrics.connection_closed(code);
+        let (by, why) = match flow {
+            Flow::Continue => unreachable!("checked above"),
+            Flow::Dropped => ("none", "dropped"),
+            Flow::Silent => ("none", "heartbeat"),
+            Flow::PeerClosed(_) => ("peer", "peer_closed"),
+            Flow::Limit(limit) => ("relay", limit.label()),
+            Flow::Close(code) | Flow::CloseWith(code, _) => ("relay", close_label(code)),
+        };
+        let room = match &self.rooms {
+            Rooms::One(m) => m.room().name().to_string(),
+            Rooms::Many(chat) => chat
+                .rooms
+                .iter()
+                .map(|m| m.room().name())
+                .collect::<Vec<_>>()
+                .join(","),
+        };
+        crate::log::connection_closed(&crate::log::Closed {
+            code,
+            reason: why,
+            by,
+            room: &room,
+            age: std::time::Duration::from_millis(
+                relay.now_ms().wrapping_sub(self.opened_ms).into(),
+            ),
+            peer: self.address.ip(),
+            client_id: self.client_id(),
+        });
         let by_server = matches!(flow, Flow::Close(_) | Flow::CloseWith(..) | Flow::Limit(_));
         if let (Some(audit), true) = (&relay.audit, by_server && code != 1001) {
             let (name, room) = match &self.rooms {
@@ -1130,6 +1160,20 @@ fn millis(d: std::time::Duration) -> u32 {
 
 /// A server ping with an empty payload, shared by every connection.
 const PING: &[u8] = &[0x80 | OP_PING, 0];
+
+/// A close code as a log label (no spaces), for the access log's closed lines.
+fn close_label(code: u16) -> &'static str {
+    match code {
+        1001 => "shutdown",
+        1002 | 1003 | 1007 | 1009 => "protocol",
+        1008 => "abuse_or_invalid",
+        1013 => "slow_consumer",
+        4000 => "disconnected",
+        4401 => "auth_timeout",
+        4403 => "auth_failed",
+        _ => "other",
+    }
+}
 
 fn close_reason(code: u16) -> &'static str {
     match code {

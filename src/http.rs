@@ -75,16 +75,29 @@ pub(crate) async fn handle(
         return Ok(r);
     }
     if req.uri().path().starts_with("/api/") {
-        return Ok(crate::api::handle(&relay, req, peer.ip()).await);
+        // With ADMIN_ADDR the server API lives on the admin listener only.
+        return Ok(match relay.settings.admin_addr {
+            None => crate::api::handle(&relay, req, peer.ip()).await,
+            Some(_) => text(StatusCode::NOT_FOUND, "not found\n"),
+        });
     }
     if req.uri().path() == "/chat" {
-        return Ok(chat(&relay, req, is_upgrade, peer.ip()));
+        return Ok(chat(&relay, req, is_upgrade, peer));
     }
     if is_upgrade && req.uri().path() == "/" {
-        return Ok(auth_first(&relay, req, peer.ip()));
+        return Ok(auth_first(&relay, req, peer));
     }
     if is_upgrade {
         relay.metrics.rejected(Rejection::NotFound);
+        crate::log::refusal(&crate::log::Refusal {
+            status: StatusCode::NOT_FOUND.as_u16(),
+            reason: Rejection::NotFound,
+            peer,
+            client: None,
+            path: req.uri().path(),
+            upgrade: true,
+            detail: None,
+        });
         return Ok(text(
             StatusCode::NOT_FOUND,
             "not found: WebSocket connections go to /chat or /\n",
@@ -93,12 +106,35 @@ pub(crate) async fn handle(
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"));
     }
+    let page = relay.settings.serve_page;
+    let public_metrics = relay.settings.admin_addr.is_none();
     Ok(match req.uri().path() {
-        "/" | "/index.html" => respond(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML),
+        "/" | "/index.html" if page => {
+            respond(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML)
+        }
         "/roomcast-client.js" => {
             respond(StatusCode::OK, "text/javascript; charset=utf-8", CLIENT_JS)
         }
-        "/app.js" => respond(StatusCode::OK, "text/javascript; charset=utf-8", APP_JS),
+        "/app.js" if page => respond(StatusCode::OK, "text/javascript; charset=utf-8", APP_JS),
+        "/metrics" if !public_metrics => text(StatusCode::NOT_FOUND, "not found\n"),
+        _ => return handle_admin(relay, req, peer).await,
+    })
+}
+
+/// The routes of the admin listener (ADMIN_ADDR), also answered on the public port (where
+/// `/metrics` and the server API are only answered without ADMIN_ADDR).
+pub(crate) async fn handle_admin(
+    relay: Arc<Relay>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Body>, Infallible> {
+    if req.uri().path().starts_with("/api/") {
+        return Ok(crate::api::handle(&relay, req, peer.ip()).await);
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"));
+    }
+    Ok(match req.uri().path() {
         "/healthz" => json(
             StatusCode::OK,
             format!("{{\"ok\":true,\"clients\":{}}}", relay.connection_count()),
@@ -188,35 +224,58 @@ fn chat(
     relay: &Arc<Relay>,
     mut req: Request<Incoming>,
     is_upgrade: bool,
-    peer: IpAddr,
+    peer_addr: SocketAddr,
 ) -> Response<Body> {
+    let peer = peer_addr.ip();
+    let client = client_address(&relay.settings.trusted_proxies, req.headers(), peer);
+    // Every refusal is counted (upgrades only: the probe is a plain GET) and logged (both).
+    let refuse_with =
+        |why: Rejection, status: StatusCode, body: &'static str, detail: Option<&str>| {
+            if is_upgrade {
+                relay.metrics.rejected(why);
+            }
+            crate::log::refusal(&crate::log::Refusal {
+                status: status.as_u16(),
+                reason: why,
+                peer: peer_addr,
+                client: (client != peer).then_some(client),
+                path: "/chat",
+                upgrade: is_upgrade,
+                detail,
+            });
+            text(status, body)
+        };
     let refuse = |why: Rejection, status: StatusCode, body: &'static str| {
-        if is_upgrade {
-            relay.metrics.rejected(why);
-        }
-        text(status, body)
+        refuse_with(why, status, body, None)
     };
     match req.headers().get(ORIGIN) {
         Some(o) if origin_allowed(relay, o.as_bytes()) => {}
         None if !is_upgrade => {} // same-origin fetches carry no Origin; the probe still checks the token
-        _ => {
-            return refuse(
+        origin => {
+            let shown = origin.map(|o| String::from_utf8_lossy(o.as_bytes()).into_owned());
+            return refuse_with(
                 Rejection::ForbiddenOrigin,
                 StatusCode::FORBIDDEN,
                 "forbidden: origin not allowed\n",
-            )
+                Some(shown.as_deref().unwrap_or("origin_missing")),
+            );
         }
     }
     let query = parse_query(req.uri().query().unwrap_or(""));
     let Some(credential) = query.token.as_deref().and_then(|t| relay.authenticate(t)) else {
         if is_upgrade {
-            let address = client_address(&relay.settings.trusted_proxies, req.headers(), peer);
-            relay.audit_auth_refused(Some(address), AuditDialect::Query, "unauthorized", 401);
+            relay.audit_auth_refused(Some(client), AuditDialect::Query, "unauthorized", 401);
         }
-        return refuse(
+        let detail = if query.token.is_some() {
+            "token_wrong"
+        } else {
+            "token_missing"
+        };
+        return refuse_with(
             Rejection::Unauthorized,
             StatusCode::UNAUTHORIZED,
             "unauthorized: token (or ticket) missing, wrong or expired\n",
+            Some(detail),
         );
     };
     let room = match (
@@ -236,8 +295,7 @@ fn chat(
     };
     if !credential.allows_room(&room) {
         if is_upgrade {
-            let address = client_address(&relay.settings.trusted_proxies, req.headers(), peer);
-            relay.audit_auth_refused(Some(address), AuditDialect::Query, "forbidden_room", 403);
+            relay.audit_auth_refused(Some(client), AuditDialect::Query, "forbidden_room", 403);
         }
         return refuse(
             Rejection::ForbiddenRoom,
@@ -263,7 +321,7 @@ fn chat(
         );
         return r;
     }
-    let slot = match admit(relay, &req, peer) {
+    let slot = match admit(relay, client, refuse) {
         Ok(slot) => slot,
         Err(refusal) => return refusal,
     };
@@ -320,9 +378,24 @@ fn chat(
 /// `GET /` with upgrade headers: the second dialect. The token comes in the first message, so
 /// the only checks here are the Origin (when there is one: without ambient credentials a
 /// missing Origin proves nothing and costs nothing), shutdown, capacity and the handshake.
-fn auth_first(relay: &Arc<Relay>, mut req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
+fn auth_first(
+    relay: &Arc<Relay>,
+    mut req: Request<Incoming>,
+    peer_addr: SocketAddr,
+) -> Response<Body> {
+    let peer = peer_addr.ip();
+    let client = client_address(&relay.settings.trusted_proxies, req.headers(), peer);
     let refuse = |why: Rejection, status: StatusCode, body: &'static str| {
         relay.metrics.rejected(why);
+        crate::log::refusal(&crate::log::Refusal {
+            status: status.as_u16(),
+            reason: why,
+            peer: peer_addr,
+            client: (client != peer).then_some(client),
+            path: "/",
+            upgrade: true,
+            detail: None,
+        });
         text(status, body)
     };
     match req.headers().get(ORIGIN) {
@@ -342,7 +415,7 @@ fn auth_first(relay: &Arc<Relay>, mut req: Request<Incoming>, peer: IpAddr) -> R
             "shutting down\n",
         );
     }
-    let slot = match admit(relay, &req, peer) {
+    let slot = match admit(relay, client, refuse) {
         Ok(slot) => slot,
         Err(refusal) => return refusal,
     };
@@ -373,21 +446,20 @@ fn auth_first(relay: &Arc<Relay>, mut req: Request<Incoming>, peer: IpAddr) -> R
 /// connection's life.
 fn admit(
     relay: &Arc<Relay>,
-    req: &Request<Incoming>,
-    peer: IpAddr,
+    client: IpAddr,
+    refuse: impl Fn(Rejection, StatusCode, &'static str) -> Response<Body>,
 ) -> Result<AddressSlot, Response<Body>> {
-    let address = client_address(&relay.settings.trusted_proxies, req.headers(), peer);
-    let state = relay.addresses.get(address, relay.now_ms());
+    let state = relay.addresses.get(client, relay.now_ms());
     let Some(slot) = AddressSlot::take(state, relay.settings.max_connections_per_ip) else {
-        relay.metrics.rejected(Rejection::PerIpLimit);
-        return Err(text(
+        return Err(refuse(
+            Rejection::PerIpLimit,
             StatusCode::TOO_MANY_REQUESTS,
             "too many connections from your address\n",
         ));
     };
     if !relay.allow_handshake() {
-        relay.metrics.rejected(Rejection::HandshakeRate);
-        let mut r = text(
+        let mut r = refuse(
+            Rejection::HandshakeRate,
             StatusCode::SERVICE_UNAVAILABLE,
             "too many connections opening at once: retry in a second\n",
         );

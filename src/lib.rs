@@ -7,6 +7,8 @@
 //! `broker` (the publish seam and the in-memory broker), `broker_redis` (several nodes through
 //! Redis), `address` (per source address state), `audit` (the audit log), `metrics`, `limits`,
 //! `rate` (windows).
+//! Redis), `address` (per source address state), `metrics`, `limits`,
+//! `rate` (windows), `log` (the logger and the access lines).
 
 pub mod address;
 pub mod alloc;
@@ -20,6 +22,7 @@ pub mod frame;
 pub mod http;
 pub mod hub;
 pub mod limits;
+pub mod log;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;

@@ -1,5 +1,5 @@
-//! The `roomcast` binary: settings, logging, the audit log, the listener, signals, then
-//! `server::run`.
+//! The `roomcast` binary: settings, logging, the audit log, the listeners (public and
+//! `ADMIN_ADDR`), the start line, the signals, then `server::serve`.
 
 use std::io::Write;
 
@@ -18,15 +18,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const LISTEN_BACKLOG: u32 = 4096;
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
     let explicit_origins = args.allowed_origins.is_some();
     let mut settings = Settings::from_args(args)?;
+    roomcast::log::init(&settings.log)?;
     let nofile = limits::raise_nofile_limit();
     let prometheus = metrics::install_recorder().context("installing the metrics recorder")?;
     // Opened before the start line: a path that cannot be opened stops the start, with its reason.
@@ -57,26 +52,39 @@ fn main() -> anyhow::Result<()> {
             socket.bind(settings.listen_addr).with_context(|| format!("binding {}", settings.listen_addr))?;
             let listener = socket.listen(LISTEN_BACKLOG)?;
             let addr = listener.local_addr()?;
+            let admin = match settings.admin_addr {
+                Some(admin) => Some(
+                    tokio::net::TcpListener::bind(admin)
+                        .await
+                        .with_context(|| format!("binding ADMIN_ADDR {admin}"))?,
+                ),
+                None => None,
+            };
             settings.fix_default_origins(explicit_origins, addr.port());
             let max = *settings.max_connections.get_or_insert(relay::default_max_connections(nofile));
             if settings.uses_dev_token() {
-                tracing::warn!("CHAT_TOKEN is the development token 'dev-token'; set CHAT_TOKEN before exposing this relay");
+                tracing::warn!("CHAT_TOKEN is the development token 'dev-token', so the relay serves this machine only; set CHAT_TOKEN (and HOST) to serve others");
             }
             // Install the signal handlers before announcing readiness: a SIGTERM right after the
             // start line must drain, not kill, and a SIGHUP must reopen the audit log.
-            let shutdown = shutdown_signal()?;
+            let shutdown = stop_signals()?;
             if let Some(audit) = &relay_audit {
                 reopen_on_sighup(audit.clone())?;
             }
             let mut stdout = std::io::stdout().lock();
-            writeln!(stdout, "roomcast listening on http://{addr} (max connections {max}, open-file limit {nofile})")?;
+            let url = roomcast::config::start_url(addr);
+            writeln!(stdout, "roomcast listening on {url} (max connections {max}, open-file limit {nofile})")?;
+            if let Some(admin) = &admin {
+                writeln!(stdout, "roomcast admin listening on http://{} (/metrics, /healthz, /readyz)", admin.local_addr()?)?;
+            }
             stdout.flush()?;
             drop(stdout);
             // The Redis URL may carry a password: only whether there is one is logged.
             let broker = if settings.redis_url.is_some() { "redis" } else { "memory" };
             let audit_log = settings.audit_log.as_ref().map(ToString::to_string);
             tracing::info!(%addr, max_connections = max, open_file_limit = nofile, origins = ?settings.allowed_origins, broker, audit_log, "ready");
-            server::run(listener, settings, Some(prometheus), relay_audit, shutdown).await?;
+            let listeners = server::Listeners { public: listener, admin };
+            server::serve(listeners, settings, Some(prometheus), relay_audit, shutdown).await?;
             tracing::info!("stopped");
             Ok(())
         });
@@ -102,15 +110,35 @@ fn reopen_on_sighup(audit: Audit) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A future that resolves on SIGINT or SIGTERM; the handlers are installed when this returns.
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+/// The shutdown triggers: SIGTERM begins a shutdown with its lame-duck wait (LAME_DUCK_MS);
+/// SIGINT (Ctrl-C at a terminal), or a second signal during the wait, begins or hurries it
+/// without the wait. The handlers are installed when this returns.
+fn stop_signals() -> std::io::Result<
+    server::Shutdown<impl std::future::Future<Output = ()>, impl std::future::Future<Output = ()>>,
+> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
+    // 0: running; 1: shutting down; 2: shutting down without the lame-duck wait.
+    let (tx, rx) = tokio::sync::watch::channel(0u8);
+    tokio::spawn(async move {
+        loop {
+            let interrupt = tokio::select! {
+                _ = int.recv() => true,
+                _ = term.recv() => false,
+            };
+            let hurry = interrupt || *tx.borrow() > 0;
+            tx.send_replace(if hurry { 2 } else { 1 });
         }
+    });
+    let mut begin = rx.clone();
+    let mut now = rx;
+    Ok(server::Shutdown {
+        begin: async move {
+            let _ = begin.wait_for(|state| *state >= 1).await;
+        },
+        now: async move {
+            let _ = now.wait_for(|state| *state >= 2).await;
+        },
     })
 }

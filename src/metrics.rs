@@ -46,6 +46,12 @@ pub const AUDIT_LINES: &str = "roomcast_audit_lines_total";
 pub const AUDIT_QUEUE_FULL: &str = "roomcast_audit_queue_full_total";
 pub const AUDIT_ERRORS: &str = "roomcast_audit_errors_total";
 pub const AUDIT_QUEUED_BYTES: &str = "roomcast_audit_queued_bytes";
+pub const BUILD_INFO: &str = "roomcast_build_info";
+
+/// The relay's version (Cargo.toml) and the commit it was built from (build.rs): the labels of
+/// `roomcast_build_info`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const COMMIT: &str = env!("ROOMCAST_COMMIT");
 
 /// Close codes that get their own label value; anything else is counted as `other`.
 pub const CLOSE_CODES: [u16; 14] = [
@@ -282,6 +288,7 @@ impl Metrics {
     /// alerts see a zero rather than a missing series.
     pub fn new() -> Metrics {
         describe();
+        metrics::gauge!(BUILD_INFO, "version" => VERSION, "commit" => COMMIT).set(1.0);
         Metrics {
             connections: metrics::gauge!(CONNECTIONS),
             connections_opened: metrics::counter!(CONNECTIONS_OPENED),
@@ -386,6 +393,10 @@ impl Default for Metrics {
 }
 
 fn describe() {
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the labels say which roomcast runs: version (Cargo.toml) and commit (git, at build time)."
+    );
     describe_gauge!(CONNECTIONS, "WebSocket connections currently open.");
     describe_gauge!(
         MAX_CONNECTIONS,
@@ -405,20 +416,23 @@ fn describe() {
     );
     describe_counter!(
         MESSAGES_RECEIVED,
-        "Text messages received from clients (valid or not)."
+        "Text messages received from clients in valid UTF-8 (valid JSON or not; invalid UTF-8 is a 1007 close)."
     );
     describe_counter!(
         FRAMES_DELIVERED,
-        "Frames queued to connections (one per recipient of each event)."
+        "Frames queued to connections, one per recipient of each event (queued, not yet written; pings and pongs not counted)."
     );
-    describe_counter!(BYTES_SENT, "Bytes queued to connections.");
+    describe_counter!(
+        BYTES_SENT,
+        "Bytes of the frames counted in roomcast_frames_delivered_total: queued to connections, not necessarily written yet (a connection closed first never sends them)."
+    );
     describe_counter!(
         SOCKET_WRITES,
-        "Write system calls on WebSocket sockets (frames per write = frames delivered / writes)."
+        "Write system calls that sent bytes on WebSocket sockets (frames per write = frames delivered / writes)."
     );
     describe_counter!(
         RATE_LIMITED,
-        "Messages refused with rate_limited (per connection or per source address)."
+        "Messages refused with rate_limited: per connection, per source address, or the room's delivery queue full."
     );
     describe_counter!(
         ADDRESS_RATE_LIMITED,
@@ -478,7 +492,7 @@ fn describe() {
     );
     describe_counter!(
         HEARTBEAT_TERMINATIONS,
-        "Connections dropped because they stayed silent for a heartbeat interval."
+        "Connections dropped because they stayed silent for a heartbeat interval (their close is counted as 1006)."
     );
     describe_counter!(
         SLOW_CONSUMER_CLOSES,
@@ -503,6 +517,10 @@ fn describe() {
         "Room memberships currently held, by client dialect (rooms per connection = memberships / connections)."
     );
     describe_histogram!(PUBLISH_RECIPIENTS, "Recipients per published message.");
+    describe_histogram!(
+        PUBLISH_RECIPIENTS,
+        "Members on this relay whose queue took each published message."
+    );
     describe_histogram!(
         PUBLISH_TO_WRITE_SECONDS,
         "Time from a frame being queued to the write that sent it (oldest frame of each write)."

@@ -49,7 +49,9 @@ pub struct Registry {
 /// Where a connection sits in the [`Registry`].
 pub struct Registration {
     shard: u32,
-    key: u32,
+    /// The slab key plus one: never zero, so `Option<Registration>` costs no tag (a
+    /// connection keeps one; see ARCHITECTURE.md's budget).
+    key_plus_one: std::num::NonZeroU32,
 }
 
 impl Registry {
@@ -72,12 +74,13 @@ impl Registry {
         // A shard holds at most MAX_CONNECTIONS entries, far below u32::MAX.
         Registration {
             shard: shard as u32,
-            key: key as u32,
+            key_plus_one: std::num::NonZeroU32::new(key as u32 + 1).expect("key + 1 > 0"),
         }
     }
 
     pub fn unregister(&self, r: Registration) {
-        self.shard(r.shard as usize).try_remove(r.key as usize);
+        self.shard(r.shard as usize)
+            .try_remove(r.key_plus_one.get() as usize - 1);
     }
 
     pub(crate) fn for_each_in(&self, shard: usize, f: impl Fn(&Outbox)) {
@@ -119,10 +122,13 @@ impl Registry {
         closed
     }
 
-    fn close_all(&self, code: u16) {
+    /// Every open WebSocket's outbox, for a shutdown that closes them a few at a time.
+    pub(crate) fn open_outboxes(&self) -> Vec<Arc<Outbox>> {
+        let mut all = Vec::new();
         for i in 0..REGISTRY_SHARDS {
-            self.for_each_in(i, |o| o.close(code));
+            all.extend(self.shard(i).iter().map(|(_, o)| o.clone()));
         }
+        all
     }
 }
 
@@ -248,11 +254,12 @@ impl Relay {
         }))
     }
 
-    /// Refuse new upgrades from now on and ask every open WebSocket to close with 1001.
-    /// A connection that registers after this sees the flag (see `connection::spawn`).
+    /// Refuse new upgrades from now on (503) and answer `/readyz` with 503. The open WebSockets
+    /// stay until the server closes them (after LAME_DUCK_MS, spread over SHUTDOWN_SPREAD_MS);
+    /// a connection that registers after this sees the flag and is closed with 1001 at once
+    /// (see `connection::spawn`).
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
-        self.registry.close_all(1001);
     }
 
     /// Count one handshake against MAX_HANDSHAKES_PER_SECOND; false when this second's are

@@ -1,10 +1,12 @@
 //! The server: the accept loop, the HTTP stage of a connection, the background tasks (heartbeat,
 //! outbox budget, metrics upkeep) and the shutdown drain. The state they share is in `relay.rs`.
 //!
-//! `run` takes an already-bound listener, validated settings and any future as its shutdown
-//! trigger, so tests and the binary start the same server. Shutdown: stop accepting, `/readyz`
-//! turns 503, every WebSocket is asked to close with 1001, and the process waits at most
-//! `SHUTDOWN_DRAIN_MS` for connection tasks (which hyper no longer tracks after an upgrade).
+//! `run` (and `serve`, with the admin listener) takes already-bound listeners, validated
+//! settings and any future as its shutdown trigger, so tests and the binary start the same
+//! server. Shutdown: upgrades are refused and `/readyz` turns 503 at once; after LAME_DUCK_MS
+//! (so a load balancer has stopped routing here) every WebSocket is asked to close with 1001,
+//! spread over SHUTDOWN_SPREAD_MS, and the process waits at most `SHUTDOWN_DRAIN_MS` from the
+//! first close for connection tasks (which hyper no longer tracks after an upgrade).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -38,8 +40,9 @@ pub enum ServerError {
     Broker(#[from] crate::broker_redis::RedisBrokerError),
 }
 
-/// Serve on `listener` until `shutdown` resolves, then drain. The caller owns `audit` (the
-/// audit log it opened): it flushes it with `Audit::shutdown` once this returns.
+/// Serve on `listener` until `shutdown` resolves, then drain (see [`serve`]; no admin listener,
+/// and only LAME_DUCK_MS ends the lame-duck wait). The caller owns `audit` (the audit log it
+/// opened): it flushes it with `Audit::shutdown` once this returns.
 pub async fn run(
     listener: TcpListener,
     settings: Settings,
@@ -47,35 +50,113 @@ pub async fn run(
     audit: Option<Audit>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    let listeners = Listeners {
+        public: listener,
+        admin: None,
+    };
+    let shutdown = Shutdown {
+        begin: shutdown,
+        now: std::future::pending::<()>(),
+    };
+    serve(listeners, settings, prometheus, audit, shutdown).await
+}
+
+/// What the relay listens on: the public listener (WebSockets, the page, probes) and, with
+/// ADMIN_ADDR, the admin listener (`/metrics`, `/healthz`, `/readyz`).
+pub struct Listeners {
+    pub public: TcpListener,
+    pub admin: Option<TcpListener>,
+}
+
+/// When to stop. `begin` starts a shutdown; `now` (which may resolve with it, later or never)
+/// cuts what is left of the lame-duck wait.
+pub struct Shutdown<B, N> {
+    pub begin: B,
+    pub now: N,
+}
+
+/// Where a shutdown is.
+enum Phase {
+    Serving,
+    /// Upgrades are refused and `/readyz` answers 503; the open WebSockets stay until then.
+    LameDuck {
+        until: tokio::time::Instant,
+    },
+    /// The open WebSockets are being closed with 1001, spread over SHUTDOWN_SPREAD_MS; the
+    /// process exits once they are gone or at `until`.
+    Closing {
+        started: tokio::time::Instant,
+        until: tokio::time::Instant,
+        open: Vec<Arc<crate::outbox::Outbox>>,
+        closed: usize,
+    },
+}
+
+/// Serve until `shutdown.begin` resolves, then shut down the way a load balancer can follow:
+/// refuse upgrades and answer `/readyz` with 503 at once, keep the open WebSockets for
+/// LAME_DUCK_MS (none open: no wait), close them with 1001 spread over SHUTDOWN_SPREAD_MS, and
+/// wait at most SHUTDOWN_DRAIN_MS from the first close for them to go.
+pub async fn serve<B, N>(
+    listeners: Listeners,
+    settings: Settings,
+    prometheus: Option<PrometheusHandle>,
+    audit: Option<Audit>,
+    shutdown: Shutdown<B, N>,
+) -> Result<(), ServerError>
+where
+    B: Future<Output = ()>,
+    N: Future<Output = ()>,
+{
     let relay = Relay::new(settings, prometheus, audit)?;
     let stop = CancellationToken::new();
     let background = [
         tokio::spawn(heartbeat(relay.clone(), stop.clone())),
         tokio::spawn(metrics_upkeep(relay.clone(), stop.clone())),
         tokio::spawn(outbox_budget(relay.clone(), stop.clone())),
+        tokio::spawn(log_upkeep(stop.clone())),
     ];
+    if let Some(admin) = listeners.admin {
+        tokio::spawn(accept_admin(relay.clone(), admin, stop.clone()));
+    }
+    let listener = listeners.public;
 
-    // While draining, the listener stays open: `/readyz` answers 503 and upgrades are refused
-    // with 503 (`shutting_down`) instead of connections being refused outright.
-    tokio::pin!(shutdown);
-    let mut drain_until: Option<tokio::time::Instant> = None;
+    // While shutting down, the listener stays open: `/readyz` answers 503 and upgrades are
+    // refused with 503 (`shutting_down`) instead of connections being refused outright.
+    let begin = shutdown.begin;
+    let now = shutdown.now;
+    tokio::pin!(begin);
+    tokio::pin!(now);
+    let mut now_seen = false;
+    let mut phase = Phase::Serving;
     loop {
+        let serving = matches!(phase, Phase::Serving);
         tokio::select! {
-            _ = &mut shutdown, if drain_until.is_none() => {
-                tracing::info!(connections = relay.connection_count(), "shutting down");
+            _ = &mut begin, if serving => {
                 relay.begin_shutdown();
-                drain_until = Some(tokio::time::Instant::now() + relay.settings.shutdown_drain);
+                let connections = relay.connection_count();
+                let wait = if connections == 0 { Duration::ZERO } else { relay.settings.lame_duck };
+                tracing::info!(
+                    connections,
+                    lame_duck_ms = wait.as_millis() as u64,
+                    "shutting down: new connections refused, /readyz answers 503"
+                );
+                phase = Phase::LameDuck { until: tokio::time::Instant::now() + wait };
             }
-            _ = tokio::time::sleep(Duration::from_millis(10)), if drain_until.is_some() => {
-                let over = drain_until.is_some_and(|t| tokio::time::Instant::now() >= t);
-                if relay.connection_count() == 0 || over {
+            _ = &mut now, if !serving && !now_seen => {
+                now_seen = true;
+                if let Phase::LameDuck { until } = &mut phase {
+                    *until = tokio::time::Instant::now();
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(10)), if !serving => {
+                if shutdown_step(&relay, &mut phase) {
                     break;
                 }
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    relay.tracker.spawn(serve_http(relay.clone(), stream, peer, stop.clone()));
+                    relay.tracker.spawn(serve_http(relay.clone(), stream, peer, stop.clone(), Route::Public));
                 }
                 Err(e) => {
                     // EMFILE and friends: log, pause, keep serving (never fatal).
@@ -90,6 +171,10 @@ pub async fn run(
     stop.cancel();
     relay.tracker.close();
     // What is left: HTTP requests finishing and closing handshakes; a short, bounded wait.
+    let drain_until = match phase {
+        Phase::Closing { until, .. } => Some(until),
+        _ => None,
+    };
     let left = drain_until.map_or(Duration::ZERO, |t| {
         t.saturating_duration_since(tokio::time::Instant::now())
     });
@@ -104,10 +189,107 @@ pub async fn run(
             "drain time over; exiting with connections still open"
         );
     }
+    crate::log::flush_suppressed();
     for task in background {
         task.abort();
     }
     Ok(())
+}
+
+/// One step of a shutdown (every 10 ms): end the lame-duck wait when it is over (or when no
+/// WebSocket is left), close the share of WebSockets due by now, and say whether the drain is
+/// over (nothing left open, or SHUTDOWN_DRAIN_MS since the first close).
+fn shutdown_step(relay: &Relay, phase: &mut Phase) -> bool {
+    let now = tokio::time::Instant::now();
+    if let Phase::LameDuck { until } = phase {
+        if now < *until && relay.connection_count() > 0 {
+            return false;
+        }
+        let open = relay.registry.open_outboxes();
+        if !open.is_empty() {
+            tracing::info!(
+                connections = open.len(),
+                spread_ms = relay.settings.shutdown_spread.as_millis() as u64,
+                "closing every WebSocket with 1001"
+            );
+        }
+        *phase = Phase::Closing {
+            started: now,
+            until: now + relay.settings.shutdown_drain,
+            open,
+            closed: 0,
+        };
+    }
+    let Phase::Closing {
+        started,
+        until,
+        open,
+        closed,
+    } = phase
+    else {
+        return false;
+    };
+    let due = closes_due(
+        open.len(),
+        now.saturating_duration_since(*started),
+        relay.settings.shutdown_spread,
+    );
+    for outbox in &open[*closed..due.max(*closed)] {
+        outbox.close(1001);
+    }
+    *closed = due.max(*closed);
+    if *closed == open.len() {
+        open.clear();
+        *closed = 0;
+    }
+    relay.connection_count() == 0 || now >= *until
+}
+
+/// How many of `total` closes are due `elapsed` into a spread over `spread`: evenly, the first
+/// one at once, all of them by the end.
+fn closes_due(total: usize, elapsed: Duration, spread: Duration) -> usize {
+    if spread.is_zero() || elapsed >= spread {
+        return total;
+    }
+    let share = total as u128 * elapsed.as_micros() / spread.as_micros().max(1);
+    (share as usize + 1).min(total)
+}
+
+/// Which routes a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Public,
+    Admin,
+}
+
+/// Accept on the admin listener until the server stops. Admin requests are plain HTTP: no
+/// upgrade, no connection permit.
+async fn accept_admin(relay: Arc<Relay>, listener: TcpListener, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    relay.tracker.spawn(serve_http(relay.clone(), stream, peer, stop.clone(), Route::Admin));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed; retrying shortly");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
+
+/// Write the count of access lines LOG_LINES_PER_SECOND left out, once a second.
+async fn log_upkeep(stop: CancellationToken) {
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = interval.tick() => crate::log::flush_suppressed(),
+        }
+    }
 }
 
 /// One HTTP/1 connection; after an upgrade, hyper hands the socket over to `connection::spawn`.
@@ -120,11 +302,20 @@ async fn serve_http(
     stream: TcpStream,
     peer: SocketAddr,
     stop: CancellationToken,
+    route: Route,
 ) {
     let handshake_timeout = relay.settings.handshake_timeout;
     let deadline = tokio::time::sleep(handshake_timeout * 2);
     let service_relay = relay.clone();
-    let service = service_fn(move |req| crate::http::handle(service_relay.clone(), req, peer));
+    let service = service_fn(move |req| {
+        let relay = service_relay.clone();
+        async move {
+            match route {
+                Route::Public => crate::http::handle(relay, req, peer).await,
+                Route::Admin => crate::http::handle_admin(relay, req, peer).await,
+            }
+        }
+    });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(handshake_timeout)
@@ -200,5 +391,24 @@ async fn metrics_upkeep(relay: Arc<Relay>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = interval.tick() => handle.run_upkeep(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closes_are_spread_evenly_the_first_at_once_all_by_the_end() {
+        let spread = Duration::from_millis(1000);
+        let due = |ms: u64| closes_due(100, Duration::from_millis(ms), spread);
+        assert_eq!(due(0), 1);
+        assert_eq!(due(250), 26);
+        assert_eq!(due(500), 51);
+        assert_eq!(due(999), 100);
+        assert_eq!(due(1000), 100);
+        assert_eq!(closes_due(100, Duration::ZERO, Duration::ZERO), 100);
+        assert_eq!(closes_due(0, Duration::from_millis(10), spread), 0);
+        assert_eq!(closes_due(3, Duration::from_millis(10), spread), 1);
     }
 }

@@ -52,6 +52,48 @@ fn read_replies(stdout: ChildStdout) -> mpsc::Receiver<String> {
 pub struct Workers {
     procs: Vec<WorkerProc>,
     pub conns_per_worker: Vec<usize>,
+    /// How long the next long wait should take (a publishing or attack phase), for its
+    /// progress lines.
+    expected: Option<Duration>,
+}
+
+/// How often a long wait says where it is.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Progress lines on stderr for a wait that lasts: one every [`PROGRESS_EVERY`], none for a
+/// short one.
+struct Progress {
+    what: &'static str,
+    expected: Option<Duration>,
+    started: Instant,
+    next: Instant,
+}
+
+impl Progress {
+    fn new(what: &'static str, expected: Option<Duration>) -> Progress {
+        let started = Instant::now();
+        Progress {
+            what,
+            expected,
+            started,
+            next: started + PROGRESS_EVERY,
+        }
+    }
+
+    /// Print a line if one is due; `detail` is appended when not empty.
+    fn tick(&mut self, detail: &str) {
+        if Instant::now() < self.next {
+            return;
+        }
+        self.next += PROGRESS_EVERY;
+        let elapsed = self.started.elapsed().as_secs();
+        let of = self
+            .expected
+            .map(|e| format!(" of ~{} s", e.as_secs().max(1)))
+            .unwrap_or_default();
+        let sep = if detail.is_empty() { "" } else { "; " };
+        eprintln!("  ... {}: {elapsed} s{of}{sep}{detail}", self.what);
+    }
 }
 
 impl Workers {
@@ -73,6 +115,7 @@ impl Workers {
         let mut out = Workers {
             procs: Vec::new(),
             conns_per_worker: Vec::new(),
+            expected: None,
         };
         for w in 0..procs {
             let mine: Vec<ConnSpec> = conns.iter().skip(w).step_by(procs).cloned().collect();
@@ -92,6 +135,7 @@ impl Workers {
                 origin: target.origin.clone(),
                 sources,
                 slow_rcvbuf,
+                tls: target.tls.clone(),
                 conns: mine,
             };
             let mut child = Process::new(&exe)
@@ -127,17 +171,29 @@ impl Workers {
         let mut replies = Vec::new();
         let what = cmds.first().map(|c| format!("{c:?}")).unwrap_or_default();
         let what: String = what.chars().take(60).collect();
+        let expected = match cmds.first() {
+            Some(Command::PublishWait | Command::AttackWait) => self.expected.take(),
+            _ => None,
+        };
+        let mut progress =
+            Progress::new(cmds.first().map_or("waiting", Command::activity), expected);
         for (i, p) in self.procs.iter_mut().enumerate() {
-            let line = match p.replies.recv_timeout(REPLY_TIMEOUT) {
-                Ok(l) => l,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    bail!(
-                        "load worker {i} gave no reply to {what} within {} s",
-                        REPLY_TIMEOUT.as_secs()
-                    )
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    bail!("load worker {i} exited unexpectedly during {what}")
+            let asked = Instant::now();
+            let line = loop {
+                match p.replies.recv_timeout(PROGRESS_EVERY) {
+                    Ok(l) => break l,
+                    Err(mpsc::RecvTimeoutError::Timeout) if asked.elapsed() < REPLY_TIMEOUT => {
+                        progress.tick("");
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        bail!(
+                            "load worker {i} gave no reply to {what} within {} s",
+                            REPLY_TIMEOUT.as_secs()
+                        )
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        bail!("load worker {i} exited unexpectedly during {what}")
+                    }
                 }
             };
             let r: Reply =
@@ -221,7 +277,9 @@ impl Workers {
                 text_bytes,
             })
             .collect();
-        self.each(&cmds).map(|_| ())
+        self.each(&cmds)?;
+        self.expected = Some(Duration::from_millis(duration_ms));
+        Ok(())
     }
 
     pub fn publish_wait(&mut self) -> anyhow::Result<Published> {
@@ -255,8 +313,9 @@ impl Workers {
             kind,
             reads,
             duration_ms,
-        })
-        .map(|_| ())
+        })?;
+        self.expected = Some(Duration::from_millis(duration_ms));
+        Ok(())
     }
 
     pub fn attack_wait(&mut self) -> anyhow::Result<AttackReply> {
@@ -291,21 +350,29 @@ impl Workers {
         Ok(t)
     }
 
-    /// Polls until no frame has arrived for `quiet`, or `max` has passed; returns the last stats.
+    /// Polls until no data frame has arrived for `quiet`, or `max` has passed; returns the last
+    /// stats. Control frames do not count: the relay's heartbeat pings keep coming to connections
+    /// that are otherwise quiet, and waiting for them to stop would always wait `max`.
     pub fn settle(&mut self, quiet: Duration, max: Duration) -> anyhow::Result<Stats> {
         let t0 = Instant::now();
         let mut last = self.report()?;
         let mut still_since = Instant::now();
+        let mut progress = Progress::new("waiting for the relay to go quiet", Some(max));
         while t0.elapsed() < max {
             std::thread::sleep(Duration::from_millis(250));
             let s = self.report()?;
-            if s.frames != last.frames {
+            if s.data_frames != last.data_frames {
                 still_since = Instant::now();
             } else if still_since.elapsed() >= quiet {
                 return Ok(s);
             }
+            progress.tick(&format!("{} frames so far", s.data_frames));
             last = s;
         }
+        eprintln!(
+            "note: data frames were still arriving after {} s; going on",
+            max.as_secs()
+        );
         Ok(last)
     }
 }
@@ -358,6 +425,7 @@ pub struct Stats {
     pub late: u64,
     pub presence: u64,
     pub frames: u64,
+    pub data_frames: u64,
     pub bytes_in: u64,
     pub reads: u64,
     pub errors: BTreeMap<String, u64>,
@@ -376,6 +444,7 @@ impl Default for Stats {
             late: 0,
             presence: 0,
             frames: 0,
+            data_frames: 0,
             bytes_in: 0,
             reads: 0,
             errors: BTreeMap::new(),
@@ -395,6 +464,7 @@ impl Stats {
         self.late += r.late;
         self.presence += r.presence;
         self.frames += r.frames;
+        self.data_frames += r.data_frames;
         self.bytes_in += r.bytes_in;
         self.reads += r.reads;
         merge_counts(&mut self.errors, &r.errors);

@@ -15,6 +15,7 @@ mod relay;
 mod report;
 mod scenarios;
 mod sys;
+mod tls;
 mod wire;
 mod worker;
 
@@ -29,7 +30,7 @@ use scenarios::*;
 #[command(
     name = "roomcast-load",
     version,
-    about = "Load harness for roomcast and any relay speaking its compatible WebSocket contract (loopback only)",
+    about = "Load harness for roomcast and any relay speaking its compatible WebSocket contract (this machine, or with --i-own-the-target a staging relay of yours)",
     after_help = "Against a relay you started yourself, give it a rate limit nobody reaches, e.g.\n  \
                   RATE_LIMIT=1000000 HOST=127.0.0.1 PORT=8080 target/release/roomcast\n\
                   then: roomcast-load --url ws://127.0.0.1:8080/chat fanout\n\
@@ -44,9 +45,18 @@ struct Cli {
 
 #[derive(Debug, Clone, clap::Args)]
 struct Global {
-    /// The relay's WebSocket endpoint (loopback only).
+    /// The relay's WebSocket endpoint: ws:// or wss://, on this machine unless
+    /// --i-own-the-target.
     #[arg(long, global = true, default_value = "ws://127.0.0.1:8080/chat")]
     url: String,
+    /// Allow a --url that is not on this machine (a staging relay behind its real load
+    /// balancer). Say so only for a target you run: the harness puts heavy load on it. Relay
+    /// CPU and memory are then not measured.
+    #[arg(long = "i-own-the-target", global = true)]
+    i_own_the_target: bool,
+    /// Extra PEM certificates to trust for a wss:// --url (a private CA).
+    #[arg(long, global = true)]
+    ca_file: Option<PathBuf>,
     /// Start this relay on a free loopback port with load-friendly settings instead of using --url.
     #[arg(long, global = true, value_enum)]
     spawn: Option<RelayKind>,
@@ -145,7 +155,14 @@ fn target(g: &Global) -> anyhow::Result<(Option<Spawned>, Target)> {
             Ok((Some(s), t))
         }
         None => {
-            let t = relay::from_url(&g.url, &g.token, g.origin.as_deref(), g.pid)?;
+            let t = relay::from_url(&relay::UrlTarget {
+                url: &g.url,
+                token: &g.token,
+                origin: g.origin.as_deref(),
+                pid: g.pid,
+                owned: g.i_own_the_target,
+                ca_file: g.ca_file.as_deref(),
+            })?;
             eprintln!(
                 "target {} (pid {}); the relay must allow Origin {} and have a high RATE_LIMIT for publishing scenarios",
                 t.addr,

@@ -69,7 +69,18 @@ pub struct WorkerPlan {
     pub sources: Vec<Ipv4Addr>,
     /// Receive buffer for `Slow` connections, so they back up quickly.
     pub slow_rcvbuf: Option<u32>,
+    /// `wss://`: speak TLS to the target.
+    pub tls: Option<TlsPlan>,
     pub conns: Vec<ConnSpec>,
+}
+
+/// TLS for a `wss://` target.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TlsPlan {
+    /// The name the certificate must carry (the URL's host).
+    pub server_name: String,
+    /// Extra PEM certificates to trust.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -124,6 +135,21 @@ pub enum Command {
     Exit,
 }
 
+impl Command {
+    /// What the coordinator is waiting for while the workers carry this out (progress lines).
+    pub fn activity(&self) -> &'static str {
+        match self {
+            Command::Connect { .. } => "connecting",
+            Command::PublishWait => "publishing",
+            Command::Close { .. } => "closing",
+            Command::DrainSlow { .. } => "draining the slow readers",
+            Command::AttackWait => "flooding",
+            Command::Handshake { .. } => "handshakes",
+            _ => "waiting for the load workers",
+        }
+    }
+}
+
 /// A histogram as (value, count) pairs, microseconds.
 pub type HistPairs = Vec<(u64, u64)>;
 
@@ -157,6 +183,9 @@ pub struct StatsReply {
     pub presence: u64,
     pub other_events: u64,
     pub frames: u64,
+    /// Frames that carry data (text, binary, continuation): what `settle` waits on, since the
+    /// relay's heartbeat pings keep arriving on a quiet connection.
+    pub data_frames: u64,
     pub bytes_in: u64,
     pub reads: u64,
     pub errors: BTreeMap<String, u64>,

@@ -3,7 +3,10 @@
 //! `--spawn roomcast|node` starts a relay on a free loopback port with load-friendly settings
 //! (a rate limit nobody reaches, a connection cap at the open-file limit) so the harness knows its
 //! PID; `--url` points at a relay someone else started, whose PID is given with `--pid` or found
-//! from the listening port. The harness only ever targets loopback addresses.
+//! from the listening port. The harness targets loopback addresses unless the operator says, with
+//! `--i-own-the-target`, that a non-loopback relay (or its load balancer) is theirs to load: then
+//! `ws://` and `wss://` (TLS) targets anywhere are allowed, and relay CPU and memory are not
+//! measured (the process is on another machine).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -15,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 
+use crate::proto::TlsPlan;
 use crate::sys;
 
 /// The token `--spawn` configures; not the development token, so a spawned relay does not warn.
@@ -47,6 +51,8 @@ pub struct Target {
     pub token: String,
     pub origin: String,
     pub pid: Option<u32>,
+    /// `wss://`: TLS to the target.
+    pub tls: Option<TlsPlan>,
 }
 
 /// A relay this harness started; stopped (SIGTERM, then kill) when dropped.
@@ -135,6 +141,8 @@ pub fn spawn(
             nofile.saturating_sub(100).to_string(),
         ),
         ("RUST_LOG".into(), "warn".into()),
+        // No load balancer to wait for: a stopped run's relay closes at once.
+        ("LAME_DUCK_MS".into(), "0".into()),
     ];
     for (k, v) in env.iter().chain(extra_env.iter()) {
         cmd.env(k, v);
@@ -183,6 +191,7 @@ pub fn spawn(
         token: SPAWN_TOKEN.into(),
         origin,
         pid: Some(spawned.child.id()),
+        tls: None,
     };
     Ok((spawned, target))
 }
@@ -197,39 +206,88 @@ pub fn parse_listening_line(line: &str) -> Option<SocketAddr> {
     rest[..end].to_socket_addrs().ok()?.next()
 }
 
-/// A target from `--url ws://HOST:PORT/PATH`, which must be a loopback address.
-pub fn from_url(
-    url: &str,
-    token: &str,
-    origin: Option<&str>,
-    pid: Option<u32>,
-) -> anyhow::Result<Target> {
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or_else(|| anyhow!("--url must start with ws:// (got {url})"))?;
+/// Where `--url` points and what the operator allowed.
+pub struct UrlTarget<'a> {
+    pub url: &'a str,
+    pub token: &'a str,
+    pub origin: Option<&'a str>,
+    pub pid: Option<u32>,
+    /// `--i-own-the-target`: a non-loopback target is allowed.
+    pub owned: bool,
+    /// `--ca-file`: extra certificates to trust for `wss://`.
+    pub ca_file: Option<&'a Path>,
+}
+
+/// A target from `--url ws[s]://HOST[:PORT]/PATH`: a loopback address, or anywhere with
+/// `--i-own-the-target`.
+pub fn from_url(u: &UrlTarget<'_>) -> anyhow::Result<Target> {
+    let (tls, rest) = match (u.url.strip_prefix("ws://"), u.url.strip_prefix("wss://")) {
+        (Some(rest), _) => (false, rest),
+        (_, Some(rest)) => (true, rest),
+        _ => bail!("--url must start with ws:// or wss:// (got {})", u.url),
+    };
     let (hostport, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/chat"),
     };
     let path = path.split('?').next().unwrap_or("/chat").to_owned();
-    let addr = hostport
+    let default_port = if tls { 443 } else { 80 };
+    let with_port = if hostport
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        && !hostport.ends_with(']')
+    {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:{default_port}")
+    };
+    let addrs: Vec<SocketAddr> = with_port
         .to_socket_addrs()
         .with_context(|| format!("resolving {hostport}"))?
-        .find(|a| a.ip().is_loopback())
-        .ok_or_else(|| {
-            anyhow!("{hostport} is not a loopback address; roomcast-load only loads this machine")
-        })?;
-    let pid = pid.or_else(|| sys::pid_listening_on(addr.port()));
+        .collect();
+    let loopback = addrs.iter().find(|a| a.ip().is_loopback()).copied();
+    let addr = match (loopback, u.owned) {
+        (Some(addr), _) => addr,
+        (None, true) => *addrs
+            .first()
+            .ok_or_else(|| anyhow!("{hostport} resolves to no address"))?,
+        (None, false) => bail!(
+            "{hostport} is not a loopback address. roomcast-load puts heavy load on its target: \
+             pass --i-own-the-target only for a relay (and load balancer) that you run, such as \
+             your own staging deployment"
+        ),
+    };
+    // What listens on a wss:// port is a TLS terminator (roomcast has no TLS), and a remote
+    // process cannot be measured: only --pid names the relay then.
+    let pid = if addr.ip().is_loopback() && !tls {
+        u.pid.or_else(|| sys::pid_listening_on(addr.port()))
+    } else {
+        u.pid
+    };
+    let host = hostport
+        .rsplit_once(':')
+        .filter(|(_, p)| p.parse::<u16>().is_ok() && !hostport.ends_with(']'))
+        .map_or(hostport, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let origin = match u.origin {
+        Some(o) => o.to_owned(),
+        None if addr.ip().is_loopback() && !tls => format!("http://127.0.0.1:{}", addr.port()),
+        None => format!("{}://{hostport}", if tls { "https" } else { "http" }),
+    };
     Ok(Target {
         name: "relay".into(),
         addr,
         host_header: hostport.to_owned(),
         path,
-        token: token.to_owned(),
-        origin: origin
-            .map(str::to_owned)
-            .unwrap_or_else(|| format!("http://127.0.0.1:{}", addr.port())),
+        token: u.token.to_owned(),
+        origin,
         pid,
+        tls: tls.then(|| TlsPlan {
+            server_name: host,
+            ca_file: u.ca_file.map(Path::to_path_buf),
+        }),
     })
 }
 
@@ -296,4 +354,57 @@ pub fn metrics(addr: SocketAddr) -> Option<BTreeMap<String, f64>> {
         }
     }
     Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(url: &str, owned: bool) -> anyhow::Result<Target> {
+        from_url(&UrlTarget {
+            url,
+            token: "t",
+            origin: None,
+            pid: None,
+            owned,
+            ca_file: None,
+        })
+    }
+
+    #[test]
+    fn urls_name_the_address_host_origin_and_tls() {
+        let t = target("ws://127.0.0.1:9/chat", false).expect("loopback");
+        assert_eq!(
+            (t.addr.port(), t.origin.as_str()),
+            (9, "http://127.0.0.1:9")
+        );
+        assert!(t.tls.is_none());
+        let t = target("wss://localhost:9443/rc/chat?x=1", false).expect("loopback wss");
+        let tls = t.tls.expect("wss speaks TLS");
+        assert_eq!(tls.server_name, "localhost");
+        assert_eq!(
+            (t.path.as_str(), t.origin.as_str()),
+            ("/rc/chat", "https://localhost:9443")
+        );
+        assert_eq!(t.host_header, "localhost:9443");
+        let t = target("wss://[::1]/chat", false).expect("loopback v6");
+        assert_eq!(t.addr.port(), 443);
+        assert_eq!(t.tls.expect("tls").server_name, "::1");
+    }
+
+    #[test]
+    fn a_target_off_this_machine_needs_the_owners_word() {
+        let refused = target("ws://203.0.113.9/chat", false).expect_err("refused");
+        assert!(
+            refused.to_string().contains("--i-own-the-target"),
+            "{refused}"
+        );
+        let t = target("ws://203.0.113.9/chat", true).expect("owned");
+        assert_eq!(t.addr.to_string(), "203.0.113.9:80");
+        assert!(
+            t.pid.is_none(),
+            "a remote relay's process cannot be measured"
+        );
+        assert_eq!(t.origin, "http://203.0.113.9");
+    }
 }

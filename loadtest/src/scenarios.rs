@@ -44,6 +44,7 @@ pub struct IdleArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct FanoutArgs {
+    /// Rooms the members are spread over.
     #[arg(long, default_value_t = 20)]
     pub rooms: u32,
     /// Connections per room, publishers included.
@@ -65,10 +66,13 @@ pub struct FanoutArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct SaturateArgs {
+    /// Rooms the members are spread over.
     #[arg(long, default_value_t = 20)]
     pub rooms: u32,
+    /// Connections per room, publishers included.
     #[arg(long, default_value_t = 50)]
     pub members: u32,
+    /// Publishers per room.
     #[arg(long, default_value_t = 1)]
     pub publishers: u32,
     /// First offered rate, messages per second.
@@ -89,6 +93,7 @@ pub struct SaturateArgs {
     /// ...and p99 latency stays at or under this (ms).
     #[arg(long, default_value_t = 50.0)]
     pub max_p99_ms: f64,
+    /// Characters of text per message (at most the relay's MAX_TEXT_CHARS).
     #[arg(long, default_value_t = 64)]
     pub text_bytes: usize,
 }
@@ -105,6 +110,7 @@ pub struct HandshakeArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct ChurnArgs {
+    /// Rooms the members are spread over.
     #[arg(long, default_value_t = 10)]
     pub rooms: u32,
     /// Steady members per room (they chat during the waves).
@@ -113,6 +119,7 @@ pub struct ChurnArgs {
     /// Connections that join and leave in each wave, spread over the same rooms.
     #[arg(long, default_value_t = 1000)]
     pub wave_conns: u32,
+    /// Waves of connections that join and leave.
     #[arg(long, default_value_t = 20)]
     pub waves: u32,
     /// How long each wave stays connected (ms).
@@ -121,12 +128,14 @@ pub struct ChurnArgs {
     /// Messages per second from the steady members during the waves.
     #[arg(long, default_value_t = 100.0)]
     pub rate: f64,
+    /// Characters of text per message (at most the relay's MAX_TEXT_CHARS).
     #[arg(long, default_value_t = 64)]
     pub text_bytes: usize,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct SlowArgs {
+    /// Rooms the members are spread over.
     #[arg(long, default_value_t = 1)]
     pub rooms: u32,
     /// Healthy members per room (they read everything).
@@ -153,6 +162,7 @@ pub struct SlowArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct FloodArgs {
+    /// Rooms the members are spread over.
     #[arg(long, default_value_t = 10)]
     pub rooms: u32,
     /// Victims per room (one of them publishes); they read everything.
@@ -164,6 +174,7 @@ pub struct FloodArgs {
     /// Length of each phase, baseline and then attack (ms).
     #[arg(long, default_value_t = 10_000)]
     pub duration_ms: u64,
+    /// Characters of text per message (at most the relay's MAX_TEXT_CHARS).
     #[arg(long, default_value_t = 64)]
     pub text_bytes: usize,
     /// Attacking connections, each in a room of its own, in a load process of their own.
@@ -1100,6 +1111,11 @@ fn put_flood_counters(r: &mut Report, p: &str, a: &RelayPoint, b: &RelayPoint) {
 }
 
 pub fn flood(target: &Target, c: &Common, a: &FloodArgs) -> anyhow::Result<Report> {
+    if target.tls.is_some() {
+        // The attackers write raw frames straight to the socket; through TLS they would be
+        // testing the load balancer's TLS, not the relay.
+        anyhow::bail!("flood needs a ws:// target (the relay itself, not a TLS load balancer)");
+    }
     let mut r = Report::new("flood", target);
     need_pid(&mut r, target);
     let specs = layout(a.rooms, a.members, 1, 0, 0);

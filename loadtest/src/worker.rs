@@ -16,13 +16,14 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::Interest;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::proto::*;
 use crate::sys;
+use crate::tls::Io;
 use crate::wire::{self, EventKind};
 
 /// The thread's shared read buffer. Large enough for a full history event (50 messages of 500
@@ -52,6 +53,8 @@ struct Stats {
     presence: u64,
     other_events: u64,
     frames: u64,
+    /// Text, binary and continuation frames: `frames` without pings, pongs and closes.
+    data_frames: u64,
     bytes_in: u64,
     reads: u64,
     errors: BTreeMap<String, u64>,
@@ -69,6 +72,7 @@ impl Stats {
             presence: 0,
             other_events: 0,
             frames: 0,
+            data_frames: 0,
             bytes_in: 0,
             reads: 0,
             errors: BTreeMap::new(),
@@ -84,6 +88,8 @@ struct Conn {
     role: Role,
     publisher: Option<u32>,
     stream: TcpStream,
+    /// The TLS session of a `wss://` target; None for `ws://`.
+    tls: RefCell<Option<rustls::ClientConnection>>,
     /// Bytes waiting to be written because the socket would not take them at once.
     out: RefCell<Vec<u8>>,
     /// The incomplete frame left over from the last read.
@@ -102,11 +108,25 @@ struct Conn {
 }
 
 impl Conn {
+    /// Run `f` on the connection's byte stream (through its TLS session, if any).
+    fn with_io<R>(&self, f: impl FnOnce(&mut Io<'_>) -> R) -> R {
+        let mut tls = self.tls.borrow_mut();
+        f(&mut Io {
+            stream: &self.stream,
+            tls: tls.as_mut(),
+        })
+    }
+
+    /// Bytes wait to be written: queued frames, or TLS records the socket did not take.
+    fn wants_write(&self) -> bool {
+        !self.out.borrow().is_empty() || self.with_io(|io| io.wants_write())
+    }
+
     /// Queues a frame; writes it at once when nothing is waiting ahead of it.
     fn send(&self, frame: &[u8]) -> bool {
         let mut out = self.out.borrow_mut();
         if out.is_empty() {
-            match self.stream.try_write(frame) {
+            match self.with_io(|io| io.try_write(frame)) {
                 Ok(n) if n == frame.len() => return true,
                 Ok(n) => out.extend_from_slice(&frame[n..]),
                 Err(_) => out.extend_from_slice(frame),
@@ -128,9 +148,10 @@ impl Conn {
     }
 
     fn flush(&self) -> io::Result<()> {
+        self.with_io(|io| io.flush())?;
         let mut out = self.out.borrow_mut();
         while !out.is_empty() {
-            match self.stream.try_write(&out) {
+            match self.with_io(|io| io.try_write(&out)) {
                 Ok(n) => {
                     out.drain(..n);
                 }
@@ -147,6 +168,8 @@ impl Conn {
 
 struct Worker {
     plan: WorkerPlan,
+    /// The TLS configuration of a `wss://` target.
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     stats: RefCell<Stats>,
     conns: RefCell<Vec<Option<Rc<Conn>>>>,
     tasks: RefCell<Vec<Option<AbortHandle>>>,
@@ -191,12 +214,12 @@ enum End {
     JoinFailed(String),
 }
 
+/// A connected, upgraded socket: the stream, its TLS session (`wss://`), and any bytes that
+/// arrived after the response head.
+type Opened = (TcpStream, Option<rustls::ClientConnection>, Vec<u8>);
+
 /// Connects, upgrades, and returns the stream with any bytes that arrived after the head.
-async fn open_socket(
-    w: &Worker,
-    spec: &ConnSpec,
-    source_index: usize,
-) -> Result<(TcpStream, Vec<u8>), String> {
+async fn open_socket(w: &Worker, spec: &ConnSpec, source_index: usize) -> Result<Opened, String> {
     let plan = &w.plan;
     let sock = match plan.addr {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
@@ -214,7 +237,7 @@ async fn open_socket(
         sock.bind(SocketAddr::new(src.into(), 0))
             .map_err(|e| format!("bind: {}", e.kind()))?;
     }
-    let mut stream = sock.connect(plan.addr).await.map_err(|e| match e.kind() {
+    let stream = sock.connect(plan.addr).await.map_err(|e| match e.kind() {
         io::ErrorKind::ConnectionRefused => "connect_refused".to_owned(),
         io::ErrorKind::AddrNotAvailable => "no_source_port".to_owned(),
         k => format!("connect_{k}").to_lowercase().replace(' ', "_"),
@@ -230,24 +253,42 @@ async fn open_socket(
         wire::query_escape(&room)
     );
     let request = wire::upgrade_request(&plan.host_header, &path, &plan.origin);
-    stream
-        .write_all(&request)
-        .await
-        .map_err(|_| "write_request".to_owned())?;
+    let mut tls = match (&w.tls, &plan.tls) {
+        (Some(config), Some(t)) => Some(crate::tls::session(config, &t.server_name)?),
+        _ => None,
+    };
+    let mut io = Io {
+        stream: &stream,
+        tls: tls.as_mut(),
+    };
+    io.write_all(&request).await.map_err(|e| {
+        if io.tls.is_some() {
+            format!("tls_{}", e.kind()).to_lowercase().replace(' ', "_")
+        } else {
+            "write_request".to_owned()
+        }
+    })?;
     let mut head = Vec::with_capacity(512);
     let mut chunk = [0u8; 2048];
     loop {
-        let n = stream
-            .read(&mut chunk)
-            .await
-            .map_err(|_| "read_response".to_owned())?;
+        let n = io.read(&mut chunk).await.map_err(|e| {
+            if e.kind() == io::ErrorKind::InvalidData {
+                // A TLS failure: the certificate, most often.
+                format!("tls_{}", e.to_string().to_lowercase().replace(' ', "_"))
+            } else {
+                "read_response".to_owned()
+            }
+        })?;
         if n == 0 {
             return Err("eof_before_response".to_owned());
         }
         head.extend_from_slice(&chunk[..n]);
         if let Some(end) = wire::response_head_end(&head) {
             match wire::response_status(&head[..end]) {
-                Some(101) => return Ok((stream, head.split_off(end))),
+                Some(101) => {
+                    let early = head.split_off(end);
+                    return Ok((stream, tls, early));
+                }
                 Some(code) => return Err(format!("http_{code}")),
                 None => return Err("bad_response".to_owned()),
             }
@@ -283,6 +324,12 @@ fn process_frames(
         let (frame, len) = parsed;
         used += len;
         stats.frames += 1;
+        if matches!(
+            frame.opcode,
+            wire::OP_TEXT | wire::OP_BINARY | wire::OP_CONT
+        ) {
+            stats.data_frames += 1;
+        }
         let mut assembled;
         let payload: &[u8] = match frame.opcode {
             wire::OP_TEXT | wire::OP_CONT | wire::OP_BINARY
@@ -378,7 +425,7 @@ fn on_readable(w: &Worker, conn: &Conn, joined: &mut Joining) -> Option<End> {
     let mut end = None;
     loop {
         let space = buf.len() - filled;
-        match conn.stream.try_read(&mut buf[filled..]) {
+        match conn.with_io(|io| io.try_read(&mut buf[filled..])) {
             Ok(0) => {
                 end = Some(if conn.closing.get() {
                     End::Ours
@@ -411,7 +458,7 @@ fn on_readable(w: &Worker, conn: &Conn, joined: &mut Joining) -> Option<End> {
                     filled = 0;
                     break;
                 }
-                if n < space {
+                if n < space && conn.tls.borrow().is_none() {
                     // A short read took everything the socket held. Clear tokio's readiness
                     // without the extra read() that would only return EAGAIN: data arriving
                     // after this point raises a new epoll edge with a newer tick, which this
@@ -443,7 +490,7 @@ async fn run_conn(w: Rc<Worker>, index: usize, join_deadline: Instant, tx: JoinT
     let spec = w.plan.conns[index].clone();
     let t0 = Instant::now();
     let opened = tokio::time::timeout_at(join_deadline.into(), open_socket(&w, &spec, index)).await;
-    let (stream, early) = match opened {
+    let (stream, tls, early) = match opened {
         Ok(Ok(s)) => s,
         Ok(Err(reason)) => {
             let _ = tx.send((index, Err(reason)));
@@ -458,6 +505,7 @@ async fn run_conn(w: Rc<Worker>, index: usize, join_deadline: Instant, tx: JoinT
         role: spec.role,
         publisher: spec.publisher,
         stream,
+        tls: RefCell::new(tls),
         out: RefCell::new(Vec::new()),
         leftover: RefCell::new(early),
         fragments: RefCell::new(Vec::new()),
@@ -487,7 +535,7 @@ async fn run_conn(w: Rc<Worker>, index: usize, join_deadline: Instant, tx: JoinT
             conn.wake.notified().await;
             continue;
         }
-        let want_write = !conn.out.borrow().is_empty();
+        let want_write = conn.wants_write();
         let interest = if want_write {
             Interest::READABLE | Interest::WRITABLE
         } else {
@@ -824,7 +872,7 @@ fn take_close(inbox: &mut Vec<u8>) -> Option<String> {
 fn read_some(conn: &Conn, inbox: &mut Vec<u8>, max: usize, read: &mut u64) -> Result<bool, String> {
     let at = inbox.len();
     inbox.resize(at + max, 0);
-    let r = conn.stream.try_read(&mut inbox[at..]);
+    let r = conn.with_io(|io| io.try_read(&mut inbox[at..]));
     let n = match &r {
         Ok(n) => *n,
         Err(_) => 0,
@@ -1030,13 +1078,17 @@ async fn one_handshake(w: &Worker, seq: u64, room: u32) -> Result<u64, String> {
         role: Role::Churn,
         publisher: None,
     };
-    let (mut stream, mut early) = open_socket(w, &spec, seq as usize).await?;
+    let (stream, mut tls, mut early) = open_socket(w, &spec, seq as usize).await?;
+    let mut io = Io {
+        stream: &stream,
+        tls: tls.as_mut(),
+    };
     let mut chunk = [0u8; 4096];
     loop {
         if let Ok(Some(_)) = wire::parse_frame(&early) {
             break;
         }
-        let n = stream
+        let n = io
             .read(&mut chunk)
             .await
             .map_err(|_| "read_event".to_owned())?;
@@ -1054,12 +1106,12 @@ async fn one_handshake(w: &Worker, seq: u64, room: u32) -> Result<u64, String> {
         &1000u16.to_be_bytes(),
         &mut seed,
     );
-    let _ = stream.write_all(&close).await;
+    let _ = io.write_all(&close).await;
     // Wait (bounded) for the server to finish the close handshake so the server, not the
     // client, holds TIME_WAIT.
     let _ = tokio::time::timeout(Duration::from_millis(1000), async {
         loop {
-            match stream.read(&mut chunk).await {
+            match io.read(&mut chunk).await {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
             }
@@ -1158,7 +1210,12 @@ pub fn main() -> anyhow::Result<()> {
         .build()?;
     let local = tokio::task::LocalSet::new();
     let n = plan.conns.len();
+    let tls = match &plan.tls {
+        Some(t) => Some(crate::tls::client_config(t.ca_file.as_deref())?),
+        None => None,
+    };
     let w = Rc::new(Worker {
+        tls,
         plan,
         stats: RefCell::new(Stats::new()),
         conns: RefCell::new(vec![None; n]),
@@ -1223,6 +1280,7 @@ pub fn main() -> anyhow::Result<()> {
                         presence: s.presence,
                         other_events: s.other_events,
                         frames: s.frames,
+                        data_frames: s.data_frames,
                         bytes_in: s.bytes_in,
                         reads: s.reads,
                         errors: s.errors.clone(),

@@ -36,6 +36,9 @@ pub enum ErrorCode {
     TooLarge,
     BadJson,
     BadType,
+    /// `bad_type` because of the `requestId` (not a string of 1 to MAX_REQUEST_ID_CHARS
+    /// characters): the same code, a message that says what is wrong.
+    BadRequestId,
     Empty,
     /// The sender's session already used this `requestId` for a different text.
     Conflict,
@@ -51,7 +54,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::BadJson => "bad_json",
-            ErrorCode::BadType => "bad_type",
+            ErrorCode::BadType | ErrorCode::BadRequestId => "bad_type",
             ErrorCode::Empty => "empty",
             ErrorCode::Conflict => "conflict",
             ErrorCode::Unavailable => "unavailable",
@@ -65,6 +68,7 @@ impl ErrorCode {
             ErrorCode::TooLarge => "Message text is too long.",
             ErrorCode::BadJson => "Message is not valid JSON.",
             ErrorCode::BadType => "Expected {\"type\":\"message\",\"text\":\"...\"}.",
+            ErrorCode::BadRequestId => "requestId must be a string of 1 to 64 characters.",
             ErrorCode::Empty => "Message text is empty.",
             ErrorCode::Conflict => {
                 "This requestId was already used for a different message; use a new requestId."
@@ -140,10 +144,10 @@ pub fn parse_client_message(
     let request_id = match fields.request_id {
         None => None,
         Some(raw) => {
-            let id = as_string(raw).ok_or(ErrorCode::BadType)?;
+            let id = as_string(raw).ok_or(ErrorCode::BadRequestId)?;
             let chars = id.chars().count();
             if chars == 0 || chars > MAX_REQUEST_ID_CHARS {
-                return Err(ErrorCode::BadType);
+                return Err(ErrorCode::BadRequestId);
             }
             Some(id)
         }
@@ -554,11 +558,29 @@ mod tests {
             r#"{"type":"message","text":42}"#,
             r#"{"type":"message","text":{"a":1}}"#,
             r#"{"type":"message","text":["a"]}"#,
-            r#"{"type":"message","text":"hi","requestId":7}"#,
             r#"{"type":"message","type":"message","text":"hi"}"#,
         ] {
             assert_eq!(parse(bad_type), Err(ErrorCode::BadType), "{bad_type}");
         }
+        let long_id = format!(
+            r#"{{"type":"message","text":"hi","requestId":"{}"}}"#,
+            "r".repeat(65)
+        );
+        for bad_id in [
+            r#"{"type":"message","text":"hi","requestId":7}"#,
+            r#"{"type":"message","text":"hi","requestId":""}"#,
+            r#"{"type":"message","text":"hi","requestId":null}"#,
+            &long_id,
+        ] {
+            assert_eq!(parse(bad_id), Err(ErrorCode::BadRequestId), "{bad_id}");
+        }
+        assert_eq!(ErrorCode::BadRequestId.as_str(), "bad_type");
+        let event = error_event(ErrorCode::BadRequestId);
+        let json = std::str::from_utf8(&event[2..]).expect("a short text frame of UTF-8");
+        assert!(
+            json.contains("\"code\":\"bad_type\"") && json.contains("requestId must be"),
+            "{json}"
+        );
         assert_eq!(parse(r#"{"type":"message"}"#), Err(ErrorCode::Empty));
         assert_eq!(
             parse(r#"{"type":"message","text":"   "}"#),

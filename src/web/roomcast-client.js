@@ -37,7 +37,7 @@
 //   ack      {requestId, id, seq, duplicate}
 //   error    {code, message, text?, willRetry}    an error event from the relay (or a local check)
 //   notice   {kind, message, ...}                 kinds: history_incomplete, gap, queue_dropped,
-//                                                 rate_limited_retry, origin_suspect, resend
+//                                                 origin_suspect
 //   refused  {status, reason, message}            the relay refused us; the client stopped
 //   queue    {queued}                             number of messages waiting for an ack
 

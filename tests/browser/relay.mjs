@@ -43,6 +43,8 @@ export async function startRelay({ port, env = {}, extraOrigins = [], startTimeo
       PORT: String(port),
       ALLOWED_ORIGINS: [origin, ...extraOrigins].join(','),
       RUST_LOG: process.env.RUST_LOG ?? 'info',
+      // No load balancer to wait for: a stopped relay closes its WebSockets at once.
+      LAME_DUCK_MS: '0',
       ...env,
     },
     stdio: ['ignore', 'pipe', 'pipe'],

@@ -9,7 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use super::process::{kill_and_reap, send_signal, spawn_tied, CapturedLines};
-use super::{STARTUP_TIMEOUT, TOKEN};
+use super::{STARTUP_TIMEOUT, TOKEN, WAIT};
 
 /// Every setting the relay reads from the environment; cleared before each start so the test
 /// process's own environment cannot leak into a test.
@@ -59,7 +59,24 @@ pub const RELAY_ENV: &[&str] = &[
     "AUDIT_LOG",
     "AUDIT_QUEUE_MAX",
     "AUDIT_QUEUE_MAX_BYTES",
+    "LAME_DUCK_MS",
+    "SHUTDOWN_SPREAD_MS",
+    "ADMIN_ADDR",
+    "SERVE_PAGE",
+    "LOG_FORMAT",
+    "NO_COLOR",
+    "LOG_LINES_PER_SECOND",
     "RUST_LOG",
+];
+
+/// Settings every relay started by the harness gets unless a test overrides them: loopback, any
+/// port, and a shutdown without the lame-duck wait or spread closes (tests of those set them),
+/// so a test that stops a relay does not wait for a load balancer that is not there.
+pub const RELAY_TEST_DEFAULTS: &[(&str, &str)] = &[
+    ("HOST", "127.0.0.1"),
+    ("PORT", "0"),
+    ("LAME_DUCK_MS", "0"),
+    ("SHUTDOWN_SPREAD_MS", "0"),
 ];
 
 /// Something that listens on a loopback address: a relay, a proxy in front of relays, or a bare
@@ -91,12 +108,13 @@ pub fn relay_binary() -> &'static str {
     env!("CARGO_BIN_EXE_roomcast")
 }
 
-/// How to start a relay: environment variables and flags on top of `HOST=127.0.0.1 PORT=0
-/// CHAT_TOKEN=TOKEN`. A builder can start any number of relays with the same settings (nodes of
+/// How to start a relay: environment variables and flags on top of [`RELAY_TEST_DEFAULTS`] and
+/// `CHAT_TOKEN=TOKEN`. A builder can start any number of relays with the same settings (nodes of
 /// one cluster), and each relay keeps a copy to restart on its port.
 #[derive(Debug, Clone, Default)]
 pub struct RelayBuilder {
     envs: Vec<(String, String)>,
+    unset: Vec<String>,
     args: Vec<String>,
     without_token: bool,
 }
@@ -111,6 +129,12 @@ impl RelayBuilder {
         for (k, v) in pairs {
             self.envs.push((k.to_string(), v.to_string()));
         }
+        self
+    }
+
+    /// Leave `key` unset, even if the harness sets it by default (e.g. `HOST`).
+    pub fn unset(mut self, key: &str) -> Self {
+        self.unset.push(key.to_string());
         self
     }
 
@@ -210,12 +234,15 @@ fn launch(builder: &RelayBuilder, port: Option<u16>) -> Result<Run, LaunchFailur
     for key in RELAY_ENV {
         cmd.env_remove(key);
     }
-    cmd.env("HOST", "127.0.0.1").env("PORT", "0");
+    cmd.envs(RELAY_TEST_DEFAULTS.iter().copied());
     if !builder.without_token {
         cmd.env("CHAT_TOKEN", TOKEN);
     }
     for (k, v) in &builder.envs {
         cmd.env(k, v);
+    }
+    for k in &builder.unset {
+        cmd.env_remove(k);
     }
     if let Some(port) = port {
         cmd.env("PORT", port.to_string());
@@ -302,7 +329,7 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Start a relay with `HOST=127.0.0.1 PORT=0 CHAT_TOKEN=TOKEN` plus `envs`.
+    /// Start a relay with [`RELAY_TEST_DEFAULTS`] and `CHAT_TOKEN=TOKEN` plus `envs`.
     pub fn start(envs: &[(&str, &str)]) -> Relay {
         Relay::builder().envs(envs).start()
     }
@@ -365,6 +392,42 @@ impl Relay {
     /// The current process's stderr as one string.
     pub fn logs(&self) -> String {
         self.run.stderr.text()
+    }
+
+    /// The admin listener's address from the relay's second stdout line (`roomcast admin
+    /// listening on http://ADDR (...)`, printed with ADMIN_ADDR); panics if it does not come.
+    pub fn admin_addr(&self) -> SocketAddr {
+        let line = self
+            .run
+            .stdout
+            .wait_for_line(1, STARTUP_TIMEOUT)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no second stdout line (ADMIN_ADDR set?); stderr:\n{}",
+                    self.logs()
+                )
+            });
+        line.strip_prefix("roomcast admin listening on http://")
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("not an admin listening line: {line:?}"))
+    }
+
+    /// Wait (without blocking other tasks) for a stderr line of the current process that
+    /// contains `needle`, and return it; panics with the stderr after [`WAIT`].
+    pub async fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(line) = self.stderr_lines().into_iter().find(|l| l.contains(needle)) {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no stderr line with {needle:?} within {WAIT:?}; stderr:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Stdout lines after the startup line.

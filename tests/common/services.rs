@@ -6,8 +6,11 @@
 //! that what answers on their port is *their* process (a port picked free may be taken by someone
 //! else before the server binds it; then they retry on a new port).
 //!
-//! Deliberately absent: Redis Cluster and TLS. FACTS.md has the recipe for a local cluster when a
-//! test needs one.
+//! nginx can also terminate TLS ([`Nginx::start_tls`]) with a certificate the test makes
+//! ([`TestCertificates`], Debian's `openssl` CLI), for `wss://` clients.
+//!
+//! Deliberately absent: Redis Cluster. FACTS.md has the recipe for a local cluster when a test
+//! needs one.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -358,12 +361,38 @@ pub struct Nginx {
     stderr: CapturedLines,
     upstreams: Vec<u16>,
     generation: u64,
+    tls: Option<NginxTls>,
+}
+
+/// A second, TLS server block of [`Nginx`]: same proxying, `listen ... ssl`.
+struct NginxTls {
+    port: u16,
+    certificate: PathBuf,
+    key: PathBuf,
 }
 
 impl Nginx {
     /// Start nginx proxying to relays on `upstream_ports` (at least one); panics with its error
     /// log if it does not serve within [`SERVICE_STARTUP_TIMEOUT`].
     pub fn start(upstream_ports: &[u16]) -> Nginx {
+        Nginx::launch(upstream_ports, None)
+    }
+
+    /// [`Nginx::start`], plus a TLS listener on [`Nginx::tls_port`] with `certificate` (PEM,
+    /// chain) and `key`, proxying the same way: what `wss://` clients of a production relay
+    /// talk to.
+    pub fn start_tls(upstream_ports: &[u16], certificate: &Path, key: &Path) -> Nginx {
+        Nginx::launch(
+            upstream_ports,
+            Some(NginxTls {
+                port: 0,
+                certificate: certificate.to_path_buf(),
+                key: key.to_path_buf(),
+            }),
+        )
+    }
+
+    fn launch(upstream_ports: &[u16], tls: Option<NginxTls>) -> Nginx {
         require(NGINX, "nginx-light");
         assert!(
             !upstream_ports.is_empty(),
@@ -376,9 +405,13 @@ impl Nginx {
             stderr: CapturedLines::default(),
             upstreams: upstream_ports.to_vec(),
             generation: 1,
+            tls,
         };
         for _ in 0..PORT_ATTEMPTS {
             nginx.port = free_port();
+            if let Some(tls) = nginx.tls.as_mut() {
+                tls.port = free_port();
+            }
             nginx.write_config();
             let _ = std::fs::remove_file(nginx.error_log_path());
             let mut cmd = Command::new(NGINX);
@@ -409,6 +442,14 @@ impl Nginx {
 
     pub fn addr(&self) -> SocketAddr {
         loopback(self.port)
+    }
+
+    /// The TLS listener's port; panics unless started with [`Nginx::start_tls`].
+    pub fn tls_port(&self) -> u16 {
+        self.tls
+            .as_ref()
+            .expect("nginx was started without TLS (use Nginx::start_tls)")
+            .port
     }
 
     /// The Origin of a page served through this proxy (nodes behind it allow it with
@@ -512,6 +553,37 @@ impl Nginx {
             .iter()
             .map(|p| format!("        server 127.0.0.1:{p} max_fails=1 fail_timeout=1s;\n"))
             .collect();
+        let proxy = r#"
+            proxy_pass http://roomcast;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            # Longer than the relay's heartbeat: the relay decides when a quiet socket is dead.
+            proxy_read_timeout 75s;
+            proxy_send_timeout 75s;
+            # A refused upgrade (401, 403, 503) reaches the client as it is.
+            proxy_next_upstream error timeout;
+            proxy_buffering off;"#;
+        let tls_server = self.tls.as_ref().map_or(String::new(), |tls| {
+            format!(
+                r#"
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {certificate};
+        ssl_certificate_key {key};
+
+        location / {{{proxy}
+        }}
+    }}
+"#,
+                port = tls.port,
+                certificate = tls.certificate.display(),
+                key = tls.key.display(),
+            )
+        });
         // As root the workers would run as `nobody`, whose group Debian does not have.
         let user = if is_root() { "user root root;\n" } else { "" };
         let config = format!(
@@ -551,23 +623,10 @@ http {{
             return 200 "{marker}\n";
         }}
 
-        location / {{
-            proxy_pass http://roomcast;
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade $http_upgrade;
-            proxy_set_header Connection $connection_upgrade;
-            proxy_set_header Host $host;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto $scheme;
-            # Longer than the relay's heartbeat: the relay decides when a quiet socket is dead.
-            proxy_read_timeout 75s;
-            proxy_send_timeout 75s;
-            # A refused upgrade (401, 403, 503) reaches the client as it is.
-            proxy_next_upstream error timeout;
-            proxy_buffering off;
+        location / {{{proxy}
         }}
     }}
-}}
+{tls_server}}}
 "#,
             port = self.port,
             marker = self.marker(),
@@ -644,6 +703,108 @@ impl Drop for Nginx {
                 lines[lines.len().saturating_sub(30)..].join("\n")
             );
         }
+    }
+}
+
+/// A certificate authority and a server certificate it signed for `localhost` and 127.0.0.1,
+/// made with Debian's `openssl` CLI in a temporary directory (P-256 keys, valid two days).
+pub struct TestCertificates {
+    dir: TempDir,
+}
+
+impl TestCertificates {
+    pub fn make() -> TestCertificates {
+        require("/usr/bin/openssl", "openssl");
+        let dir = TempDir::new("roomcast-certs");
+        let run = |args: &[&str]| {
+            let out = Command::new("/usr/bin/openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run openssl {args:?}: {e}"));
+            assert!(
+                out.status.success(),
+                "openssl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        run(&[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=roomcast test CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        ]
+        .concat());
+        run(&[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+        ]
+        .concat());
+        std::fs::write(
+            dir.path().join("server.ext"),
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+             extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .expect("write server.ext");
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ]);
+        TestCertificates { dir }
+    }
+
+    /// The CA certificate (PEM) a client must trust.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// The server certificate (PEM) for localhost and 127.0.0.1.
+    pub fn certificate(&self) -> PathBuf {
+        self.dir.path().join("server.pem")
+    }
+
+    pub fn key(&self) -> PathBuf {
+        self.dir.path().join("server.key")
     }
 }
 
