@@ -323,7 +323,7 @@ fn chat(
     }
     let slot = match admit(relay, client, refuse) {
         Ok(slot) => slot,
-        Err(refusal) => return refusal,
+        Err(refusal) => return *refusal,
     };
     let Some(permit) = relay.try_acquire() else {
         return refuse(
@@ -417,7 +417,7 @@ fn auth_first(
     }
     let slot = match admit(relay, client, refuse) {
         Ok(slot) => slot,
-        Err(refusal) => return refusal,
+        Err(refusal) => return *refusal,
     };
     let Some(permit) = relay.try_acquire() else {
         return refuse(
@@ -448,14 +448,14 @@ fn admit(
     relay: &Arc<Relay>,
     client: IpAddr,
     refuse: impl Fn(Rejection, StatusCode, &'static str) -> Response<Body>,
-) -> Result<AddressSlot, Response<Body>> {
+) -> Result<AddressSlot, Box<Response<Body>>> {
     let state = relay.addresses.get(client, relay.now_ms());
     let Some(slot) = AddressSlot::take(state, relay.settings.max_connections_per_ip) else {
-        return Err(refuse(
+        return Err(Box::new(refuse(
             Rejection::PerIpLimit,
             StatusCode::TOO_MANY_REQUESTS,
             "too many connections from your address\n",
-        ));
+        )));
     };
     if !relay.allow_handshake() {
         let mut r = refuse(
@@ -465,7 +465,7 @@ fn admit(
         );
         r.headers_mut()
             .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return Err(r);
+        return Err(Box::new(r));
     }
     Ok(slot)
 }
