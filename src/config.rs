@@ -195,8 +195,8 @@ pub struct Args {
     /// do not all reconnect at once (0: all at once). Must be shorter than SHUTDOWN_DRAIN_MS.
     #[arg(long, env = "SHUTDOWN_SPREAD_MS", default_value_t = 2_000)]
     pub shutdown_spread_ms: u64,
-    /// A second listener (e.g. 127.0.0.1:9090) for /metrics, /healthz and /readyz. When set, the
-    /// public port no longer answers /metrics.
+    /// A second listener (e.g. 127.0.0.1:9090) for /metrics, /healthz, /readyz and the server
+    /// API. When set, the public port no longer answers /metrics nor /api/.
     #[arg(long, env = "ADMIN_ADDR")]
     pub admin_addr: Option<SocketAddr>,
     /// Serve the demo chat page at / (it pre-fills the token field); `false` for production
@@ -405,7 +405,7 @@ pub struct Settings {
     pub audit_queue_max_bytes: usize,
     pub lame_duck: Duration,
     pub shutdown_spread: Duration,
-    /// `None`: /metrics is on the public port.
+    /// `None`: /metrics and the server API are on the public port.
     pub admin_addr: Option<SocketAddr>,
     pub serve_page: bool,
     pub log: LogSettings,
@@ -497,10 +497,11 @@ impl Settings {
         let tickets =
             crate::ticket::Tickets::load(jwt_secret.as_ref(), args.jwt_public_key_file.as_deref())?
                 .map(std::sync::Arc::new);
-        // The development token is open to the network only when it is accepted: CHAT_TOKEN unset
-        // (or set to it) and no tickets to require instead.
-        let dev_token = args.chat_token.as_deref().unwrap_or(DEV_TOKEN) == DEV_TOKEN
-            && (tickets.is_none() || args.chat_token.is_some());
+        // The development token is accepted when CHAT_TOKEN is unset and no tickets are set up,
+        // or when CHAT_TOKEN is set to it: then the relay serves loopback only.
+        let static_token = tickets.is_none() || args.chat_token.is_some();
+        let dev_token =
+            static_token && args.chat_token.as_deref().unwrap_or(DEV_TOKEN) == DEV_TOKEN;
         let host = match args.host {
             Some(host) if dev_token && !canonical(host).is_loopback() => {
                 return Err(ConfigError::DevTokenOnNetwork(host))
@@ -538,7 +539,7 @@ impl Settings {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Settings {
             listen_addr: SocketAddr::new(host, args.port),
-            static_token: tickets.is_none() || args.chat_token.is_some(),
+            static_token,
             tickets,
             chat_token: Secret(args.chat_token.unwrap_or_else(|| DEV_TOKEN.to_string())),
             allowed_origins,
@@ -681,6 +682,13 @@ mod tests {
                 Err(ConfigError::DevTokenOnNetwork(_))
             ));
         }
+        // Tickets without CHAT_TOKEN: the development token is not accepted, so nothing limits
+        // the relay to this machine.
+        assert_eq!(host(&["--jwt-secret", "s3cret"]), "0.0.0.0");
+        assert_eq!(
+            host(&["--jwt-secret", "s3cret", "--host", "192.0.2.1"]),
+            "192.0.2.1"
+        );
         let message = parse(&["--host", "0.0.0.0"]).unwrap_err().to_string();
         assert!(
             message.contains("CHAT_TOKEN") && message.contains("HOST=127.0.0.1"),

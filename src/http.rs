@@ -66,6 +66,15 @@ pub(crate) async fn handle(
     if is_upgrade && req.method() != Method::GET {
         // RFC 6455 4.1: the opening handshake is a GET. Anything else never becomes a WebSocket.
         relay.metrics.rejected(Rejection::BadHandshake);
+        crate::log::refusal(&crate::log::Refusal {
+            status: StatusCode::METHOD_NOT_ALLOWED.as_u16(),
+            reason: Rejection::BadHandshake,
+            peer,
+            client: None,
+            path: req.uri().path(),
+            upgrade: true,
+            detail: Some("not_get"),
+        });
         let mut r = text(
             StatusCode::METHOD_NOT_ALLOWED,
             "method not allowed: a WebSocket upgrade is a GET\n",
@@ -385,26 +394,32 @@ fn auth_first(
 ) -> Response<Body> {
     let peer = peer_addr.ip();
     let client = client_address(&relay.settings.trusted_proxies, req.headers(), peer);
+    let refuse_with =
+        |why: Rejection, status: StatusCode, body: &'static str, detail: Option<&str>| {
+            relay.metrics.rejected(why);
+            crate::log::refusal(&crate::log::Refusal {
+                status: status.as_u16(),
+                reason: why,
+                peer: peer_addr,
+                client: (client != peer).then_some(client),
+                path: "/",
+                upgrade: true,
+                detail,
+            });
+            text(status, body)
+        };
     let refuse = |why: Rejection, status: StatusCode, body: &'static str| {
-        relay.metrics.rejected(why);
-        crate::log::refusal(&crate::log::Refusal {
-            status: status.as_u16(),
-            reason: why,
-            peer: peer_addr,
-            client: (client != peer).then_some(client),
-            path: "/",
-            upgrade: true,
-            detail: None,
-        });
-        text(status, body)
+        refuse_with(why, status, body, None)
     };
     match req.headers().get(ORIGIN) {
         Some(o) if !origin_allowed(relay, o.as_bytes()) => {
-            return refuse(
+            let shown = String::from_utf8_lossy(o.as_bytes());
+            return refuse_with(
                 Rejection::ForbiddenOrigin,
                 StatusCode::FORBIDDEN,
                 "forbidden: origin not allowed\n",
-            )
+                Some(&shown),
+            );
         }
         _ => {}
     }

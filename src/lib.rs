@@ -6,8 +6,6 @@
 //! codec), `protocol` (JSON), `outbox` (per-connection queue), `hub` (rooms, history, presence),
 //! `broker` (the publish seam and the in-memory broker), `broker_redis` (several nodes through
 //! Redis), `address` (per source address state), `audit` (the audit log), `metrics`, `limits`,
-//! `rate` (windows).
-//! Redis), `address` (per source address state), `metrics`, `limits`,
 //! `rate` (windows), `log` (the logger and the access lines).
 
 pub mod address;

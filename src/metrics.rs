@@ -516,7 +516,6 @@ fn describe() {
         MEMBERSHIPS,
         "Room memberships currently held, by client dialect (rooms per connection = memberships / connections)."
     );
-    describe_histogram!(PUBLISH_RECIPIENTS, "Recipients per published message.");
     describe_histogram!(
         PUBLISH_RECIPIENTS,
         "Members on this relay whose queue took each published message."

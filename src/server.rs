@@ -62,7 +62,7 @@ pub async fn run(
 }
 
 /// What the relay listens on: the public listener (WebSockets, the page, probes) and, with
-/// ADMIN_ADDR, the admin listener (`/metrics`, `/healthz`, `/readyz`).
+/// ADMIN_ADDR, the admin listener (`/metrics`, `/healthz`, `/readyz`, the server API).
 pub struct Listeners {
     pub public: TcpListener,
     pub admin: Option<TcpListener>,
@@ -95,7 +95,8 @@ enum Phase {
 /// Serve until `shutdown.begin` resolves, then shut down the way a load balancer can follow:
 /// refuse upgrades and answer `/readyz` with 503 at once, keep the open WebSockets for
 /// LAME_DUCK_MS (none open: no wait), close them with 1001 spread over SHUTDOWN_SPREAD_MS, and
-/// wait at most SHUTDOWN_DRAIN_MS from the first close for them to go.
+/// wait at most SHUTDOWN_DRAIN_MS from the first close for them to go. The caller owns `audit`,
+/// as with [`run`].
 pub async fn serve<B, N>(
     listeners: Listeners,
     settings: Settings,

@@ -210,6 +210,75 @@ async fn a_refusal_flood_is_held_to_log_lines_per_second_and_the_rest_are_counte
     );
 }
 
+#[tokio::test]
+async fn limit_refusals_are_logged_with_their_reason_429_per_address_and_503_handshake_rate() {
+    let relay = Relay::start(&[("MAX_CONNECTIONS_PER_IP", "1")]);
+    let (_holder, _, _) = Client::join(&relay, "holder", "r").await;
+    let path = format!("/chat?{}", relay.chat_query("second", "r"));
+    assert_rejected(
+        &upgrade_request(&relay, &path, Some(&relay.origin())).await,
+        429,
+        "per address",
+    );
+    let line = relay.wait_for_log("status=429").await;
+    assert!(
+        line.contains("reason=per_ip_limit") && line.contains("path=/chat"),
+        "{line}"
+    );
+
+    let rate = Relay::start(&[("MAX_HANDSHAKES_PER_SECOND", "1")]);
+    let path = format!("/chat?{}", rate.chat_query("a", "r"));
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(
+            upgrade_request(&rate, &path, Some(&rate.origin()))
+                .await
+                .status,
+        );
+    }
+    assert!(statuses.contains(&503), "{statuses:?}");
+    let line = rate.wait_for_log("status=503").await;
+    assert!(line.contains("reason=handshake_rate"), "{line}");
+    assert_no_secrets(&rate, &rate.stderr_lines());
+}
+
+#[tokio::test]
+async fn second_dialect_and_non_get_upgrade_refusals_are_logged_too() {
+    let relay = Relay::start(&[]);
+    // The second dialect's upgrade (GET /) from a foreign Origin: 403.
+    let foreign = upgrade_head(relay.port(), "/", Some("https://evil.example"));
+    let resp = http_exchange(relay.addr, &foreign).await.expect("exchange");
+    assert_rejected(&resp, 403, "GET / from a foreign origin");
+    let line = relay.wait_for_log("status=403").await;
+    for part in [
+        "reason=forbidden_origin",
+        "path=/ ",
+        "detail=https://evil.example",
+    ] {
+        assert!(line.contains(part), "{part} in {line}");
+    }
+    // An upgrade that is not a GET: 405.
+    let post = upgrade_head(
+        relay.port(),
+        "/chat?token=s3cret-in-query",
+        Some(&relay.origin()),
+    )
+    .replacen("GET ", "POST ", 1);
+    let resp = http_exchange(relay.addr, &post).await.expect("exchange");
+    assert_eq!(resp.status, 405, "{}", resp.head);
+    let line = relay.wait_for_log("status=405").await;
+    assert!(
+        line.contains("reason=bad_handshake") && line.contains("detail=not_get"),
+        "{line}"
+    );
+    assert_no_secrets(&relay, &relay.stderr_lines());
+    assert!(
+        !relay.logs().contains("s3cret-in-query"),
+        "{}",
+        relay.logs()
+    );
+}
+
 /// A pseudo-terminal: (controller, device) file descriptors.
 #[allow(unsafe_code)]
 fn pty() -> (OwnedFd, OwnedFd) {
@@ -287,10 +356,9 @@ fn colours_only_on_a_terminal_and_never_with_no_color() {
     }
 }
 
-/// Closes are logged from `connection.rs` (`roomcast::log::connection_closed`), which this
-/// branch does not change; enable this test when it calls it.
+/// Closes are logged from `connection.rs` (`roomcast::log::connection_closed`), once per
+/// connection, when its close code is counted.
 #[tokio::test]
-#[ignore = "enable once connection.rs calls log::connection_closed"]
 async fn every_close_is_one_line_with_code_reason_room_age_and_peer() {
     let relay = Relay::start(&[]);
     let (ada, _, _) = Client::join(&relay, "ada", "closing-room").await;
@@ -302,6 +370,8 @@ async fn every_close_is_one_line_with_code_reason_room_age_and_peer() {
         .expect("a close line");
     for part in [
         "code=1000",
+        "reason=peer_closed",
+        "by=peer",
         "room=closing-room",
         "age_ms=",
         "peer=127.0.0.1",
