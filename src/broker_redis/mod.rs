@@ -328,7 +328,8 @@ impl Broker for RedisBroker {
             let shared = &self.shared;
             let read = async {
                 let mut c = shared.backend.connect().await?;
-                shared.run_read(&mut c, &keys).await
+                // The server API's read: this node may not follow the room; nothing to compare.
+                shared.run_read(&mut c, &keys, &Seen::default()).await
             };
             match tokio::time::timeout(shared.settings.timeout, read).await {
                 Ok(Ok(value)) => match wire::parse_snapshot(&value) {
@@ -446,11 +447,13 @@ impl Shared {
         self.settings.key_ttl.as_secs().max(1)
     }
 
-    /// Run the read script (a room's epoch, last seq and history) on `connection`.
+    /// Run the read script (a room's epoch, last seq and history) on `connection`. `seen` is
+    /// what this node has of the room (see [`seen`]).
     async fn run_read(
         &self,
         connection: &mut Connection,
         keys: &RoomKeys,
+        seen: &Seen,
     ) -> redis::RedisResult<Value> {
         let (epoch, ttl) = (new_epoch(), self.key_ttl_secs());
         run_script(
@@ -459,10 +462,29 @@ impl Shared {
             wire::READ_SCRIPT,
             &[&keys.epoch, &keys.seq, &keys.history, &keys.dedupe],
             |cmd| {
-                cmd.arg(&epoch).arg(ttl);
+                cmd.arg(&epoch).arg(ttl).arg(&seen.epoch).arg(seen.last_seq);
             },
         )
         .await
+    }
+}
+
+/// What this node has seen of a room: its epoch and last `seq`. The scripts compare it with
+/// Redis: a seq behind it in the same epoch means Redis lost acknowledged messages (a Redis
+/// Cluster replica was promoted before they reached it), and the room starts a new epoch rather
+/// than hand out those seqs again — the members are told their history is incomplete instead of
+/// silently missing the messages that reuse them.
+#[derive(Debug, Default)]
+struct Seen {
+    epoch: String,
+    last_seq: u64,
+}
+
+fn seen(room: &Room) -> Seen {
+    let st = room.lock();
+    Seen {
+        epoch: st.epoch().to_string(),
+        last_seq: st.next_seq().saturating_sub(1),
     }
 }
 
@@ -523,6 +545,7 @@ async fn run_publish(shared: Arc<Shared>, mut connection: Connection, job: Job) 
     let keys = shared.keys(job.room.name());
     let epoch = new_epoch();
     let id = job.id.to_string();
+    let seen = seen(&job.room);
     let started = Instant::now();
     let result = tokio::time::timeout(
         shared.settings.timeout,
@@ -541,7 +564,9 @@ async fn run_publish(shared: Arc<Shared>, mut connection: Connection, job: Job) 
                     .arg(&job.text_hash)
                     .arg(&keys.channel)
                     .arg(shared.backend.publish_command())
-                    .arg(shared.key_ttl_secs());
+                    .arg(shared.key_ttl_secs())
+                    .arg(&seen.epoch)
+                    .arg(seen.last_seq);
             },
         ),
     )
@@ -771,7 +796,8 @@ async fn read_snapshot(
     generation: u64,
 ) {
     let keys = shared.keys(room.name());
-    let read = shared.run_read(&mut connection, &keys);
+    let seen = seen(&room);
+    let read = shared.run_read(&mut connection, &keys, &seen);
     match tokio::time::timeout(shared.settings.timeout, read).await {
         Ok(Ok(value)) => match wire::parse_snapshot(&value) {
             Some(snapshot) => shared.hub.apply_snapshot(&room, generation, snapshot),
