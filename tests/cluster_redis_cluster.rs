@@ -171,8 +171,9 @@ async fn the_server_api_works_across_nodes_on_a_cluster() {
     let cluster = RedisCluster::shared();
     let (a, b) = (node(cluster), node(cluster));
     wait_ready(&[&a, &b]).await;
-    let (mut on_b, _, _) = Client::join(&b, "ada", "api-ops").await;
-    let (mut also_on_b, _, _) = Client::join(&b, "bob", "api-ops").await;
+    // Names of their own: a disconnect reaches every relay on the shared cluster.
+    let (mut on_b, _, _) = Client::join(&b, "api-ada", "api-ops").await;
+    let (mut also_on_b, _, _) = Client::join(&b, "api-bob", "api-ops").await;
     let r = api_post(
         &a,
         "/api/publish",
@@ -206,7 +207,7 @@ async fn the_server_api_works_across_nodes_on_a_cluster() {
         assert!(Instant::now() < deadline, "presence: {}", p.body);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let r = api_post(&a, "/api/disconnect", json!({"name": "ada"})).await;
+    let r = api_post(&a, "/api/disconnect", json!({"name": "api-ada"})).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(on_b.expect_close(WAIT).await, Some(4000));
     also_on_b.publish_and_wait("bob stays").await;
@@ -411,7 +412,7 @@ async fn a_master_killed_fails_over_and_its_rooms_publish_again_with_nothing_ack
         receivers.insert(room.clone(), tokio::spawn(receive_until(member, stop)));
     }
     // A watcher on node B for the disconnect after the failover.
-    let (mut watcher, _, _) = Client::join(&b, "watcher", "failover-watch").await;
+    let (mut watcher, _, _) = Client::join(&b, "failover-watcher", "failover-watch").await;
 
     // Traffic flows before the kill.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -602,13 +603,101 @@ async fn a_master_killed_fails_over_and_its_rooms_publish_again_with_nothing_ack
     }
 
     // The control channel lived on the failed master's slot: a disconnect still reaches node B.
-    let r = api_post(&a, "/api/disconnect", json!({"name": "watcher"})).await;
+    let r = api_post(&a, "/api/disconnect", json!({"name": "failover-watcher"})).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(watcher.expect_close(WAIT).await, Some(4000));
     wait_for_metric(&a, "roomcast_redis_reconnects_total", &[], WAIT, |v| {
         v >= 1.0
     })
     .await;
+}
+
+/// A shard with no node left (master and replica both killed) makes only its own rooms wait:
+/// its rooms' publishes get `unavailable`, while the other rooms' messages keep arriving
+/// promptly and a join into another room is greeted at once — the node's re-subscriptions to
+/// the dead shard, retried until it comes back, must not hold them up. Its own cluster: the
+/// shard stays dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_with_no_node_left_does_not_hold_up_the_other_rooms() {
+    let cluster = RedisCluster::start();
+    let (a, b) = (node(&cluster), node(&cluster));
+    wait_ready(&[&a, &b]).await;
+    let rooms = rooms_on_every_master(&cluster, "deadshard", 3);
+    let dead_master = master_of_room(&cluster, &rooms[0]);
+    let replicas = cluster.replicas_of(dead_master);
+    assert_eq!(replicas.len(), 1, "one replica per master");
+    let dead_rooms: HashSet<String> = rooms
+        .iter()
+        .filter(|r| master_of_room(&cluster, r) == dead_master)
+        .cloned()
+        .collect();
+    assert_eq!(dead_rooms.len(), 3);
+    // A room nobody joined yet, on a live master, for a join after the kill.
+    let fresh = rooms_on_every_master(&cluster, "deadshard-new", 1)
+        .into_iter()
+        .find(|r| master_of_room(&cluster, r) != dead_master)
+        .expect("a new room on a live master");
+    let mut members = Vec::new();
+    for room in &rooms {
+        let (on_a, _, _) = Client::join(&a, "ada", room).await;
+        let (on_b, _, _) = Client::join(&b, "bob", room).await;
+        members.push((room.clone(), on_a, on_b));
+    }
+    cluster.kill_hard(replicas[0]);
+    cluster.kill_hard(dead_master);
+    let killed = Instant::now();
+    // Give the nodes time to notice and start re-subscribing (and failing) on the dead shard.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut worst = Duration::ZERO;
+    for round in 0..4 {
+        for (room, on_a, on_b) in members.iter_mut() {
+            let dead = dead_rooms.contains(room.as_str());
+            if dead && round > 0 {
+                continue; // one `unavailable` each is enough (each takes REDIS_TIMEOUT)
+            }
+            let text = format!("{room} r{round}");
+            on_a.send_json(&json!({"type":"message","text":text,"requestId":format!("r{round}")}))
+                .await;
+            let answer = on_a
+                .next_event_matching(REDIS_TIMEOUT + Duration::from_secs(3), |e| {
+                    e["type"] == "ack" || e["type"] == "error"
+                })
+                .await;
+            if dead {
+                assert_eq!(answer["code"], "unavailable", "{room}: {answer}");
+                continue;
+            }
+            let sent = Instant::now();
+            assert_eq!(answer["type"], "ack", "{room} is on a live shard: {answer}");
+            let got = on_b
+                .next_event_matching(Duration::from_secs(5), |e| {
+                    e["type"] == "message" && e["message"]["text"] == text.as_str()
+                })
+                .await;
+            assert_eq!(got["message"]["text"], text.as_str());
+            worst = worst.max(sent.elapsed());
+        }
+    }
+    // A join into a live room on node B, which follows it already, and into a new live room
+    // it does not follow yet: both greeted at once.
+    let live_room = rooms
+        .iter()
+        .find(|r| !dead_rooms.contains(r.as_str()))
+        .expect("a live room");
+    for room in [live_room.as_str(), fresh.as_str()] {
+        let started = Instant::now();
+        let (_c, _, h) = Client::join(&b, "late", room).await;
+        assert_eq!(h["complete"], true, "{h}");
+        worst = worst.max(started.elapsed());
+    }
+    eprintln!(
+        "dead shard: live rooms' slowest delivery or greeting {worst:?}, {:?} after the kill",
+        killed.elapsed()
+    );
+    assert!(
+        worst < Duration::from_millis(900),
+        "the dead shard held up the other rooms: {worst:?}"
+    );
 }
 
 #[test]

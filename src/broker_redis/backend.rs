@@ -336,6 +336,16 @@ impl Subscriber {
         }
     }
 
+    /// Redis Cluster: a handle whose subscription changes may run in tasks of their own (one
+    /// shard without a master must not hold up the others). None with one Redis, whose
+    /// subscriptions are changed in order on the one connection.
+    pub(super) fn cluster_rooms(&self) -> Option<ClusterRooms> {
+        match self {
+            Subscriber::Single { .. } => None,
+            Subscriber::Cluster(c) => Some(ClusterRooms(c.connection.clone())),
+        }
+    }
+
     /// The connection snapshot reads go through.
     pub(super) fn reads(&self) -> Connection {
         match self {
@@ -370,6 +380,29 @@ impl Subscriber {
                 }
             }
         }
+    }
+}
+
+/// The subscriptions connection of a Redis Cluster, for changes made off the rooms task. What
+/// arrives still comes through [`Subscriber::next`].
+#[derive(Clone)]
+pub(super) struct ClusterRooms(ClusterConnection);
+
+impl ClusterRooms {
+    pub(super) async fn subscribe_room(&mut self, channel: &str) -> RedisResult<()> {
+        self.0.ssubscribe(channel).await
+    }
+
+    pub(super) async fn unsubscribe_room(&mut self, channel: &str) -> RedisResult<()> {
+        self.0.sunsubscribe(channel).await
+    }
+
+    pub(super) async fn subscribe_control(&mut self, channel: &str) -> RedisResult<()> {
+        self.0.subscribe(channel).await
+    }
+
+    pub(super) fn reads(&self) -> Connection {
+        Connection::Cluster(self.0.clone())
     }
 }
 

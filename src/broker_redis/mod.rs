@@ -60,7 +60,7 @@ use crate::hub::{Follower, Hub, Room};
 use crate::metrics::Metrics;
 use crate::protocol;
 
-use backend::{run_script, Backend, Connection, Incoming, Subscriber};
+use backend::{run_script, Backend, ClusterRooms, Connection, Incoming, Subscriber};
 use wire::{PublishReply, RoomKeys};
 
 pub use backend::RedisTarget;
@@ -648,30 +648,18 @@ async fn rooms_task(shared: Arc<Shared>, mut commands: mpsc::Receiver<RoomComman
         // Whatever happened while we were away: every room with local members reads its
         // snapshot again (and is subscribed first).
         let mut pending = resync_all(&shared);
-        // Redis Cluster: the control subscription to make again after a lost node, and when.
-        let mut control_again: Option<Instant> = None;
-        // Channels we unsubscribed from whose confirmation has not come back yet: any other
-        // end of a shard subscription was the server's (a slot moved).
-        let mut own_unsubscribes: HashMap<String, usize> = HashMap::new();
+        // Redis Cluster: subscription changes off this task (see `ClusterOps`).
+        let mut cluster = subscriber.cluster_rooms().map(ClusterOps::new);
         loop {
             if let Some(command) = pending.pop_front() {
-                if handle_command(&shared, &mut subscriber, &mut own_unsubscribes, command)
+                if let Some(cluster) = cluster.as_mut() {
+                    cluster.run(&shared, command);
+                } else if handle_command(&shared, &mut subscriber, command)
                     .await
                     .is_err()
                 {
                     break;
                 }
-                continue;
-            }
-            if control_again.is_some_and(|at| at <= Instant::now()) {
-                let control = subscriber.subscribe_control(wire::CONTROL_CHANNEL);
-                control_again = match tokio::time::timeout(shared.settings.timeout, control).await {
-                    Ok(Ok(())) => None,
-                    _ => {
-                        shared.metrics.redis_errors.increment(1);
-                        Some(Instant::now() + RECONNECT_MIN)
-                    }
-                };
                 continue;
             }
             tokio::select! {
@@ -683,21 +671,19 @@ async fn rooms_task(shared: Arc<Shared>, mut commands: mpsc::Receiver<RoomComman
                         // in the rooms' history.
                         shared.metrics.redis_reconnects.increment(1);
                         pending = resync_all(&shared);
-                        control_again = Some(Instant::now());
+                        if let Some(cluster) = cluster.as_mut() {
+                            cluster.resubscribe_control(&shared);
+                        }
                     }
                     Incoming::Unsubscribed(channel) => {
-                        let channel = String::from_utf8_lossy(&channel);
-                        match own_unsubscribes.get_mut(channel.as_ref()) {
-                            Some(n) if *n > 1 => *n -= 1,
-                            Some(_) => {
-                                own_unsubscribes.remove(channel.as_ref());
-                            }
-                            None => {
-                                // The server ended a shard subscription (its slot moved to
-                                // another shard): follow every room again.
-                                shared.metrics.redis_reconnects.increment(1);
-                                pending = resync_all(&shared);
-                            }
+                        let ours = cluster
+                            .as_ref()
+                            .is_some_and(|c| c.took_own_unsubscribe(&channel));
+                        if !ours {
+                            // The server ended a shard subscription (its slot moved to
+                            // another shard): follow every room again.
+                            shared.metrics.redis_reconnects.increment(1);
+                            pending = resync_all(&shared);
                         }
                     }
                     Incoming::Other => {}
@@ -707,7 +693,6 @@ async fn rooms_task(shared: Arc<Shared>, mut commands: mpsc::Receiver<RoomComman
                     Some(command) => pending.push_back(command),
                     None => return,
                 },
-                _ = sleep_until_some(control_again) => {}
             }
         }
         shared.backend.return_subscriber(subscriber);
@@ -727,21 +712,145 @@ fn resync_all(shared: &Shared) -> VecDeque<RoomCommand> {
         .collect()
 }
 
-async fn sleep_until_some(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+/// Redis Cluster: subscription changes run in tasks of their own, concurrently across rooms — a
+/// shard without any reachable node makes its rooms' changes wait up to `REDIS_TIMEOUT_MS`,
+/// which must not hold up the other rooms' changes or the channel messages — and in order within
+/// a room (a release and a new join of the same room cannot cross). A subscription that fails is
+/// retried for its room alone, through the hub, the other shards being fine.
+struct ClusterOps {
+    rooms: ClusterRooms,
+    /// The last change of each channel; the next one waits for it. Finished ones are pruned.
+    last: HashMap<String, tokio::task::JoinHandle<()>>,
+    prune_at: usize,
+    /// Unsubscribes we sent whose confirmation has not come back yet, by channel: any other end
+    /// of a shard subscription is the server's (its slot moved).
+    own_unsubscribes: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+    control: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ClusterOps {
+    fn new(rooms: ClusterRooms) -> ClusterOps {
+        ClusterOps {
+            rooms,
+            last: HashMap::new(),
+            prune_at: 1024,
+            own_unsubscribes: Arc::default(),
+            control: None,
+        }
+    }
+
+    fn run(&mut self, shared: &Arc<Shared>, command: RoomCommand) {
+        let (shared, mut rooms) = (shared.clone(), self.rooms.clone());
+        match command {
+            RoomCommand::Sync(room, generation) => {
+                let channel = shared.keys(room.name()).channel;
+                self.chain(channel.clone(), async move {
+                    let subscribe = rooms.subscribe_room(&channel);
+                    match tokio::time::timeout(shared.settings.timeout, subscribe).await {
+                        Ok(Ok(())) => read_snapshot(shared, rooms.reads(), room, generation).await,
+                        _ => {
+                            // The room's shard has no reachable node right now (a failover):
+                            // the hub asks again shortly.
+                            shared.metrics.redis_errors.increment(1);
+                            shared.hub.snapshot_failed(&room, generation);
+                        }
+                    }
+                });
+            }
+            RoomCommand::Release(room) => {
+                let channel = shared.keys(room.name()).channel;
+                let own = self.own_unsubscribes.clone();
+                self.chain(channel.clone(), async move {
+                    if shared.hub.wants_following(&room) {
+                        return;
+                    }
+                    // Counted before it is sent: its confirmation may be read before this
+                    // task runs again.
+                    *lock(&own).entry(channel.clone()).or_default() += 1;
+                    let unsubscribe = rooms.unsubscribe_room(&channel);
+                    if !matches!(
+                        tokio::time::timeout(shared.settings.timeout, unsubscribe).await,
+                        Ok(Ok(()))
+                    ) {
+                        take_one(&mut lock(&own), &channel);
+                    }
+                });
+            }
+        }
+    }
+
+    /// Subscribe to the control channel again (after a lost node), until it works.
+    fn resubscribe_control(&mut self, shared: &Arc<Shared>) {
+        if self.control.as_ref().is_some_and(|c| !c.is_finished()) {
+            return; // already at it
+        }
+        let (shared, mut rooms) = (shared.clone(), self.rooms.clone());
+        self.control = Some(tokio::spawn(async move {
+            let mut backoff = RECONNECT_MIN;
+            loop {
+                let control = rooms.subscribe_control(wire::CONTROL_CHANNEL);
+                if let Ok(Ok(())) = tokio::time::timeout(shared.settings.timeout, control).await {
+                    return;
+                }
+                shared.metrics.redis_errors.increment(1);
+                tokio::time::sleep(jittered(backoff)).await;
+                backoff = (backoff * 2).min(RECONNECT_MAX);
+            }
+        }));
+    }
+
+    /// Was this end of a shard subscription the confirmation of our own unsubscribe?
+    fn took_own_unsubscribe(&self, channel: &[u8]) -> bool {
+        let channel = String::from_utf8_lossy(channel);
+        take_one(&mut lock(&self.own_unsubscribes), &channel)
+    }
+
+    /// Run `op` after the channel's previous change.
+    fn chain(
+        &mut self,
+        channel: String,
+        op: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let previous = self.last.remove(&channel);
+        let handle = tokio::spawn(async move {
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+            op.await;
+        });
+        self.last.insert(channel, handle);
+        if self.last.len() >= self.prune_at {
+            self.last.retain(|_, h| !h.is_finished());
+            self.prune_at = (self.last.len() * 2).max(1024);
+        }
     }
 }
 
-/// Subscribe/unsubscribe in order (so a release and a new join of the same room cannot cross),
-/// and read snapshots in tasks of their own. An error means the subscriptions connection is
-/// broken and must be made again (one Redis only: a cluster subscription that fails is retried
-/// for its room alone, the other shards being fine).
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Take one count of `key`; false if there was none.
+fn take_one(counts: &mut HashMap<String, usize>, key: &str) -> bool {
+    match counts.get_mut(key) {
+        Some(n) if *n > 1 => {
+            *n -= 1;
+            true
+        }
+        Some(_) => {
+            counts.remove(key);
+            true
+        }
+        None => false,
+    }
+}
+
+/// One Redis: subscribe/unsubscribe in order on the one connection (so a release and a new join
+/// of the same room cannot cross), and read snapshots in tasks of their own. An error means the
+/// subscriptions connection is broken and must be made again.
 async fn handle_command(
     shared: &Arc<Shared>,
     subscriber: &mut Subscriber,
-    own_unsubscribes: &mut HashMap<String, usize>,
     command: RoomCommand,
 ) -> Result<(), ()> {
     match command {
@@ -758,13 +867,6 @@ async fn handle_command(
                     ));
                     Ok(())
                 }
-                _ if shared.backend.repairs_itself() => {
-                    // The room's shard has no reachable node right now (a failover): the hub
-                    // asks again shortly.
-                    shared.metrics.redis_errors.increment(1);
-                    shared.hub.snapshot_failed(&room, generation);
-                    Ok(())
-                }
                 _ => {
                     // The subscription connection is in trouble: reconnecting follows every
                     // room with members again.
@@ -775,14 +877,11 @@ async fn handle_command(
         RoomCommand::Release(room) => {
             if !shared.hub.wants_following(&room) {
                 let channel = shared.keys(room.name()).channel;
-                let unsubscribed = tokio::time::timeout(
+                let _ = tokio::time::timeout(
                     shared.settings.timeout,
                     subscriber.unsubscribe_room(&channel),
                 )
                 .await;
-                if matches!(unsubscribed, Ok(Ok(()))) && shared.backend.repairs_itself() {
-                    *own_unsubscribes.entry(channel).or_default() += 1;
-                }
             }
             Ok(())
         }

@@ -415,8 +415,9 @@ impl RedisCluster {
     }
 
     /// One cluster for the whole test binary, started on first use, never dropped (its nodes die
-    /// with the test process). Tests sharing it use their own room names. A test that kills a
-    /// node must hold [`RedisCluster::exclusive`]'s write guard; the others its read guard.
+    /// with the test process). Tests sharing it use their own room names and user names (a
+    /// server API disconnect reaches every relay on the cluster). A test that kills a node must
+    /// hold [`RedisCluster::exclusive`]'s write guard; the others its read guard.
     pub fn shared() -> &'static RedisCluster {
         static SHARED: OnceLock<RedisCluster> = OnceLock::new();
         SHARED.get_or_init(|| {
@@ -526,6 +527,32 @@ impl RedisCluster {
             .collect();
         masters.sort_by_key(|m| m.slots.first().copied());
         masters
+    }
+
+    /// The ports of the replicas of the master on `master_port`, as the first live node sees
+    /// them.
+    pub fn replicas_of(&self, master_port: u16) -> Vec<u16> {
+        let text = self
+            .command(self.live_ports()[0], &["CLUSTER", "NODES"])
+            .as_text()
+            .unwrap_or_default();
+        let port_of = |addr: &str| addr.split(['@', ':']).nth(1)?.parse::<u16>().ok();
+        let lines: Vec<Vec<&str>> = text
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        let Some(master_id) = lines
+            .iter()
+            .find(|f| f.len() > 3 && port_of(f[1]) == Some(master_port))
+            .map(|f| f[0])
+        else {
+            return Vec::new();
+        };
+        lines
+            .iter()
+            .filter(|f| f.len() > 3 && f[3] == master_id)
+            .filter_map(|f| port_of(f[1]))
+            .collect()
     }
 
     /// The masters serving slots now, as the first live node sees them.
