@@ -7,8 +7,9 @@
 //! job on a queue bounded in bytes (`REDIS_QUEUE_MAX_BYTES`; past it the sender gets
 //! `unavailable`) and returns. The publisher task runs the publish script (`redis/publish.lua`:
 //! de-duplication, `seq`, history, publish — one atomic step) for every job on ONE multiplexed
-//! connection shared by all connections of the node, with up to `PUBLISHES_IN_FLIGHT` scripts
-//! pipelined on it. The sender's ack (with its `seq`) is sent once Redis has answered; a publish
+//! connection shared by all connections of the node (on a Redis Cluster, the one cluster
+//! connection: a socket per cluster node), with up to `PUBLISHES_IN_FLIGHT` scripts pipelined
+//! on it. The sender's ack (with its `seq`) is sent once Redis has answered; a publish
 //! that Redis did not take within `REDIS_TIMEOUT_MS` gets `unavailable`, never an ack.
 //!
 //! **Delivering.** The message itself reaches every node, the sender's included, through the
