@@ -130,6 +130,11 @@ pub struct Args {
     /// logs never show its value.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// Redis Cluster seed nodes, comma-separated `HOST:PORT` (or `redis://` URLs, which may carry
+    /// a password): switches to the Redis broker on a Redis Cluster (rooms on sharded pub/sub).
+    /// Not together with REDIS_URL. Never shown by --help or the logs.
+    #[arg(long, env = "REDIS_CLUSTER_NODES", hide_env_values = true)]
+    pub redis_cluster_nodes: Option<String>,
     /// Longest wait for Redis, in milliseconds: a publish not taken by then is answered
     /// `unavailable`.
     #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 2_000)]
@@ -329,6 +334,16 @@ pub enum ConfigError {
     BadProxy(String),
     #[error("REDIS_URL must start with redis:// (or rediss://)")]
     RedisUrl,
+    #[error(
+        "REDIS_URL and REDIS_CLUSTER_NODES are both set: set REDIS_URL for one Redis, or \
+         REDIS_CLUSTER_NODES for a Redis Cluster, not both"
+    )]
+    RedisUrlAndClusterNodes,
+    #[error(
+        "REDIS_CLUSTER_NODES entry {0} is not HOST:PORT or a redis:// (rediss://) URL \
+         (the list is comma-separated)"
+    )]
+    RedisClusterNode(usize),
     #[error("AUDIT_LOG must be a file path or - (standard output)")]
     EmptyAuditLog,
     #[error("AUDIT_QUEUE_MAX must be between 1 and {AUDIT_QUEUE_MAX_LIMIT}, got {0}")]
@@ -340,6 +355,33 @@ pub enum ConfigError {
     DevTokenOnNetwork(IpAddr),
     #[error("SHUTDOWN_SPREAD_MS ({spread}) must be shorter than SHUTDOWN_DRAIN_MS ({drain}): the closes are spread inside the drain")]
     SpreadLongerThanDrain { spread: u64, drain: u64 },
+}
+
+/// REDIS_CLUSTER_NODES as `redis://` URLs: `HOST:PORT` entries get the scheme, URLs are kept.
+/// An error names the entry by its position only (a URL may carry a password).
+fn cluster_node_urls(list: &str) -> Result<Vec<Secret>, ConfigError> {
+    let entries: Vec<&str> = list.split(',').map(str::trim).collect();
+    if entries.iter().all(|e| e.is_empty()) {
+        return Err(ConfigError::RedisClusterNode(1));
+    }
+    entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| !e.is_empty())
+        .map(|(i, entry)| {
+            if entry.starts_with("redis://") || entry.starts_with("rediss://") {
+                return Ok(Secret(entry.to_string()));
+            }
+            let host_port = entry
+                .rsplit_once(':')
+                .filter(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
+                .filter(|_| !entry.contains(['/', '@', ' ']));
+            match host_port {
+                Some(_) => Ok(Secret(format!("redis://{entry}"))),
+                None => Err(ConfigError::RedisClusterNode(i + 1)),
+            }
+        })
+        .collect()
 }
 
 /// The audit queue's slots (32 B each) are allocated at start: 4 Mi lines is 128 MiB already.
@@ -382,8 +424,11 @@ pub struct Settings {
     pub trusted_proxies: Vec<Cidr>,
     pub history_max_bytes: usize,
     pub invalid_room: InvalidRoom,
-    /// `None`: the in-memory broker (one node alone).
+    /// `None`: the in-memory broker (one node alone), or Redis Cluster.
     pub redis_url: Option<Secret>,
+    /// Redis Cluster seed nodes as `redis://` URLs (`None`: no cluster). Never set together
+    /// with `redis_url`.
+    pub redis_cluster_nodes: Option<Vec<Secret>>,
     pub redis_timeout: Duration,
     pub redis_queue_max_bytes: usize,
     pub redis_key_ttl: Duration,
@@ -471,6 +516,13 @@ impl Settings {
                 return Err(ConfigError::RedisUrl);
             }
         }
+        let redis_cluster_nodes = match &args.redis_cluster_nodes {
+            None => None,
+            Some(_) if args.redis_url.is_some() => {
+                return Err(ConfigError::RedisUrlAndClusterNodes)
+            }
+            Some(list) => Some(cluster_node_urls(list)?),
+        };
         nonzero(args.audit_queue_max_bytes as u64, "AUDIT_QUEUE_MAX_BYTES")?;
         if !(1..=AUDIT_QUEUE_MAX_LIMIT).contains(&args.audit_queue_max) {
             return Err(ConfigError::AuditQueueOutOfRange(args.audit_queue_max));
@@ -573,6 +625,7 @@ impl Settings {
             history_max_bytes: args.history_max_bytes,
             invalid_room: args.invalid_room,
             redis_url: args.redis_url.as_deref().map(Secret::from),
+            redis_cluster_nodes,
             redis_timeout: Duration::from_millis(args.redis_timeout_ms),
             redis_queue_max_bytes: args.redis_queue_max_bytes,
             redis_key_ttl: Duration::from_secs(args.redis_key_ttl_secs),
@@ -810,6 +863,54 @@ mod tests {
             Settings::from_args(args),
             Err(ConfigError::AuditQueueOutOfRange(0))
         ));
+    }
+
+    #[test]
+    fn redis_cluster_nodes_take_host_port_or_urls_and_not_with_redis_url() {
+        let s = Settings::from_args(Args::parse_from([
+            "roomcast",
+            "--redis-cluster-nodes",
+            "127.0.0.1:7000, redis://:pw@10.0.0.2:7001,",
+        ]))
+        .unwrap();
+        let nodes: Vec<&str> = s
+            .redis_cluster_nodes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(Secret::expose)
+            .collect();
+        assert_eq!(
+            nodes,
+            ["redis://127.0.0.1:7000", "redis://:pw@10.0.0.2:7001"]
+        );
+        assert_eq!(s.redis_url, None);
+        assert!(!format!("{s:?}").contains("pw@"));
+        let args = Args::parse_from([
+            "roomcast",
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--redis-cluster-nodes",
+            "127.0.0.1:7000",
+        ]);
+        let e = Settings::from_args(args).unwrap_err();
+        assert!(matches!(e, ConfigError::RedisUrlAndClusterNodes));
+        assert!(e.to_string().contains("not both"), "{e}");
+        for (bad, entry) in [
+            ("127.0.0.1", 1),
+            ("127.0.0.1:7000,:7001", 2),
+            ("h:0", 1),
+            ("h:70000", 1),
+            ("", 1),
+            ("user:pw@h:1", 1),
+        ] {
+            let args = Args::parse_from(["roomcast", "--redis-cluster-nodes", bad]);
+            match Settings::from_args(args) {
+                Err(ConfigError::RedisClusterNode(n)) => assert_eq!(n, entry, "{bad:?}"),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        assert_eq!(Settings::default().redis_cluster_nodes, None);
     }
 
     #[test]

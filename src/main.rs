@@ -80,7 +80,13 @@ fn main() -> anyhow::Result<()> {
             stdout.flush()?;
             drop(stdout);
             // The Redis URL may carry a password: only whether there is one is logged.
-            let broker = if settings.redis_url.is_some() { "redis" } else { "memory" };
+            let broker = if settings.redis_url.is_some() {
+                "redis"
+            } else if settings.redis_cluster_nodes.is_some() {
+                "redis-cluster"
+            } else {
+                "memory"
+            };
             let audit_log = settings.audit_log.as_ref().map(ToString::to_string);
             tracing::info!(%addr, max_connections = max, open_file_limit = nofile, origins = ?settings.allowed_origins, broker, audit_log, "ready");
             let listeners = server::Listeners { public: listener, admin };

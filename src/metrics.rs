@@ -452,7 +452,7 @@ fn describe() {
     );
     describe_counter!(
         REDIS_RECONNECTS,
-        "Times the subscription connection to Redis was made again after it was lost."
+        "Times the subscription connection to Redis was made again after it was lost (Redis Cluster: a node's connection or a shard subscription was lost); every followed room is read again after each."
     );
     describe_histogram!(
         REDIS_ROUND_TRIP_SECONDS,

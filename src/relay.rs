@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::address::Addresses;
 use crate::audit::Audit;
 use crate::broker::{Broker, MemoryBroker};
-use crate::broker_redis::{RedisBroker, RedisBrokerError, RedisSettings};
+use crate::broker_redis::{RedisBroker, RedisBrokerError, RedisSettings, RedisTarget};
 use crate::config::Settings;
 use crate::hub::{Follower, Hub, HubSettings};
 use crate::metrics::Metrics;
@@ -214,13 +214,21 @@ impl Relay {
             },
             metrics.clone(),
         ));
-        let broker: Arc<dyn Broker> = match &settings.redis_url {
+        // Settings never carry both (a start-up error).
+        let redis_target = match (&settings.redis_url, &settings.redis_cluster_nodes) {
+            (Some(url), _) => Some(RedisTarget::Single(url.expose().to_string())),
+            (None, Some(nodes)) => Some(RedisTarget::Cluster(
+                nodes.iter().map(|n| n.expose().to_string()).collect(),
+            )),
+            (None, None) => None,
+        };
+        let broker: Arc<dyn Broker> = match redis_target {
             None => Arc::new(MemoryBroker::new(hub.clone()).with_audit(audit.clone())),
-            Some(url) => {
+            Some(target) => {
                 let redis = RedisBroker::start(
                     hub.clone(),
                     RedisSettings {
-                        url: url.expose().to_string(),
+                        target,
                         history_limit: settings.history_limit,
                         key_ttl: settings.redis_key_ttl,
                         timeout: settings.redis_timeout,

@@ -488,3 +488,82 @@ async fn the_server_api_works_across_nodes() {
     assert_eq!(on_b.expect_close(WAIT).await, Some(4000));
     also_on_b.publish_and_wait("bob stays").await;
 }
+
+/// Redis Cluster may promote a replica that never received the last acknowledged messages of a
+/// room. Simulated on one Redis by rolling the room's seq and history back under two nodes that
+/// delivered them: the next publish starts a new epoch rather than hand those seqs out again
+/// (which the nodes would drop as already delivered — a silent hole), and the members are told
+/// their history is incomplete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_messages_redis_lost_start_a_new_epoch_on_the_next_publish() {
+    let redis = RedisServer::start();
+    let (a, b) = (node(&redis), node(&redis));
+    wait_ready(&[&a, &b]).await;
+    let (mut ada, _, h) = Client::join(&a, "ada", "rollback").await;
+    let (mut bob, _, _) = Client::join(&b, "bob", "rollback").await;
+    let old_epoch = h["epoch"].as_str().expect("epoch").to_string();
+    for i in 1..=3 {
+        ada.publish_and_wait(&format!("m{i}")).await;
+    }
+    assert_eq!(messages(&mut bob, 3).await.len(), 3);
+    // The promoted replica had m1 only.
+    redis.command(&["set", "rc:{rollback}:seq", "1"]);
+    redis.command(&["ltrim", "rc:{rollback}:history", "0", "0"]);
+    bob.send_json(&json!({"type":"message","text":"after","requestId":"x1"}))
+        .await;
+    let ack = bob.next_event_of_type("ack", EVENT_TIMEOUT).await;
+    assert_eq!(ack["seq"], 2, "{ack}");
+    for c in [&mut ada, &mut bob] {
+        let notice = c.next_event_of_type("history", EVENT_TIMEOUT).await;
+        assert_eq!(notice["complete"], false, "{}: {notice}", c.name);
+        assert_ne!(notice["epoch"], old_epoch.as_str(), "{}: {notice}", c.name);
+        let held: Vec<&str> = notice["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .filter_map(|m| m["text"].as_str())
+            .collect();
+        if !held.contains(&"after") {
+            let m = c.next_message(EVENT_TIMEOUT).await;
+            assert_eq!(m["text"], "after", "{}", c.name);
+        }
+    }
+    // A client resuming in the old epoch is told it is incomplete.
+    let query = format!(
+        "{}&since=3&epoch={old_epoch}",
+        a.chat_query("cy", "rollback")
+    );
+    let mut cy = Client::connect_query(&a, &query).await.expect("upgrade");
+    let h = cy.next_event_of_type("history", EVENT_TIMEOUT).await;
+    assert_eq!(h["complete"], false, "{h}");
+}
+
+/// The same loss seen when a node re-reads the room (after its subscription connection broke,
+/// as after a failover): the read starts the new epoch, so members learn of it before anyone
+/// publishes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_messages_redis_lost_start_a_new_epoch_on_the_next_resync() {
+    let redis = RedisServer::start();
+    let a = node(&redis);
+    wait_ready(&[&a]).await;
+    let (mut ada, _, h) = Client::join(&a, "ada", "rollback2").await;
+    let old_epoch = h["epoch"].as_str().expect("epoch").to_string();
+    for i in 1..=3 {
+        ada.publish_and_wait(&format!("m{i}")).await;
+    }
+    redis.command(&["set", "rc:{rollback2}:seq", "1"]);
+    redis.command(&["ltrim", "rc:{rollback2}:history", "0", "0"]);
+    // Break the node's subscription connection: it reconnects and re-reads every room.
+    let killed = redis.command(&["client", "kill", "type", "pubsub"]);
+    assert_eq!(killed, Resp::Integer(1), "one subscription connection");
+    let notice = ada
+        .next_event_of_type("history", Duration::from_secs(10))
+        .await;
+    assert_eq!(notice["complete"], false, "{notice}");
+    assert_ne!(notice["epoch"], old_epoch.as_str(), "{notice}");
+    // And the room goes on in the new epoch.
+    let sent = ada.publish_and_wait("after").await;
+    assert_eq!(sent["seq"], 2, "{sent}");
+    let stored = redis.command(&["get", "rc:{rollback2}:epoch"]);
+    assert_eq!(stored.as_text().as_deref(), notice["epoch"].as_str());
+}

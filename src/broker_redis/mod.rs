@@ -1,11 +1,15 @@
-//! The Redis broker (`REDIS_URL`): several nodes share their rooms through one Redis.
+//! The Redis broker (`REDIS_URL`, or `REDIS_CLUSTER_NODES` for a Redis Cluster): several nodes
+//! share their rooms through Redis. The tasks below are one code path for both deployments;
+//! `backend.rs` holds what differs (connections, `PUBLISH` or `SPUBLISH`, subscriptions and how a
+//! cluster's failover turns into a resync of the rooms).
 //!
 //! **Publishing.** A connection's publish never waits for Redis: [`RedisBroker::publish`] puts a
 //! job on a queue bounded in bytes (`REDIS_QUEUE_MAX_BYTES`; past it the sender gets
 //! `unavailable`) and returns. The publisher task runs the publish script (`redis/publish.lua`:
 //! de-duplication, `seq`, history, publish — one atomic step) for every job on ONE multiplexed
-//! connection shared by all connections of the node, with up to `PUBLISHES_IN_FLIGHT` scripts
-//! pipelined on it. The sender's ack (with its `seq`) is sent once Redis has answered; a publish
+//! connection shared by all connections of the node (on a Redis Cluster, the one cluster
+//! connection: a socket per cluster node), with up to `PUBLISHES_IN_FLIGHT` scripts pipelined
+//! on it. The sender's ack (with its `seq`) is sent once Redis has answered; a publish
 //! that Redis did not take within `REDIS_TIMEOUT_MS` gets `unavailable`, never an ack.
 //!
 //! **Delivering.** The message itself reaches every node, the sender's included, through the
@@ -25,6 +29,12 @@
 //! answers 503, and the rooms task reconnects with backoff and jitter, resubscribes every room
 //! that still has local members and re-reads their snapshots (filling what was missed).
 //!
+//! **A Redis Cluster master down.** Only its rooms are affected: their publishes get
+//! `unavailable` (within `REDIS_TIMEOUT_MS`) until its replica is promoted, joins into them wait,
+//! and `/readyz` stays 200 (the other shards serve; a load balancer must not take every node out
+//! for one shard). The dropped node connection makes the rooms task subscribe and read every
+//! followed room again; a room whose shard has no master yet is retried until it has one.
+//!
 //! **Presence across nodes.** Each node coalesces its own joins and leaves as before and hands
 //! them, with its member count, to the presence task: `redis/presence.lua` keeps every node's
 //! count in the room's hash with an expiry, sums the live ones and publishes the event on the
@@ -32,16 +42,16 @@
 //! counts every `PRESENCE_REFRESH`; a node that dies drops out within `PRESENCE_TTL`, and the
 //! next refresh anywhere publishes the new count.
 
+mod backend;
 mod wire;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
-use redis::aio::{MultiplexedConnection, PubSubSink};
 use redis::{Script, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -51,7 +61,10 @@ use crate::hub::{Follower, Hub, Room};
 use crate::metrics::Metrics;
 use crate::protocol;
 
+use backend::{run_script, Backend, ClusterRooms, Connection, Incoming, Subscriber};
 use wire::{PublishReply, RoomKeys};
+
+pub use backend::RedisTarget;
 
 /// Scripts in flight on the shared connection at once (Redis answers them in order).
 const PUBLISHES_IN_FLIGHT: usize = 512;
@@ -76,7 +89,8 @@ const PRESENCE_IN_FLIGHT: usize = 64;
 /// Settings of the Redis broker.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
-    pub url: String,
+    /// One Redis, or a Redis Cluster's seed nodes.
+    pub target: RedisTarget,
     pub history_limit: usize,
     /// How long a room's keys live after its last publish or join.
     pub key_ttl: Duration,
@@ -91,6 +105,8 @@ pub struct RedisSettings {
 pub enum RedisBrokerError {
     #[error("REDIS_URL is not a valid Redis URL: {0}")]
     Url(#[source] redis::RedisError),
+    #[error("REDIS_CLUSTER_NODES does not list valid Redis Cluster nodes: {0}")]
+    ClusterNodes(#[source] redis::RedisError),
 }
 
 /// One publish on its way to Redis.
@@ -130,7 +146,8 @@ struct Shared {
     hub: Arc<Hub>,
     settings: RedisSettings,
     metrics: Metrics,
-    client: redis::Client,
+    /// One Redis or a Redis Cluster (see `backend.rs`).
+    backend: Backend,
     publish_script: Script,
     read_script: Script,
     presence_script: Script,
@@ -164,7 +181,13 @@ impl RedisBroker {
         metrics: Metrics,
         audit: Option<crate::audit::Audit>,
     ) -> Result<Arc<RedisBroker>, RedisBrokerError> {
-        let client = redis::Client::open(settings.url.as_str()).map_err(RedisBrokerError::Url)?;
+        let backend =
+            Backend::new(&settings.target, settings.timeout, &metrics).map_err(
+                |e| match settings.target {
+                    RedisTarget::Single(_) => RedisBrokerError::Url(e),
+                    RedisTarget::Cluster(_) => RedisBrokerError::ClusterNodes(e),
+                },
+            )?;
         let (jobs, jobs_rx) = mpsc::channel(PUBLISH_QUEUE_JOBS);
         let (rooms, rooms_rx) = mpsc::channel(ROOM_COMMANDS);
         let (presence, presence_rx) = mpsc::channel(PRESENCE_QUEUE);
@@ -172,7 +195,7 @@ impl RedisBroker {
             hub,
             settings,
             metrics,
-            client,
+            backend,
             publish_script: Script::new(wire::PUBLISH_SCRIPT),
             read_script: Script::new(wire::READ_SCRIPT),
             presence_script: Script::new(wire::PRESENCE_SCRIPT),
@@ -274,11 +297,7 @@ impl Broker for RedisBroker {
         let key = self.shared.keys(room).presence;
         Box::pin(async move {
             let read = async {
-                let mut c = self
-                    .shared
-                    .client
-                    .get_multiplexed_async_connection()
-                    .await?;
+                let mut c = self.shared.backend.connect().await?;
                 redis::cmd("HGET")
                     .arg(&key)
                     .arg("_total")
@@ -309,16 +328,9 @@ impl Broker for RedisBroker {
         Box::pin(async move {
             let shared = &self.shared;
             let read = async {
-                let mut c = shared.client.get_multiplexed_async_connection().await?;
-                let mut invocation = shared.read_script.prepare_invoke();
-                invocation
-                    .key(&keys.epoch)
-                    .key(&keys.seq)
-                    .key(&keys.history)
-                    .key(&keys.dedupe)
-                    .arg(new_epoch())
-                    .arg(shared.key_ttl_secs());
-                invocation.invoke_async::<Value>(&mut c).await
+                let mut c = shared.backend.connect().await?;
+                // The server API's read: this node may not follow the room; nothing to compare.
+                shared.run_read(&mut c, &keys, &Seen::default()).await
             };
             match tokio::time::timeout(shared.settings.timeout, read).await {
                 Ok(Ok(value)) => match wire::parse_snapshot(&value) {
@@ -341,7 +353,9 @@ impl Broker for RedisBroker {
         let request = wire::disconnect_request(name, room);
         tokio::spawn(async move {
             let send = async {
-                let mut c = shared.client.get_multiplexed_async_connection().await?;
+                // A plain PUBLISH in both deployments: Redis Cluster broadcasts it to every
+                // node, so every relay node's control subscription hears it.
+                let mut c = shared.backend.connect().await?;
                 redis::cmd("PUBLISH")
                     .arg(wire::CONTROL_CHANNEL)
                     .arg(&request)
@@ -433,22 +447,58 @@ impl Shared {
     fn key_ttl_secs(&self) -> u64 {
         self.settings.key_ttl.as_secs().max(1)
     }
+
+    /// Run the read script (a room's epoch, last seq and history) on `connection`. `seen` is
+    /// what this node has of the room (see [`seen`]).
+    async fn run_read(
+        &self,
+        connection: &mut Connection,
+        keys: &RoomKeys,
+        seen: &Seen,
+    ) -> redis::RedisResult<Value> {
+        let (epoch, ttl) = (new_epoch(), self.key_ttl_secs());
+        run_script(
+            connection,
+            &self.read_script,
+            wire::READ_SCRIPT,
+            &[&keys.epoch, &keys.seq, &keys.history, &keys.dedupe],
+            |cmd| {
+                cmd.arg(&epoch).arg(ttl).arg(&seen.epoch).arg(seen.last_seq);
+            },
+        )
+        .await
+    }
 }
 
-/// Run every publish job on one multiplexed connection, many in flight, and answer each sender.
+/// What this node has seen of a room: its epoch and last `seq`. The scripts compare it with
+/// Redis: a seq behind it in the same epoch means Redis lost acknowledged messages (a Redis
+/// Cluster replica was promoted before they reached it), and the room starts a new epoch rather
+/// than hand out those seqs again — the members are told their history is incomplete instead of
+/// silently missing the messages that reuse them.
+#[derive(Debug, Default)]
+struct Seen {
+    epoch: String,
+    last_seq: u64,
+}
+
+fn seen(room: &Room) -> Seen {
+    let st = room.lock();
+    Seen {
+        epoch: st.epoch().to_string(),
+        last_seq: st.next_seq().saturating_sub(1),
+    }
+}
+
+/// Run every publish job on one connection (one multiplexed connection, or the shared cluster
+/// connection), many in flight, and answer each sender.
 async fn publisher(shared: Arc<Shared>, mut jobs: mpsc::Receiver<Job>) {
-    let mut connection: Option<MultiplexedConnection> = None;
+    let mut connection: Option<Connection> = None;
     let mut next_attempt = Instant::now();
     let mut backoff = RECONNECT_MIN;
     let mut in_flight = FuturesUnordered::new();
     loop {
         if connection.is_none() && Instant::now() >= next_attempt {
-            match tokio::time::timeout(
-                shared.settings.timeout,
-                shared.client.get_multiplexed_async_connection(),
-            )
-            .await
-            {
+            match tokio::time::timeout(shared.settings.timeout, shared.backend.connect()).await {
                 Ok(Ok(c)) => {
                     connection = Some(c);
                     backoff = RECONNECT_MIN;
@@ -473,8 +523,9 @@ async fn publisher(shared: Arc<Shared>, mut jobs: mpsc::Receiver<Job>) {
                 }
             }
             Some(ok) = in_flight.next(), if !in_flight.is_empty() => {
-                if !ok && connection.is_some() {
-                    // The connection failed (not just one script): make a new one.
+                // The connection failed (not just one script): make a new one. A cluster
+                // connection repairs its node connections itself and is kept.
+                if !ok && connection.is_some() && !shared.backend.repairs_itself() {
                     connection = None;
                     shared.publisher_up.store(false, Ordering::Release);
                     next_attempt = Instant::now() + jittered(backoff);
@@ -491,29 +542,34 @@ async fn publisher(shared: Arc<Shared>, mut jobs: mpsc::Receiver<Job>) {
 }
 
 /// One publish: run the script, answer the sender. False when the connection looks broken.
-async fn run_publish(shared: Arc<Shared>, mut connection: MultiplexedConnection, job: Job) -> bool {
+async fn run_publish(shared: Arc<Shared>, mut connection: Connection, job: Job) -> bool {
     let keys = shared.keys(job.room.name());
     let epoch = new_epoch();
-    let mut invocation = shared.publish_script.prepare_invoke();
-    invocation
-        .key(&keys.epoch)
-        .key(&keys.seq)
-        .key(&keys.history)
-        .key(&keys.dedupe)
-        .arg(shared.settings.history_limit)
-        .arg(&epoch)
-        .arg(&job.json_head)
-        .arg(job.json_tail)
-        .arg(&job.dedupe_key)
-        .arg(job.id.to_string())
-        .arg(&job.text_hash)
-        .arg(&keys.channel)
-        .arg("PUBLISH")
-        .arg(shared.key_ttl_secs());
+    let id = job.id.to_string();
+    let seen = seen(&job.room);
     let started = Instant::now();
     let result = tokio::time::timeout(
         shared.settings.timeout,
-        invocation.invoke_async::<Value>(&mut connection),
+        run_script(
+            &mut connection,
+            &shared.publish_script,
+            wire::PUBLISH_SCRIPT,
+            &[&keys.epoch, &keys.seq, &keys.history, &keys.dedupe],
+            |cmd| {
+                cmd.arg(shared.settings.history_limit)
+                    .arg(&epoch)
+                    .arg(&job.json_head)
+                    .arg(job.json_tail)
+                    .arg(&job.dedupe_key)
+                    .arg(&id)
+                    .arg(&job.text_hash)
+                    .arg(&keys.channel)
+                    .arg(shared.backend.publish_command())
+                    .arg(shared.key_ttl_secs())
+                    .arg(&seen.epoch)
+                    .arg(seen.last_seq);
+            },
+        ),
     )
     .await;
     shared.queued_bytes.fetch_sub(job.charge, Ordering::AcqRel);
@@ -558,53 +614,48 @@ async fn run_publish(shared: Arc<Shared>, mut connection: MultiplexedConnection,
 }
 
 /// Keep the node's subscriptions: one per room with local members. Reconnects with backoff and
-/// jitter; after a reconnect every followed room is subscribed and read again.
+/// jitter; after a reconnect — or, on Redis Cluster, after anything that may have lost messages
+/// ([`Incoming::Lost`]) — every followed room is subscribed and read again.
 async fn rooms_task(shared: Arc<Shared>, mut commands: mpsc::Receiver<RoomCommand>) {
     let mut backoff = RECONNECT_MIN;
     let mut first = true;
     loop {
-        // The subscriptions, and one multiplexed connection for every snapshot read.
-        let connect = async {
-            let pubsub = shared.client.get_async_pubsub().await?;
-            let reads = shared.client.get_multiplexed_async_connection().await?;
-            Ok::<_, redis::RedisError>((pubsub, reads))
-        };
-        let (pubsub, reads) = match tokio::time::timeout(shared.settings.timeout, connect).await {
-            Ok(Ok(pair)) => pair,
-            _ => {
-                shared.metrics.redis_errors.increment(1);
-                tokio::time::sleep(jittered(backoff)).await;
-                backoff = (backoff * 2).min(RECONNECT_MAX);
-                continue;
-            }
-        };
+        let mut subscriber =
+            match tokio::time::timeout(shared.settings.timeout, shared.backend.subscribe()).await {
+                Ok(Ok(subscriber)) => subscriber,
+                _ => {
+                    shared.metrics.redis_errors.increment(1);
+                    tokio::time::sleep(jittered(backoff)).await;
+                    backoff = (backoff * 2).min(RECONNECT_MAX);
+                    continue;
+                }
+            };
         backoff = RECONNECT_MIN;
         if !first {
             shared.metrics.redis_reconnects.increment(1);
         }
         first = false;
-        let (mut sink, mut stream) = pubsub.split();
-        let control = sink.subscribe(wire::CONTROL_CHANNEL);
+        let control = subscriber.subscribe_control(wire::CONTROL_CHANNEL);
         if !matches!(
             tokio::time::timeout(shared.settings.timeout, control).await,
             Ok(Ok(()))
         ) {
             shared.metrics.redis_errors.increment(1);
+            shared.backend.return_subscriber(subscriber);
             tokio::time::sleep(jittered(backoff)).await;
             continue;
         }
         shared.subscriber_up.store(true, Ordering::Release);
         // Whatever happened while we were away: every room with local members reads its
         // snapshot again (and is subscribed first).
-        let mut pending: VecDeque<RoomCommand> = shared
-            .hub
-            .rooms_to_follow()
-            .into_iter()
-            .map(|(room, generation)| RoomCommand::Sync(room, generation))
-            .collect();
+        let mut pending = resync_all(&shared);
+        // Redis Cluster: subscription changes off this task (see `ClusterOps`).
+        let mut cluster = subscriber.cluster_rooms().map(ClusterOps::new);
         loop {
             if let Some(command) = pending.pop_front() {
-                if handle_command(&shared, &mut sink, &reads, command)
+                if let Some(cluster) = cluster.as_mut() {
+                    cluster.run(&shared, command);
+                } else if handle_command(&shared, &mut subscriber, command)
                     .await
                     .is_err()
                 {
@@ -613,9 +664,31 @@ async fn rooms_task(shared: Arc<Shared>, mut commands: mpsc::Receiver<RoomComman
                 continue;
             }
             tokio::select! {
-                message = stream.next() => match message {
-                    Some(message) => on_message(&shared, &message),
-                    None => break,
+                incoming = subscriber.next() => match incoming {
+                    Incoming::Message(message) => on_message(&shared, &message),
+                    Incoming::Lost => {
+                        // A cluster node's connection (or pushes) were lost: redis-rs
+                        // resubscribes on its own, but what was published meanwhile is only
+                        // in the rooms' history.
+                        shared.metrics.redis_reconnects.increment(1);
+                        pending = resync_all(&shared);
+                        if let Some(cluster) = cluster.as_mut() {
+                            cluster.resubscribe_control(&shared);
+                        }
+                    }
+                    Incoming::Unsubscribed(channel) => {
+                        let ours = cluster
+                            .as_ref()
+                            .is_some_and(|c| c.took_own_unsubscribe(&channel));
+                        if !ours {
+                            // The server ended a shard subscription (its slot moved to
+                            // another shard): follow every room again.
+                            shared.metrics.redis_reconnects.increment(1);
+                            pending = resync_all(&shared);
+                        }
+                    }
+                    Incoming::Other => {}
+                    Incoming::Closed => break,
                 },
                 command = commands.recv() => match command {
                     Some(command) => pending.push_back(command),
@@ -623,28 +696,173 @@ async fn rooms_task(shared: Arc<Shared>, mut commands: mpsc::Receiver<RoomComman
                 },
             }
         }
+        shared.backend.return_subscriber(subscriber);
         shared.subscriber_up.store(false, Ordering::Release);
         shared.metrics.redis_errors.increment(1);
         shared.reset_publisher.notify_one();
     }
 }
 
-/// Subscribe/unsubscribe in order (so a release and a new join of the same room cannot cross),
-/// and read snapshots in tasks of their own.
+/// Every room with local members, marked for a fresh snapshot: subscribe and read each.
+fn resync_all(shared: &Shared) -> VecDeque<RoomCommand> {
+    shared
+        .hub
+        .rooms_to_follow()
+        .into_iter()
+        .map(|(room, generation)| RoomCommand::Sync(room, generation))
+        .collect()
+}
+
+/// Redis Cluster: subscription changes run in tasks of their own, concurrently across rooms — a
+/// shard without any reachable node makes its rooms' changes wait up to `REDIS_TIMEOUT_MS`,
+/// which must not hold up the other rooms' changes or the channel messages — and in order within
+/// a room (a release and a new join of the same room cannot cross). A subscription that fails is
+/// retried for its room alone, through the hub, the other shards being fine.
+struct ClusterOps {
+    rooms: ClusterRooms,
+    /// The last change of each channel; the next one waits for it. Finished ones are pruned.
+    last: HashMap<String, tokio::task::JoinHandle<()>>,
+    prune_at: usize,
+    /// Unsubscribes we sent whose confirmation has not come back yet, by channel: any other end
+    /// of a shard subscription is the server's (its slot moved).
+    own_unsubscribes: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+    control: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ClusterOps {
+    fn new(rooms: ClusterRooms) -> ClusterOps {
+        ClusterOps {
+            rooms,
+            last: HashMap::new(),
+            prune_at: 1024,
+            own_unsubscribes: Arc::default(),
+            control: None,
+        }
+    }
+
+    fn run(&mut self, shared: &Arc<Shared>, command: RoomCommand) {
+        let (shared, mut rooms) = (shared.clone(), self.rooms.clone());
+        match command {
+            RoomCommand::Sync(room, generation) => {
+                let channel = shared.keys(room.name()).channel;
+                self.chain(channel.clone(), async move {
+                    let subscribe = rooms.subscribe_room(&channel);
+                    match tokio::time::timeout(shared.settings.timeout, subscribe).await {
+                        Ok(Ok(())) => read_snapshot(shared, rooms.reads(), room, generation).await,
+                        _ => {
+                            // The room's shard has no reachable node right now (a failover):
+                            // the hub asks again shortly.
+                            shared.metrics.redis_errors.increment(1);
+                            shared.hub.snapshot_failed(&room, generation);
+                        }
+                    }
+                });
+            }
+            RoomCommand::Release(room) => {
+                let channel = shared.keys(room.name()).channel;
+                let own = self.own_unsubscribes.clone();
+                self.chain(channel.clone(), async move {
+                    if shared.hub.wants_following(&room) {
+                        return;
+                    }
+                    // Counted before it is sent: its confirmation may be read before this
+                    // task runs again.
+                    *lock(&own).entry(channel.clone()).or_default() += 1;
+                    let unsubscribe = rooms.unsubscribe_room(&channel);
+                    if !matches!(
+                        tokio::time::timeout(shared.settings.timeout, unsubscribe).await,
+                        Ok(Ok(()))
+                    ) {
+                        take_one(&mut lock(&own), &channel);
+                    }
+                });
+            }
+        }
+    }
+
+    /// Subscribe to the control channel again (after a lost node), until it works.
+    fn resubscribe_control(&mut self, shared: &Arc<Shared>) {
+        if self.control.as_ref().is_some_and(|c| !c.is_finished()) {
+            return; // already at it
+        }
+        let (shared, mut rooms) = (shared.clone(), self.rooms.clone());
+        self.control = Some(tokio::spawn(async move {
+            let mut backoff = RECONNECT_MIN;
+            loop {
+                let control = rooms.subscribe_control(wire::CONTROL_CHANNEL);
+                if let Ok(Ok(())) = tokio::time::timeout(shared.settings.timeout, control).await {
+                    return;
+                }
+                shared.metrics.redis_errors.increment(1);
+                tokio::time::sleep(jittered(backoff)).await;
+                backoff = (backoff * 2).min(RECONNECT_MAX);
+            }
+        }));
+    }
+
+    /// Was this end of a shard subscription the confirmation of our own unsubscribe?
+    fn took_own_unsubscribe(&self, channel: &[u8]) -> bool {
+        let channel = String::from_utf8_lossy(channel);
+        take_one(&mut lock(&self.own_unsubscribes), &channel)
+    }
+
+    /// Run `op` after the channel's previous change.
+    fn chain(
+        &mut self,
+        channel: String,
+        op: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let previous = self.last.remove(&channel);
+        let handle = tokio::spawn(async move {
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+            op.await;
+        });
+        self.last.insert(channel, handle);
+        if self.last.len() >= self.prune_at {
+            self.last.retain(|_, h| !h.is_finished());
+            self.prune_at = (self.last.len() * 2).max(1024);
+        }
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Take one count of `key`; false if there was none.
+fn take_one(counts: &mut HashMap<String, usize>, key: &str) -> bool {
+    match counts.get_mut(key) {
+        Some(n) if *n > 1 => {
+            *n -= 1;
+            true
+        }
+        Some(_) => {
+            counts.remove(key);
+            true
+        }
+        None => false,
+    }
+}
+
+/// One Redis: subscribe/unsubscribe in order on the one connection (so a release and a new join
+/// of the same room cannot cross), and read snapshots in tasks of their own. An error means the
+/// subscriptions connection is broken and must be made again.
 async fn handle_command(
     shared: &Arc<Shared>,
-    sink: &mut PubSubSink,
-    reads: &MultiplexedConnection,
+    subscriber: &mut Subscriber,
     command: RoomCommand,
 ) -> Result<(), ()> {
     match command {
         RoomCommand::Sync(room, generation) => {
             let channel = shared.keys(room.name()).channel;
-            match tokio::time::timeout(shared.settings.timeout, sink.subscribe(&channel)).await {
+            let subscribe = subscriber.subscribe_room(&channel);
+            match tokio::time::timeout(shared.settings.timeout, subscribe).await {
                 Ok(Ok(())) => {
                     tokio::spawn(read_snapshot(
                         shared.clone(),
-                        reads.clone(),
+                        subscriber.reads(),
                         room,
                         generation,
                     ));
@@ -660,8 +878,11 @@ async fn handle_command(
         RoomCommand::Release(room) => {
             if !shared.hub.wants_following(&room) {
                 let channel = shared.keys(room.name()).channel;
-                let _ =
-                    tokio::time::timeout(shared.settings.timeout, sink.unsubscribe(&channel)).await;
+                let _ = tokio::time::timeout(
+                    shared.settings.timeout,
+                    subscriber.unsubscribe_room(&channel),
+                )
+                .await;
             }
             Ok(())
         }
@@ -670,20 +891,13 @@ async fn handle_command(
 
 async fn read_snapshot(
     shared: Arc<Shared>,
-    mut connection: MultiplexedConnection,
+    mut connection: Connection,
     room: Arc<Room>,
     generation: u64,
 ) {
     let keys = shared.keys(room.name());
-    let mut invocation = shared.read_script.prepare_invoke();
-    invocation
-        .key(&keys.epoch)
-        .key(&keys.seq)
-        .key(&keys.history)
-        .key(&keys.dedupe)
-        .arg(new_epoch())
-        .arg(shared.key_ttl_secs());
-    let read = invocation.invoke_async::<Value>(&mut connection);
+    let seen = seen(&room);
+    let read = shared.run_read(&mut connection, &keys, &seen);
     match tokio::time::timeout(shared.settings.timeout, read).await {
         Ok(Ok(value)) => match wire::parse_snapshot(&value) {
             Some(snapshot) => shared.hub.apply_snapshot(&room, generation, snapshot),
@@ -730,7 +944,7 @@ fn on_message(shared: &Shared, message: &redis::Msg) {
 /// Run presence updates (this node's joins/leaves and count per room) and re-state every
 /// followed room's count each `PRESENCE_REFRESH`, on a connection of its own.
 async fn presence_task(shared: Arc<Shared>, mut jobs: mpsc::Receiver<PresenceJob>) {
-    let mut connection: Option<MultiplexedConnection> = None;
+    let mut connection: Option<Connection> = None;
     let mut in_flight = FuturesUnordered::new();
     let mut refresh = tokio::time::interval(PRESENCE_REFRESH);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -762,12 +976,7 @@ async fn presence_task(shared: Arc<Shared>, mut jobs: mpsc::Receiver<PresenceJob
             }
         }
         if connection.is_none() && !backlog.is_empty() {
-            match tokio::time::timeout(
-                shared.settings.timeout,
-                shared.client.get_multiplexed_async_connection(),
-            )
-            .await
-            {
+            match tokio::time::timeout(shared.settings.timeout, shared.backend.connect()).await {
                 Ok(Ok(c)) => connection = Some(c),
                 _ => {
                     // Redis is away: these updates are stale by the time it is back, and the
@@ -788,29 +997,26 @@ async fn presence_task(shared: Arc<Shared>, mut jobs: mpsc::Receiver<PresenceJob
 }
 
 /// One presence update. False when the connection looks broken.
-async fn run_presence(
-    shared: Arc<Shared>,
-    mut connection: MultiplexedConnection,
-    job: PresenceJob,
-) -> bool {
+async fn run_presence(shared: Arc<Shared>, mut connection: Connection, job: PresenceJob) -> bool {
     let keys = shared.keys(job.room.name());
-    let mut invocation = shared.presence_script.prepare_invoke();
-    invocation
-        .key(&keys.presence)
-        .arg(&shared.node_id)
-        .arg(job.local_members)
-        .arg(PRESENCE_TTL.as_millis() as u64)
-        .arg(&keys.channel)
-        .arg("PUBLISH")
-        .arg(&job.message)
-        .arg(&job.joined)
-        .arg(&job.left);
-    match tokio::time::timeout(
-        shared.settings.timeout,
-        invocation.invoke_async::<Value>(&mut connection),
-    )
-    .await
-    {
+    let script_keys = [keys.presence.as_str()];
+    let update = run_script(
+        &mut connection,
+        &shared.presence_script,
+        wire::PRESENCE_SCRIPT,
+        &script_keys,
+        |cmd| {
+            cmd.arg(&shared.node_id)
+                .arg(job.local_members)
+                .arg(PRESENCE_TTL.as_millis() as u64)
+                .arg(&keys.channel)
+                .arg(shared.backend.publish_command())
+                .arg(&job.message)
+                .arg(&job.joined)
+                .arg(&job.left);
+        },
+    );
+    match tokio::time::timeout(shared.settings.timeout, update).await {
         Ok(Ok(_)) => true,
         Ok(Err(e)) => {
             shared.metrics.redis_errors.increment(1);

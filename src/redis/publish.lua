@@ -7,6 +7,7 @@
 -- ARGV[5] de-duplication key (session and requestId; empty: none)
 -- ARGV[6] message id        ARGV[7] hash of the text (same requestId, other text: conflict)
 -- ARGV[8] channel           ARGV[9] PUBLISH or SPUBLISH   ARGV[10] key lifetime in seconds
+-- ARGV[11] the room's epoch as the publishing node saw it   ARGV[12] the last seq it saw
 --
 -- History entries are "seq\nJSON\nDEDUPE-KEY" (JSON never holds a raw newline); the channel
 -- gets "EPOCH\nSEQ\nJSON". Returns {1, seq, epoch} for a new message, {2, seq, id, epoch}
@@ -18,6 +19,13 @@ if not epoch then
   -- a new epoch, and seq starts again at 1.
   epoch = ARGV[2]
   redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+  redis.call('SET', KEYS[1], epoch, 'EX', tonumber(ARGV[10]))
+elseif epoch == ARGV[11] and tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[12]) then
+  -- A node saw seqs of this epoch that Redis no longer has: acknowledged messages were lost
+  -- (Redis Cluster promoted a replica that had not received them). Going on would hand out
+  -- those seqs again, to other messages. A new epoch instead: every node re-reads the room
+  -- and tells its members (and resuming clients) that their history is incomplete.
+  epoch = ARGV[2]
   redis.call('SET', KEYS[1], epoch, 'EX', tonumber(ARGV[10]))
 end
 local dedupe = ARGV[5]

@@ -45,6 +45,7 @@ pub const RELAY_ENV: &[&str] = &[
     "HISTORY_MAX_BYTES",
     "INVALID_ROOM",
     "REDIS_URL",
+    "REDIS_CLUSTER_NODES",
     "REDIS_TIMEOUT_MS",
     "REDIS_QUEUE_MAX_BYTES",
     "REDIS_KEY_TTL_SECS",

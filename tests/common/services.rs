@@ -1,16 +1,15 @@
 //! Real services for multi-node tests, run as plain child processes on free loopback ports:
-//! [`RedisServer`] (Debian's `redis-server`, the relay's broker once `REDIS_URL` is set) and
-//! [`Nginx`] (Debian's nginx as the WebSocket load balancer in front of several relays).
+//! [`RedisServer`] (Debian's `redis-server`, the relay's broker once `REDIS_URL` is set),
+//! [`RedisCluster`] (six of them as a three-master, three-replica Redis Cluster, for
+//! `REDIS_CLUSTER_NODES`) and [`Nginx`] (Debian's nginx as the WebSocket load balancer in front of
+//! several relays).
 //!
-//! Both are killed on drop and die with the test binary (see `process::spawn_tied`). Both check
+//! All are killed on drop and die with the test binary (see `process::spawn_tied`). All check
 //! that what answers on their port is *their* process (a port picked free may be taken by someone
 //! else before the server binds it; then they retry on a new port).
 //!
 //! nginx can also terminate TLS ([`Nginx::start_tls`]) with a certificate the test makes
 //! ([`TestCertificates`], Debian's `openssl` CLI), for `wss://` clients.
-//!
-//! Deliberately absent: Redis Cluster. FACTS.md has the recipe for a local cluster when a test
-//! needs one.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -26,6 +25,8 @@ use super::relay::Endpoint;
 
 /// Debian's `redis-server` (package `redis-server`).
 pub const REDIS_SERVER: &str = "/usr/bin/redis-server";
+/// Debian's `redis-cli` (package `redis-tools`), for `--cluster create`.
+pub const REDIS_CLI: &str = "/usr/bin/redis-cli";
 /// Debian's nginx (package `nginx-light`, or any nginx with the proxy, map and upstream modules).
 pub const NGINX: &str = "/usr/sbin/nginx";
 /// Bound on a service answering after it was started.
@@ -166,7 +167,7 @@ impl RedisServer {
         let mut last = String::new();
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port();
-            match launch_redis(port, dir.path()) {
+            match launch_redis(port, dir.path(), &[]) {
                 Ok((child, log)) => {
                     return RedisServer {
                         port,
@@ -236,7 +237,7 @@ impl RedisServer {
         }
         let deadline = Instant::now() + SERVICE_STARTUP_TIMEOUT;
         loop {
-            match launch_redis(self.port, self.dir.path()) {
+            match launch_redis(self.port, self.dir.path(), &[]) {
                 Ok((child, log)) => {
                     self.child = Some(child);
                     self.log = log;
@@ -285,9 +286,14 @@ fn remove_dirs_of_exited_processes(root: &Path, prefix: &str) {
     }
 }
 
-fn launch_redis(port: u16, dir: &Path) -> Result<(Child, CapturedLines), LaunchError> {
+fn launch_redis(
+    port: u16,
+    dir: &Path,
+    extra_args: &[String],
+) -> Result<(Child, CapturedLines), LaunchError> {
     let mut cmd = Command::new(REDIS_SERVER);
     cmd.args(["--port", &port.to_string()])
+        .args(extra_args)
         .args(["--bind", "127.0.0.1"])
         .args(["--save", ""])
         .args(["--appendonly", "no"])
@@ -341,6 +347,380 @@ fn launch_redis(port: u16, dir: &Path) -> Result<(Child, CapturedLines), LaunchE
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis Cluster
+// ---------------------------------------------------------------------------------------------
+
+/// Redis Cluster's node timeout in these tests: a master that stops answering is marked failed
+/// after about this long, and its replica takes over a second or two later.
+pub const CLUSTER_NODE_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Bound on forming the cluster (every slot served, every replica synced).
+pub const CLUSTER_FORM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One `redis-server --cluster-enabled yes` of a [`RedisCluster`].
+struct ClusterNode {
+    port: u16,
+    /// None once killed. Behind a lock so a test can kill a node of the shared cluster.
+    child: std::sync::Mutex<Option<Child>>,
+    log: CapturedLines,
+}
+
+impl ClusterNode {
+    fn is_running(&self) -> bool {
+        self.child
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    fn kill(&self) {
+        if let Some(mut child) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            kill_and_reap(&mut child);
+        }
+    }
+}
+
+/// A master as `CLUSTER NODES` describes it: its port and the slot ranges it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterMaster {
+    pub port: u16,
+    pub slots: Vec<(u16, u16)>,
+}
+
+impl ClusterMaster {
+    pub fn serves(&self, slot: u16) -> bool {
+        self.slots.iter().any(|&(a, b)| (a..=b).contains(&slot))
+    }
+}
+
+/// Three masters and three replicas (`redis-server --cluster-enabled yes` ×6, then
+/// `redis-cli --cluster create --cluster-replicas 1`), no persistence, on free loopback ports
+/// (each node's cluster bus port picked free too, `--cluster-port`), everything in one temp dir.
+///
+/// Configured as docs/DEPLOY.md recommends, with a short node timeout for tests:
+/// `cluster-require-full-coverage no` (a shard without a master does not stop the others),
+/// `cluster-replica-validity-factor 0` and `repl-diskless-sync-delay 0` (a replica always takes
+/// over; see FACTS.md).
+pub struct RedisCluster {
+    nodes: Vec<ClusterNode>,
+    dir: TempDir,
+}
+
+impl RedisCluster {
+    /// Start six nodes, form the cluster and wait until every slot is served and every replica
+    /// has synced; panics (with the logs) past [`CLUSTER_FORM_TIMEOUT`].
+    pub fn start() -> RedisCluster {
+        RedisCluster::start_in(TempDir::new("roomcast-redis-cluster"))
+    }
+
+    /// One cluster for the whole test binary, started on first use, never dropped (its nodes die
+    /// with the test process). Tests sharing it use their own room names and user names (a
+    /// server API disconnect reaches every relay on the cluster). A test that kills a node must
+    /// hold [`RedisCluster::exclusive`]'s write guard; the others its read guard.
+    pub fn shared() -> &'static RedisCluster {
+        static SHARED: OnceLock<RedisCluster> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+            remove_dirs_of_exited_processes(&root, "roomcast-redis-cluster-shared-");
+            RedisCluster::start_in(TempDir::new_in(&root, "roomcast-redis-cluster-shared"))
+        })
+    }
+
+    /// Orders tests on the shared cluster: a test that kills a node takes the write guard, so
+    /// no other test's traffic is running through its failover.
+    pub fn exclusive() -> &'static tokio::sync::RwLock<()> {
+        static LOCK: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+        &LOCK
+    }
+
+    fn start_in(dir: TempDir) -> RedisCluster {
+        require(REDIS_SERVER, "redis-server");
+        require(REDIS_CLI, "redis-tools");
+        let mut nodes = Vec::new();
+        for i in 0..6 {
+            nodes.push(launch_cluster_node(dir.path(), i));
+        }
+        let cluster = RedisCluster { nodes, dir };
+        let mut create = Command::new(REDIS_CLI);
+        create.arg("--cluster").arg("create");
+        for node in &cluster.nodes {
+            create.arg(format!("127.0.0.1:{}", node.port));
+        }
+        create
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null());
+        let out = create
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {REDIS_CLI}: {e}"));
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait_until_formed(CLUSTER_FORM_TIMEOUT);
+        cluster
+    }
+
+    /// Every live node's `HOST:PORT`, comma-separated: the relay's `REDIS_CLUSTER_NODES`.
+    pub fn seeds(&self) -> String {
+        self.live_ports()
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Ports of the nodes still running.
+    pub fn live_ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|n| n.is_running())
+            .map(|n| n.port)
+            .collect()
+    }
+
+    /// Send one command to the node on `port`; panics if it cannot be reached.
+    pub fn command(&self, port: u16, args: &[&str]) -> Resp {
+        redis_command(loopback(port), args)
+            .unwrap_or_else(|e| panic!("redis {args:?} on cluster node {port}: {e}"))
+    }
+
+    /// The hash slot of `key` (`CLUSTER KEYSLOT`).
+    pub fn keyslot(&self, key: &str) -> u16 {
+        let port = self.live_ports()[0];
+        match self.command(port, &["CLUSTER", "KEYSLOT", key]) {
+            Resp::Integer(slot) => slot as u16,
+            other => panic!("CLUSTER KEYSLOT {key}: {other:?}"),
+        }
+    }
+
+    /// The masters as the live node on `port` sees them (flagged failed ones left out).
+    pub fn masters_seen_by(&self, port: u16) -> Vec<ClusterMaster> {
+        let text = self
+            .command(port, &["CLUSTER", "NODES"])
+            .as_text()
+            .unwrap_or_default();
+        let mut masters: Vec<ClusterMaster> = text
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let flags = fields.get(2)?;
+                if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
+                    return None;
+                }
+                let port = fields[1].split(['@', ':']).nth(1)?.parse().ok()?;
+                let slots = fields
+                    .iter()
+                    .skip(8)
+                    .filter(|s| !s.starts_with('['))
+                    .filter_map(|range| match range.split_once('-') {
+                        Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                        None => range.parse().ok().map(|s| (s, s)),
+                    })
+                    .collect();
+                Some(ClusterMaster { port, slots })
+            })
+            .filter(|m: &ClusterMaster| !m.slots.is_empty())
+            .collect();
+        masters.sort_by_key(|m| m.slots.first().copied());
+        masters
+    }
+
+    /// The ports of the replicas of the master on `master_port`, as the first live node sees
+    /// them.
+    pub fn replicas_of(&self, master_port: u16) -> Vec<u16> {
+        let text = self
+            .command(self.live_ports()[0], &["CLUSTER", "NODES"])
+            .as_text()
+            .unwrap_or_default();
+        let port_of = |addr: &str| addr.split(['@', ':']).nth(1)?.parse::<u16>().ok();
+        let lines: Vec<Vec<&str>> = text
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        let Some(master_id) = lines
+            .iter()
+            .find(|f| f.len() > 3 && port_of(f[1]) == Some(master_port))
+            .map(|f| f[0])
+        else {
+            return Vec::new();
+        };
+        lines
+            .iter()
+            .filter(|f| f.len() > 3 && f[3] == master_id)
+            .filter_map(|f| port_of(f[1]))
+            .collect()
+    }
+
+    /// The masters serving slots now, as the first live node sees them.
+    pub fn masters(&self) -> Vec<ClusterMaster> {
+        self.masters_seen_by(self.live_ports()[0])
+    }
+
+    /// The port of the master serving `slot` now.
+    pub fn master_of(&self, slot: u16) -> u16 {
+        self.masters()
+            .iter()
+            .find(|m| m.serves(slot))
+            .map(|m| m.port)
+            .unwrap_or_else(|| panic!("no live master serves slot {slot}"))
+    }
+
+    /// SIGKILL the node on `port`, as a crash would (it stays down).
+    pub fn kill_hard(&self, port: u16) {
+        self.nodes
+            .iter()
+            .find(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no cluster node on port {port}"))
+            .kill();
+    }
+
+    /// Is every slot served by a master every live node agrees on, with `cluster_state:ok`?
+    pub fn all_slots_served(&self) -> bool {
+        let live = self.live_ports();
+        let mut views = Vec::new();
+        for &port in &live {
+            let info = redis_command(loopback(port), &["CLUSTER", "INFO"])
+                .ok()
+                .and_then(|r| r.as_text())
+                .unwrap_or_default();
+            if !info.lines().any(|l| l.trim() == "cluster_state:ok") {
+                return false;
+            }
+            let masters = self.masters_seen_by(port);
+            let served: u32 = masters
+                .iter()
+                .flat_map(|m| m.slots.iter())
+                .map(|&(a, b)| u32::from(b - a) + 1)
+                .sum();
+            if served != 16384 || masters.iter().any(|m| !live.contains(&m.port)) {
+                return false;
+            }
+            views.push(masters);
+        }
+        views.windows(2).all(|w| w[0] == w[1])
+    }
+
+    /// Wait until every slot is served by a live master (after a start or a failover); panics
+    /// with the nodes' logs past `timeout`.
+    pub fn wait_until_served(&self, timeout: Duration) -> Duration {
+        let started = Instant::now();
+        while !self.all_slots_served() {
+            if started.elapsed() > timeout {
+                panic!(
+                    "the Redis Cluster did not serve every slot within {timeout:?}\n{}",
+                    self.logs_tail(15)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        started.elapsed()
+    }
+
+    /// Wait until every slot is served and every replica's link to its master is up (a replica
+    /// that has not synced cannot take over).
+    fn wait_until_formed(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        self.wait_until_served(timeout);
+        loop {
+            let masters: Vec<u16> = self.masters().iter().map(|m| m.port).collect();
+            let synced = self
+                .live_ports()
+                .iter()
+                .filter(|p| !masters.contains(p))
+                .all(|&p| {
+                    redis_command(loopback(p), &["INFO", "replication"])
+                        .ok()
+                        .and_then(|r| r.as_text())
+                        .is_some_and(|t| t.lines().any(|l| l.trim() == "master_link_status:up"))
+                });
+            if synced && masters.len() == 3 {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "the Redis Cluster's replicas did not sync within {timeout:?}\n{}",
+                    self.logs_tail(15)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last `n` lines of every node's log.
+    pub fn logs_tail(&self, n: usize) -> String {
+        self.nodes
+            .iter()
+            .map(|node| format!("---- cluster node {} ----\n{}", node.port, node.log.tail(n)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs_tail(30));
+        }
+        for node in &self.nodes {
+            node.kill();
+        }
+    }
+}
+
+/// Start cluster node number `index` on free ports (client and bus), retrying on new ports when
+/// one was taken meanwhile.
+fn launch_cluster_node(dir: &Path, index: usize) -> ClusterNode {
+    let mut last = String::new();
+    for _ in 0..PORT_ATTEMPTS {
+        let (port, bus) = (free_port(), free_port());
+        if port == bus {
+            continue;
+        }
+        let node_dir = dir.join(format!("node{index}"));
+        std::fs::create_dir_all(&node_dir).expect("create a cluster node's directory");
+        let _ = std::fs::remove_file(node_dir.join("nodes.conf"));
+        let timeout = CLUSTER_NODE_TIMEOUT.as_millis().to_string();
+        let args: Vec<String> = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-port",
+            &bus.to_string(),
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            &timeout,
+            "--cluster-require-full-coverage",
+            "no",
+            "--cluster-replica-validity-factor",
+            "0",
+            "--repl-diskless-sync-delay",
+            "0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        match launch_redis(port, &node_dir, &args) {
+            Ok((child, log)) => {
+                return ClusterNode {
+                    port,
+                    child: std::sync::Mutex::new(Some(child)),
+                    log,
+                }
+            }
+            Err(LaunchError::PortTaken(log)) => last = log,
+            Err(LaunchError::Failed(why)) => panic!("cluster redis-server did not start: {why}"),
+        }
+    }
+    panic!("a cluster node found its ports taken {PORT_ATTEMPTS} times; last log:\n{last}")
 }
 
 // ---------------------------------------------------------------------------------------------
