@@ -69,8 +69,8 @@ pub fn runner(budget: Budget) -> TestRunner {
         rng_algorithm: RngAlgorithm::ChaCha,
         rng_seed: RngSeed::Fixed(budget.seed),
         failure_persistence: None,
-        max_shrink_iters: 4096,
-        max_shrink_time: 60_000,
+        max_shrink_iters: 1024,
+        max_shrink_time: 20_000,
         // Every case is generated directly: no strategy here rejects inputs.
         max_global_rejects: 1024,
         ..Config::default()
@@ -103,7 +103,7 @@ pub fn check<S>(
             budget.seed
         ),
         Err(TestError::Fail(why, input)) => panic!(
-            "property {name} failed after {} (seed {}): {why}\nminimal failing input:\n{input:#?}\n\
+            "property {name} failed after {} (seed {}): {why}\nminimal failing input: {input:?}\n\
              run again with: FUZZ_SEED={} FUZZ_CASES={} cargo test --test {} {name}",
             seconds(took),
             budget.seed,
