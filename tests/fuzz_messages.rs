@@ -24,7 +24,10 @@ use proptest::prelude::*;
 use proptest::strategy::BoxedStrategy;
 use proptest::test_runner::TestCaseError;
 use roomcast::protocol::auth::{self, Command, Invalid};
-use roomcast::protocol::{parse_client_message, ErrorCode};
+use roomcast::protocol::{
+    js_trim as relay_js_trim, parse_client_message, parse_session, room_name, sanitize_name,
+    sanitize_room, valid_name, ErrorCode,
+};
 
 use fuzz_support::check;
 
@@ -993,6 +996,98 @@ fn the_models_json_strings_mean_what_json_says() {
             Ok(())
         },
     );
+}
+
+/// The values of the first dialect's connect query and the second dialect's room ids, against
+/// PROTOCOL.md: "`name`: trimmed; 1–24 characters of ASCII letters, digits, `_`, space, `-`;
+/// otherwise `guest`", "`room`: trimmed; 1–32 characters of `[A-Za-z0-9_-]`; otherwise
+/// `lobby`", "`session`: … 32 lowercase hex digits", "`roomId` must match
+/// `^[a-zA-Z0-9:_-]{1,64}$`, exactly (no trimming)", and trimming "the way JavaScript's
+/// `trim()` trims".
+#[test]
+fn names_rooms_sessions_and_room_ids_follow_protocol_md() {
+    let special = prop::sample::select(vec![
+        ' ', '_', '-', ':', '.', '/', '*', 'é', '\u{0}', '\t', 'A', 'z', '0', '9', 'f', 'g', 'F',
+    ]);
+    let value_char = prop_oneof![
+        6 => prop::sample::select(
+            "abcdefABCXYZ0123456789".chars().collect::<Vec<char>>()
+        ),
+        2 => special,
+        1 => prop::sample::select(SPACES_AND_LOOKALIKES.to_vec()),
+        1 => any::<char>(),
+    ];
+    let value = (
+        vec(prop::sample::select(SPACES_AND_LOOKALIKES.to_vec()), 0..2),
+        prop_oneof![
+            2 => prop::sample::select(vec![0usize, 1, 5, 23, 24, 25, 31, 32, 33, 63, 64, 65]),
+            1 => 0usize..70,
+        ],
+        vec(value_char, 1..5),
+        vec(prop::sample::select(SPACES_AND_LOOKALIKES.to_vec()), 0..2),
+    )
+        .prop_map(|(lead, n, pattern, trail)| {
+            let mut s: String = lead.into_iter().collect();
+            s.extend(pattern.iter().cycle().take(n));
+            s.extend(trail);
+            s
+        });
+    check("query_values", 2048, value, |raw| {
+        let trimmed = js_trim(&raw);
+        prop_assert_eq!(relay_js_trim(&raw), trimmed, "js_trim({:?})", raw);
+
+        let name_ok = (1..=24).contains(&chars(trimmed))
+            && trimmed
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ' ' || c == '-');
+        let name = if name_ok { trimmed } else { "guest" };
+        prop_assert_eq!(sanitize_name(Some(&raw)), name, "name {:?}", raw);
+        prop_assert_eq!(
+            valid_name(&raw),
+            name_ok.then(|| trimmed.to_string()),
+            "valid_name({:?})",
+            raw
+        );
+
+        let room_ok = (1..=32).contains(&chars(trimmed))
+            && trimmed
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        prop_assert_eq!(
+            room_name(Some(&raw)),
+            room_ok.then(|| trimmed.to_string()),
+            "room {:?}",
+            raw
+        );
+        prop_assert_eq!(
+            sanitize_room(Some(&raw)),
+            if room_ok { trimmed } else { "lobby" },
+            "room {:?}",
+            raw
+        );
+
+        let room_id_ok = (1..=64).contains(&chars(&raw))
+            && raw
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == ':' || c == '_' || c == '-');
+        prop_assert_eq!(auth::is_room_id(&raw), room_id_ok, "roomId {:?}", raw);
+
+        let session_ok = raw.len() == 32
+            && raw
+                .chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
+        prop_assert_eq!(
+            parse_session(&raw),
+            session_ok.then(|| u128::from_str_radix(&raw, 16).expect("32 hex digits")),
+            "session {:?}",
+            raw
+        );
+        Ok(())
+    });
+    // Missing values: the defaults.
+    assert_eq!(sanitize_name(None), "guest");
+    assert_eq!(sanitize_room(None), "lobby");
+    assert_eq!(room_name(None), None);
 }
 
 /// Found while writing the model (docs/FUZZING.md, "Findings"): an extra field whose *key* holds
