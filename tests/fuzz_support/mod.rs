@@ -1,11 +1,13 @@
 //! The runner shared by the property tests (`tests/fuzz_*.rs`, docs/FUZZING.md).
 //!
 //! Every property runs with a fixed seed and a small number of cases by default, so `cargo test`
-//! is deterministic and adds only a few seconds. Two environment variables turn the same test
-//! into a long run:
+//! is deterministic and adds only a few seconds. Environment variables turn the same test into a
+//! long run:
 //!
 //! - `FUZZ_CASES=N`: how many cases each property runs (default: the property's own, small);
-//! - `FUZZ_SEED=N` (or `FUZZ_SEED=random`): the seed of the case generator (default: fixed).
+//! - `FUZZ_SEED=N` (or `FUZZ_SEED=random`): the seed of the case generator (default: fixed);
+//! - `FUZZ_SECONDS=S`: run each property for at least S seconds, in batches of `FUZZ_CASES`
+//!   cases (default: 10 × the property's own), the batch after seed N with seed N + 1.
 //!
 //! A failing case is shrunk, then reported with its seed, the minimal failing input and the
 //! command that runs it again. Failures are not persisted to files: the seed is the record.
@@ -20,24 +22,35 @@ use proptest::test_runner::{Config, RngAlgorithm, RngSeed, TestCaseError, TestEr
 /// The seed of every default run (any fixed value; this one is `"roomcast"` in ASCII).
 pub const DEFAULT_SEED: u64 = 0x726f_6f6d_6361_7374;
 
-/// How many cases a property runs and with which seed.
+/// How many cases a property runs, with which seed, for how long.
 #[derive(Debug, Clone, Copy)]
 pub struct Budget {
+    /// Cases per batch (one batch unless `seconds` is set).
     pub cases: u32,
+    /// The first batch's seed.
     pub seed: u64,
+    /// Keep running batches until this much time has passed.
+    pub seconds: Option<u64>,
+}
+
+fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
+    let v = std::env::var(name).ok()?;
+    Some(
+        v.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} must be a number, not {v:?}")),
+    )
 }
 
 impl Budget {
-    /// `default_cases` unless `FUZZ_CASES` says otherwise; the fixed seed unless `FUZZ_SEED`
-    /// says otherwise.
+    /// What the environment asks for, with `default_cases` and [`DEFAULT_SEED`] when it asks
+    /// for nothing.
     pub fn from_env(default_cases: u32) -> Budget {
-        let cases = match std::env::var("FUZZ_CASES") {
-            Ok(v) => v
-                .trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("FUZZ_CASES must be a number of cases, not {v:?}")),
-            Err(_) => default_cases,
-        };
+        let seconds = env_number("FUZZ_SECONDS");
+        let cases = env_number("FUZZ_CASES").unwrap_or(match seconds {
+            Some(_) => default_cases.saturating_mul(10),
+            None => default_cases,
+        });
         let seed = match std::env::var("FUZZ_SEED") {
             Ok(v) if v.trim() == "random" => {
                 // Not cryptographic, only different from run to run; printed so it can be replayed.
@@ -46,28 +59,24 @@ impl Budget {
                     .unwrap_or_default();
                 now.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
             }
-            Ok(v) => v
-                .trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("FUZZ_SEED must be a number or `random`, not {v:?}")),
+            Ok(_) => env_number("FUZZ_SEED").expect("set"),
             Err(_) => DEFAULT_SEED,
         };
-        Budget { cases, seed }
-    }
-
-    /// Whether this is a long run (more cases than the default asked for).
-    pub fn is_long(&self, default_cases: u32) -> bool {
-        self.cases > default_cases
+        Budget {
+            cases,
+            seed,
+            seconds,
+        }
     }
 }
 
-/// A deterministic runner for `budget`: ChaCha with the fixed seed, no failure files, and a
+/// A deterministic runner for `cases` cases from `seed`: ChaCha with the fixed seed, no failure files, and a
 /// bound on shrinking so a long run that fails still ends.
-pub fn runner(budget: Budget) -> TestRunner {
+pub fn runner(cases: u32, seed: u64) -> TestRunner {
     let config = Config {
-        cases: budget.cases,
+        cases,
         rng_algorithm: RngAlgorithm::ChaCha,
-        rng_seed: RngSeed::Fixed(budget.seed),
+        rng_seed: RngSeed::Fixed(seed),
         failure_persistence: None,
         max_shrink_iters: 1024,
         max_shrink_time: 20_000,
@@ -78,9 +87,9 @@ pub fn runner(budget: Budget) -> TestRunner {
     TestRunner::new(config)
 }
 
-/// Run `property` over `strategy` for the cases and seed the environment asks for (default:
-/// `default_cases`, [`DEFAULT_SEED`]); panic with the shrunk failing input on any failure,
-/// model mismatch or panic. Prints a one-line summary (visible with `--nocapture`).
+/// Run `property` over `strategy` for the cases, seed and time the environment asks for
+/// (default: `default_cases` from [`DEFAULT_SEED`]); panic with the shrunk failing input on any
+/// failure, model mismatch or panic. Prints a one-line summary (visible with `--nocapture`).
 pub fn check<S>(
     name: &str,
     default_cases: u32,
@@ -91,28 +100,38 @@ pub fn check<S>(
     S::Value: Debug,
 {
     let budget = Budget::from_env(default_cases);
-    let mut runner = runner(budget);
     let started = Instant::now();
-    let outcome = runner.run(&strategy, property);
-    let took = started.elapsed();
-    match outcome {
-        Ok(()) => eprintln!(
-            "property {name}: {} cases passed in {} (seed {})",
-            budget.cases,
-            seconds(took),
-            budget.seed
-        ),
-        Err(TestError::Fail(why, input)) => panic!(
-            "property {name} failed after {} (seed {}): {why}\nminimal failing input: {input:?}\n\
-             run again with: FUZZ_SEED={} FUZZ_CASES={} cargo test --test {} {name}",
-            seconds(took),
-            budget.seed,
-            budget.seed,
-            budget.cases,
-            env!("CARGO_CRATE_NAME")
-        ),
-        Err(TestError::Abort(why)) => panic!("property {name} aborted: {why}"),
+    let deadline = budget.seconds.map(|s| started + Duration::from_secs(s));
+    let (mut total, mut batches) = (0u64, 0u64);
+    loop {
+        let seed = budget.seed.wrapping_add(batches);
+        let outcome = runner(budget.cases, seed).run(&strategy, &property);
+        let took = started.elapsed();
+        match outcome {
+            Ok(()) => {}
+            Err(TestError::Fail(why, input)) => panic!(
+                "property {name} failed after {} and {total} passing cases (seed {seed}): \
+                 {why}\nminimal failing input: {input:?}\n\
+                 run again with: FUZZ_SEED={seed} FUZZ_CASES={} cargo test --release --test {} \
+                 {name}",
+                seconds(took),
+                budget.cases,
+                env!("CARGO_CRATE_NAME")
+            ),
+            Err(TestError::Abort(why)) => panic!("property {name} aborted: {why}"),
+        }
+        total += u64::from(budget.cases);
+        batches += 1;
+        if deadline.is_none_or(|d| Instant::now() >= d) {
+            break;
+        }
     }
+    eprintln!(
+        "property {name}: {total} cases passed in {} ({batches} batch{} from seed {})",
+        seconds(started.elapsed()),
+        if batches == 1 { "" } else { "es" },
+        budget.seed
+    );
 }
 
 fn seconds(d: Duration) -> String {
