@@ -13,8 +13,8 @@
 //! rules rather than as a parser; where one frame breaks several rules at the same point, any
 //! of their close codes is a right answer (the contract does not order them).
 //!
-//! Short seeded run in `cargo test`; long run: `FUZZ_CASES=200000 cargo test --release --test
-//! fuzz_frames -- --nocapture`.
+//! Short seeded run in `cargo test`; long run, each property for 150 s:
+//! `FUZZ_SECONDS=150 cargo test --release --test fuzz_frames -- --nocapture --test-threads=1`.
 
 mod fuzz_support;
 

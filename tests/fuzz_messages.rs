@@ -12,8 +12,8 @@
 //! not order the rules, so when several are broken any of their answers is right). A panic is a
 //! failure too.
 //!
-//! Short seeded run in `cargo test`; long run: `FUZZ_CASES=100000 cargo test --release --test
-//! fuzz_messages -- --nocapture`.
+//! Short seeded run in `cargo test`; long run, each property for 150 s:
+//! `FUZZ_SECONDS=150 cargo test --release --test fuzz_messages -- --nocapture --test-threads=1`.
 
 mod fuzz_support;
 

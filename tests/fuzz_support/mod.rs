@@ -70,8 +70,8 @@ impl Budget {
     }
 }
 
-/// A deterministic runner for `cases` cases from `seed`: ChaCha with the fixed seed, no failure files, and a
-/// bound on shrinking so a long run that fails still ends.
+/// A deterministic runner for `cases` cases from `seed`: ChaCha, no failure files, and a bound
+/// on shrinking so a long run that fails still ends.
 pub fn runner(cases: u32, seed: u64) -> TestRunner {
     let config = Config {
         cases,
