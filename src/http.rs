@@ -345,6 +345,9 @@ fn chat(
     // WebSocket must never create a room, let alone evict another room's history for it.
     // (The answer is only built here; nothing reaches the client unless this function returns
     // it, so a refusal below still leaves the client with a plain HTTP status.)
+    if let Err(refusal) = check_handshake(req.headers(), refuse) {
+        return *refusal;
+    }
     let Ok((response, upgrade)) = fastwebsockets::upgrade::upgrade(&mut req) else {
         return refuse(
             Rejection::BadHandshake,
@@ -441,6 +444,9 @@ fn auth_first(
             "relay full: try again later\n",
         );
     };
+    if let Err(refusal) = check_handshake(req.headers(), refuse) {
+        return *refusal;
+    }
     let Ok((response, upgrade)) = fastwebsockets::upgrade::upgrade(&mut req) else {
         return refuse(
             Rejection::BadHandshake,
@@ -485,6 +491,52 @@ fn admit(
     Ok(slot)
 }
 
+/// What fastwebsockets does not check (RFC 6455 4.2.1): exactly one `Sec-WebSocket-Key`, the
+/// base64 of 16 bytes (400 otherwise), and `Sec-WebSocket-Version: 13` (otherwise 400 with the
+/// version the relay speaks, 4.4).
+fn check_handshake(
+    headers: &hyper::HeaderMap,
+    refuse: impl Fn(Rejection, StatusCode, &'static str) -> Response<Body>,
+) -> Result<(), Box<Response<Body>>> {
+    let mut keys = headers.get_all("sec-websocket-key").iter();
+    let key_ok = match (keys.next(), keys.next()) {
+        (Some(key), None) => is_websocket_key(key.as_bytes()),
+        _ => false,
+    };
+    if !key_ok {
+        return Err(Box::new(refuse(
+            Rejection::BadHandshake,
+            StatusCode::BAD_REQUEST,
+            "bad WebSocket handshake: Sec-WebSocket-Key must be the base64 of 16 bytes, once\n",
+        )));
+    }
+    let mut versions = headers.get_all("sec-websocket-version").iter();
+    if !matches!((versions.next(), versions.next()), (Some(v), None) if v.as_bytes() == b"13") {
+        let mut r = refuse(
+            Rejection::BadHandshake,
+            StatusCode::BAD_REQUEST,
+            "bad WebSocket handshake: this relay speaks Sec-WebSocket-Version 13\n",
+        );
+        r.headers_mut().insert(
+            hyper::header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return Err(Box::new(r));
+    }
+    Ok(())
+}
+
+/// The base64 of exactly 16 bytes: 22 characters of the alphabet, the last carrying no bits
+/// past the 128th, then `==`.
+fn is_websocket_key(key: &[u8]) -> bool {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let value = |c: u8| ALPHABET.iter().position(|&a| a == c);
+    key.len() == 24
+        && key.ends_with(b"==")
+        && key[..22].iter().all(|&c| value(c).is_some())
+        && value(key[21]).is_some_and(|v| v & 0x0f == 0)
+}
+
 /// Answer 101 and, once hyper hands the connection over, start its WebSocket task.
 fn switch(
     relay: &Arc<Relay>,
@@ -520,6 +572,23 @@ fn switch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn websocket_keys_are_the_base64_of_16_bytes() {
+        assert!(is_websocket_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(is_websocket_key(b"AQIDBAUGBwgJCgsMDQ4PEA=="));
+        for bad in [
+            &b""[..],
+            b"not a key",
+            b"dGhlIHNhbXBsZSBub25jZQ",
+            b"AQIDBAUGBwgJCgsMDQ4P",
+            b"AQIDBAUGBwgJCgsMDQ4PEBES",
+            b"dGhlIHNhbXBsZSBub25jZR==",
+            b"dGhlIHNhbXBsZSBub25jZ!==",
+        ] {
+            assert!(!is_websocket_key(bad), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
 
     #[test]
     fn the_client_address_is_the_rightmost_untrusted_forwarded_one() {

@@ -240,21 +240,12 @@ fn model(req: &Req, relay: &RelaySettings) -> BTreeSet<u16> {
     } else {
         readings(&rooms)
     };
-    // The handshake: a Sec-WebSocket-Key and Sec-WebSocket-Version 13. The key's value is taken
-    // as the relay takes it today, unchecked: RFC 6455 wants base64 of 16 bytes, given once,
-    // which the ignored test `a_malformed_sec_websocket_key_is_refused_with_400` asks for. Such
-    // keys are still generated, so the accept value computed from them is checked.
-    let key = !req.header_values("sec-websocket-key").is_empty();
-    let versions: Vec<bool> = req
-        .header_values("sec-websocket-version")
-        .iter()
-        .map(|v| *v == "13")
-        .collect();
-    let version_readings = if versions.is_empty() {
-        BTreeSet::from([false])
-    } else {
-        readings(&versions)
-    };
+    // The handshake (RFC 6455 4.2.1): exactly one Sec-WebSocket-Key, the base64 of 16 bytes, and
+    // exactly one Sec-WebSocket-Version, 13.
+    let keys = req.header_values("sec-websocket-key");
+    let key = keys.len() == 1 && key_is_valid(keys[0]);
+    let versions = req.header_values("sec-websocket-version");
+    let version_readings = BTreeSet::from([versions.len() == 1 && versions[0] == "13"]);
 
     let mut allowed = BTreeSet::new();
     for &origin in &origin_readings {
@@ -267,6 +258,16 @@ fn model(req: &Req, relay: &RelaySettings) -> BTreeSet<u16> {
         }
     }
     allowed
+}
+
+/// A Sec-WebSocket-Key as RFC 6455 wants it: base64 (with padding) of exactly 16 bytes.
+fn key_is_valid(key: &str) -> bool {
+    const ALPHABET: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = key.as_bytes();
+    b.len() == 24
+        && key.ends_with("==")
+        && key[..22].chars().all(|c| ALPHABET.contains(c))
+        && ALPHABET.find(b[21] as char).is_some_and(|v| v & 0x0f == 0)
 }
 
 /// PROTOCOL.md's tables for one reading of every check. `origin`: `None` when there is no
@@ -768,7 +769,6 @@ fn upgrade_requests_are_answered_as_protocol_md_says() {
 /// NOT appear more than once in an HTTP request"; a handshake that does not match "MUST" be
 /// refused ("such as 400 Bad Request"). PROTOCOL.md: malformed WebSocket handshake → 400.
 #[test]
-#[ignore = "bug: the upgrade accepts any Sec-WebSocket-Key (empty, not base64, not 16 bytes, or given twice) with 101"]
 fn a_malformed_sec_websocket_key_is_refused_with_400() {
     let (mut relay, _) = start_relay();
     let port = relay.port();
@@ -813,7 +813,6 @@ fn a_malformed_sec_websocket_key_is_refused_with_400() {
 /// field … containing all versions it is willing to use" (§4.2.2 suggests 426). PROTOCOL.md
 /// answers a malformed handshake with 400, which stays right; the header is what is missing.
 #[test]
-#[ignore = "bug: an upgrade with an unsupported Sec-WebSocket-Version is refused without a Sec-WebSocket-Version: 13 header (RFC 6455 4.4 MUST)"]
 fn an_unsupported_version_is_refused_with_the_version_the_relay_speaks() {
     let (mut relay, _) = start_relay();
     let port = relay.port();
