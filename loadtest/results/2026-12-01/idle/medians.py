@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-# Medians of the idle runs: python3 medians.py [DIR]   (before = 5e2ed81, after = dc0a998)
+# Medians of the idle runs: python3 medians.py [DIR]   (idle/: before = 5e2ed81, after = dc0a998;
+# idle-dialects/: before = 9cad32e, after = this round's main)
 import json, glob, statistics, sys, os
 d = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
 med = {}
