@@ -330,30 +330,13 @@ fn chat(
         );
         return r;
     }
-    let slot = match admit(relay, client, refuse) {
-        Ok(slot) => slot,
-        Err(refusal) => return *refusal,
-    };
-    let Some(permit) = relay.try_acquire() else {
-        return refuse(
-            Rejection::Full,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "relay full: try again later\n",
-        );
-    };
     // The whole handshake is checked before a room is reserved: a request that cannot become a
     // WebSocket must never create a room, let alone evict another room's history for it.
     // (The answer is only built here; nothing reaches the client unless this function returns
     // it, so a refusal below still leaves the client with a plain HTTP status.)
-    if let Err(refusal) = check_handshake(req.headers(), refuse) {
-        return *refusal;
-    }
-    let Ok((response, upgrade)) = fastwebsockets::upgrade::upgrade(&mut req) else {
-        return refuse(
-            Rejection::BadHandshake,
-            StatusCode::BAD_REQUEST,
-            "bad WebSocket handshake\n",
-        );
+    let admitted = match admit(relay, &mut req, client, refuse) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return *refusal,
     };
     let Ok(room) = relay.hub.reserve(&room) else {
         return refuse(
@@ -362,29 +345,26 @@ fn chat(
             "room limit reached: try again later\n",
         );
     };
-    let who = Identity {
-        address: slot,
-        entry: Entry::Query {
-            name: match &credential {
-                Credential::Static => protocol::sanitize_name(query.name.as_deref()),
-                Credential::Ticket(grant) => grant.user.clone(),
-            },
-            publish: credential.may_publish(),
-            session: match &credential {
-                Credential::Ticket(grant) => grant.session(),
-                Credential::Static => query
-                    .session
-                    .filter(|s| s & TICKET_SESSION_BIT == 0)
-                    .unwrap_or_else(|| uuid::Uuid::new_v4().as_u128() & !TICKET_SESSION_BIT),
-            },
-            room,
-            resume: query.since.map(|since| Resume {
-                since,
-                epoch: query.epoch,
-            }),
+    let entry = Entry::Query {
+        name: match &credential {
+            Credential::Static => protocol::sanitize_name(query.name.as_deref()),
+            Credential::Ticket(grant) => grant.user.clone(),
         },
+        publish: credential.may_publish(),
+        session: match &credential {
+            Credential::Ticket(grant) => grant.session(),
+            Credential::Static => query
+                .session
+                .filter(|s| s & TICKET_SESSION_BIT == 0)
+                .unwrap_or_else(|| uuid::Uuid::new_v4().as_u128() & !TICKET_SESSION_BIT),
+        },
+        room,
+        resume: query.since.map(|since| Resume {
+            since,
+            epoch: query.epoch,
+        }),
     };
-    switch(relay, response, upgrade, who, permit)
+    switch(relay, admitted, entry)
 }
 
 /// `GET /` with upgrade headers: the second dialect. The token comes in the first message, so
@@ -433,43 +413,32 @@ fn auth_first(
             "shutting down\n",
         );
     }
-    let slot = match admit(relay, client, refuse) {
-        Ok(slot) => slot,
+    let admitted = match admit(relay, &mut req, client, refuse) {
+        Ok(admitted) => admitted,
         Err(refusal) => return *refusal,
     };
-    let Some(permit) = relay.try_acquire() else {
-        return refuse(
-            Rejection::Full,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "relay full: try again later\n",
-        );
-    };
-    if let Err(refusal) = check_handshake(req.headers(), refuse) {
-        return *refusal;
-    }
-    let Ok((response, upgrade)) = fastwebsockets::upgrade::upgrade(&mut req) else {
-        return refuse(
-            Rejection::BadHandshake,
-            StatusCode::BAD_REQUEST,
-            "bad WebSocket handshake\n",
-        );
-    };
-    let who = Identity {
-        address: slot,
-        entry: Entry::Auth,
-    };
-    switch(relay, response, upgrade, who, permit)
+    switch(relay, admitted, Entry::Auth)
 }
 
-/// The abuse controls every upgrade passes before its handshake, in both dialects: the source
-/// address's share (`MAX_CONNECTIONS_PER_IP`, 429) and the relay's handshake rate
-/// (`MAX_HANDSHAKES_PER_SECOND`, 503 with `Retry-After`). The slot returned is held for the
-/// connection's life.
+/// An upgrade that passed every check shared by both dialects: what `switch` needs.
+struct Admitted {
+    /// The source address's share (`MAX_CONNECTIONS_PER_IP`), held for the connection's life.
+    slot: AddressSlot,
+    permit: crate::relay::ConnectionPermit,
+    response: Response<http_body_util::Empty<Bytes>>,
+    upgrade: fastwebsockets::upgrade::UpgradeFut,
+}
+
+/// The checks every upgrade passes last, in both dialects and in this order: the source
+/// address's share (`MAX_CONNECTIONS_PER_IP`, 429), the relay's handshake rate
+/// (`MAX_HANDSHAKES_PER_SECOND`, 503 with `Retry-After`), capacity (`MAX_CONNECTIONS`, 503), and
+/// the handshake itself (400). Each refusal goes through `refuse` (counted and logged).
 fn admit(
     relay: &Arc<Relay>,
+    req: &mut Request<Incoming>,
     client: IpAddr,
-    refuse: impl Fn(Rejection, StatusCode, &'static str) -> Response<Body>,
-) -> Result<AddressSlot, Box<Response<Body>>> {
+    refuse: impl Fn(Rejection, StatusCode, &'static str) -> Response<Body> + Copy,
+) -> Result<Admitted, Box<Response<Body>>> {
     let state = relay.addresses.get(client, relay.now_ms());
     let Some(slot) = AddressSlot::take(state, relay.settings.max_connections_per_ip) else {
         return Err(Box::new(refuse(
@@ -488,7 +457,27 @@ fn admit(
             .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
         return Err(Box::new(r));
     }
-    Ok(slot)
+    let Some(permit) = relay.try_acquire() else {
+        return Err(Box::new(refuse(
+            Rejection::Full,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "relay full: try again later\n",
+        )));
+    };
+    check_handshake(req.headers(), refuse)?;
+    let Ok((response, upgrade)) = fastwebsockets::upgrade::upgrade(req) else {
+        return Err(Box::new(refuse(
+            Rejection::BadHandshake,
+            StatusCode::BAD_REQUEST,
+            "bad WebSocket handshake\n",
+        )));
+    };
+    Ok(Admitted {
+        slot,
+        permit,
+        response,
+        upgrade,
+    })
 }
 
 /// What fastwebsockets does not check (RFC 6455 4.2.1): exactly one `Sec-WebSocket-Key`, the
@@ -538,13 +527,17 @@ fn is_websocket_key(key: &[u8]) -> bool {
 }
 
 /// Answer 101 and, once hyper hands the connection over, start its WebSocket task.
-fn switch(
-    relay: &Arc<Relay>,
-    response: Response<http_body_util::Empty<Bytes>>,
-    upgrade: fastwebsockets::upgrade::UpgradeFut,
-    who: Identity,
-    permit: crate::relay::ConnectionPermit,
-) -> Response<Body> {
+fn switch(relay: &Arc<Relay>, admitted: Admitted, entry: Entry) -> Response<Body> {
+    let Admitted {
+        slot,
+        permit,
+        response,
+        upgrade,
+    } = admitted;
+    let who = Identity {
+        address: slot,
+        entry,
+    };
     let task_relay = relay.clone();
     relay.tracker.spawn(async move {
         // fastwebsockets wraps the upgraded stream in a `WebSocket` with its own read buffer; we
