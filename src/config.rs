@@ -185,6 +185,14 @@ pub struct Args {
     /// `unavailable`.
     #[arg(long, env = "AUDIT_QUEUE_MAX_BYTES", default_value_t = 32 << 20)]
     pub audit_queue_max_bytes: usize,
+    /// PEM certificate chain (the server's certificate first): the listener serves HTTPS and WSS
+    /// itself. Needs TLS_KEY_FILE. Both are read again on SIGHUP. Unset: plain HTTP (TLS ends at
+    /// a load balancer or proxy in front).
+    #[arg(long, env = "TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of TLS_CERT_FILE's certificate.
+    #[arg(long, env = "TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// What happens to an upgrade whose room name breaks the naming rule.
@@ -292,6 +300,10 @@ pub enum ConfigError {
     EmptyAuditLog,
     #[error("AUDIT_QUEUE_MAX must be between 1 and {AUDIT_QUEUE_MAX_LIMIT}, got {0}")]
     AuditQueueOutOfRange(usize),
+    #[error("TLS_CERT_FILE and TLS_KEY_FILE go together: {0} is set without the other")]
+    TlsHalf(&'static str),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// The audit queue's slots (32 B each) are allocated at start: 4 Mi lines is 128 MiB already.
@@ -355,6 +367,8 @@ pub struct Settings {
     pub audit_log: Option<AuditTarget>,
     pub audit_queue_max: usize,
     pub audit_queue_max_bytes: usize,
+    /// `None`: plain HTTP. Loaded (and checked) at start; reloaded on SIGHUP.
+    pub tls: Option<std::sync::Arc<crate::tls::Tls>>,
 }
 
 impl Default for Settings {
@@ -433,16 +447,19 @@ impl Settings {
         let tickets =
             crate::ticket::Tickets::load(jwt_secret.as_ref(), args.jwt_public_key_file.as_deref())?
                 .map(std::sync::Arc::new);
+        let tls = match (&args.tls_cert_file, &args.tls_key_file) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(std::sync::Arc::new(crate::tls::Tls::load(cert, key)?)),
+            (Some(_), None) => return Err(ConfigError::TlsHalf("TLS_CERT_FILE")),
+            (None, Some(_)) => return Err(ConfigError::TlsHalf("TLS_KEY_FILE")),
+        };
         let allowed_origins: Vec<String> = match &args.allowed_origins {
             Some(list) => list
                 .split(',')
                 .map(|o| o.trim().trim_end_matches('/').to_string())
                 .filter(|o| !o.is_empty())
                 .collect(),
-            None => vec![
-                format!("http://localhost:{}", args.port),
-                format!("http://127.0.0.1:{}", args.port),
-            ],
+            None => default_origins(tls.is_some(), args.port),
         };
         if allowed_origins.is_empty() {
             return Err(ConfigError::NoOrigins);
@@ -506,6 +523,7 @@ impl Settings {
             audit_log,
             audit_queue_max: args.audit_queue_max,
             audit_queue_max_bytes: args.audit_queue_max_bytes,
+            tls,
         })
     }
 
@@ -518,12 +536,27 @@ impl Settings {
     /// the real port. Called once the listener is bound; explicit lists are left alone.
     pub fn fix_default_origins(&mut self, args_had_origins: bool, bound_port: u16) {
         if !args_had_origins {
-            self.allowed_origins = vec![
-                format!("http://localhost:{bound_port}"),
-                format!("http://127.0.0.1:{bound_port}"),
-            ];
+            self.allowed_origins = default_origins(self.tls.is_some(), bound_port);
         }
     }
+
+    /// `https` with direct TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
+/// The page's own origins: what a browser that loaded it from this relay sends.
+fn default_origins(tls: bool, port: u16) -> Vec<String> {
+    let scheme = if tls { "https" } else { "http" };
+    vec![
+        format!("{scheme}://localhost:{port}"),
+        format!("{scheme}://127.0.0.1:{port}"),
+    ]
 }
 
 #[cfg(test)]
@@ -606,6 +639,29 @@ mod tests {
             Settings::from_args(args),
             Err(ConfigError::AuditQueueOutOfRange(0))
         ));
+    }
+
+    #[test]
+    fn tls_files_come_in_pairs() {
+        let args = Args::parse_from(["roomcast", "--tls-cert-file", "/nonexistent/cert.pem"]);
+        assert!(matches!(
+            Settings::from_args(args),
+            Err(ConfigError::TlsHalf("TLS_CERT_FILE"))
+        ));
+        let args = Args::parse_from(["roomcast", "--tls-key-file", "/nonexistent/key.pem"]);
+        assert!(matches!(
+            Settings::from_args(args),
+            Err(ConfigError::TlsHalf("TLS_KEY_FILE"))
+        ));
+        let args = Args::parse_from([
+            "roomcast",
+            "--tls-cert-file",
+            "/nonexistent/cert.pem",
+            "--tls-key-file",
+            "/nonexistent/key.pem",
+        ]);
+        let err = Settings::from_args(args).expect_err("unreadable files");
+        assert!(err.to_string().contains("/nonexistent/cert.pem"), "{err}");
     }
 
     #[test]
