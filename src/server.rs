@@ -5,6 +5,7 @@
 //! trigger, so tests and the binary start the same server. Shutdown: stop accepting, `/readyz`
 //! turns 503, every WebSocket is asked to close with 1001, and the process waits at most
 //! `SHUTDOWN_DRAIN_MS` for connection tasks (which hyper no longer tracks after an upgrade).
+//! With direct TLS, the TLS handshake runs here too, before hyper sees the connection.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::Audit;
 use crate::config::Settings;
-use crate::metrics::Limit;
+use crate::metrics::{Limit, TlsFailure};
 use crate::relay::{Relay, REGISTRY_SHARDS};
 
 /// How often the process-wide outbox budget is checked.
@@ -75,7 +76,7 @@ pub async fn run(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    relay.tracker.spawn(serve_http(relay.clone(), stream, peer, stop.clone()));
+                    relay.tracker.spawn(serve(relay.clone(), stream, peer, stop.clone()));
                 }
                 Err(e) => {
                     // EMFILE and friends: log, pause, keep serving (never fatal).
@@ -110,26 +111,87 @@ pub async fn run(
     Ok(())
 }
 
-/// One HTTP/1 connection; after an upgrade, hyper hands the socket over to `connection::spawn`.
-/// The whole HTTP stage of a connection, keep-alive included, has one deadline (twice
-/// HANDSHAKE_TIMEOUT_MS): a client that sends requests and never reads the answers would
-/// otherwise hold hyper in a write with no timeout, and a file descriptor with it. Plain HTTP
-/// here is probes, scrapes and the page; clients simply reconnect.
-async fn serve_http(
-    relay: Arc<Relay>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    stop: CancellationToken,
-) {
+/// One accepted connection: with TLS_CERT_FILE, its TLS handshake first, then the HTTP stage.
+/// The whole of it, TLS handshake and keep-alive included, has one deadline (twice
+/// HANDSHAKE_TIMEOUT_MS; the TLS handshake alone at most HANDSHAKE_TIMEOUT_MS): a client that
+/// sends requests and never reads the answers would otherwise hold hyper in a write with no
+/// timeout, and a file descriptor with it. Plain HTTP here is probes, scrapes and the page;
+/// clients simply reconnect.
+async fn serve(relay: Arc<Relay>, stream: TcpStream, peer: SocketAddr, stop: CancellationToken) {
     let handshake_timeout = relay.settings.handshake_timeout;
-    let deadline = tokio::time::sleep(handshake_timeout * 2);
+    let deadline = tokio::time::Instant::now() + handshake_timeout * 2;
+    let Some(tls) = relay.settings.tls.clone() else {
+        return serve_http(relay, TokioIo::new(stream), peer, deadline, stop).await;
+    };
+    let handshake = async {
+        if !starts_like_tls(&stream).await {
+            return Err(if answer_plain_http(stream).await {
+                TlsFailure::PlainHttp
+            } else {
+                TlsFailure::Handshake
+            });
+        }
+        tls.acceptor()
+            .accept(stream)
+            .await
+            .map_err(|_| TlsFailure::Handshake)
+    };
+    let accepted = tokio::select! {
+        r = tokio::time::timeout(handshake_timeout, handshake) => r.unwrap_or(Err(TlsFailure::Timeout)),
+        _ = stop.cancelled() => return,
+    };
+    match accepted {
+        Ok(stream) => serve_http(relay, TokioIo::new(stream), peer, deadline, stop).await,
+        Err(why) => relay.metrics.tls_handshake_failed(why),
+    }
+}
+
+/// Whether the client's first byte is a TLS handshake record's (0x16). Waits for it without
+/// taking it from the socket; a connection that ends first is "not TLS".
+async fn starts_like_tls(stream: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(stream.peek(&mut first).await, Ok(1) if first[0] == 0x16)
+}
+
+/// A client that spoke plain HTTP to the TLS port gets a plain answer saying so (nginx does the
+/// same with its 497), rather than a TLS alert its HTTP parser cannot read; then the socket
+/// closes. Anything else that is not TLS is simply closed. Returns whether it was answered.
+async fn answer_plain_http(mut stream: TcpStream) -> bool {
+    use tokio::io::AsyncWriteExt;
+    let mut first = [0u8; 1];
+    if !matches!(stream.peek(&mut first).await, Ok(1) if first[0].is_ascii_uppercase()) {
+        return false;
+    }
+    const BODY: &str = "this port speaks HTTPS: use https:// or wss://\n";
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = stream.write_all(answer.as_bytes()).await;
+    let _ = stream.shutdown().await;
+    true
+}
+
+/// The HTTP stage of one connection (plain or TLS); after an upgrade, hyper hands the socket over
+/// to `connection::spawn` (see `http::switch`).
+async fn serve_http<I>(
+    relay: Arc<Relay>,
+    io: TokioIo<I>,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+    stop: CancellationToken,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let handshake_timeout = relay.settings.handshake_timeout;
+    let deadline = tokio::time::sleep_until(deadline);
     let service_relay = relay.clone();
     let service = service_fn(move |req| crate::http::handle(service_relay.clone(), req, peer));
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(handshake_timeout)
         .max_buf_size(16 * 1024)
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(io, service)
         .with_upgrades();
     tokio::pin!(conn);
     tokio::pin!(deadline);
