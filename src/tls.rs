@@ -121,6 +121,11 @@ impl Tls {
     pub fn cert_path(&self) -> &Path {
         &self.cert_path
     }
+
+    /// The rustls configuration every handshake uses (for tools and tests that measure it).
+    pub fn server_config(&self) -> &Arc<ServerConfig> {
+        &self.config
+    }
 }
 
 /// The certificate handshakes get; swapped whole by a reload.
