@@ -23,7 +23,10 @@ struct TlsRelay {
 }
 
 fn tls_relay(envs: &[(&str, &str)]) -> TlsRelay {
-    let dir = TempDir::new("tls");
+    tls_relay_in(TempDir::new("tls"), envs)
+}
+
+fn tls_relay_in(dir: TempDir, envs: &[(&str, &str)]) -> TlsRelay {
     let ca = TestCa::new(dir.path());
     let cert = ca.issue("live");
     let client = ca.client_config();
@@ -232,14 +235,22 @@ async fn plain_http_to_the_tls_port_is_answered_400_and_the_relay_keeps_serving(
 
 #[tokio::test]
 async fn sighup_reloads_the_certificate_for_new_handshakes_while_open_websockets_stay() {
-    let mut t = tls_relay(&[("PRESENCE_INTERVAL_MS", "20")]);
+    // With an audit log too: one SIGHUP reloads the certificate and reopens the log.
+    let dir = TempDir::new("tls-reload");
+    let audit = dir.path().join("audit.log");
+    let audit_env = audit.display().to_string();
+    let mut t = tls_relay_in(
+        dir,
+        &[("PRESENCE_INTERVAL_MS", "20"), ("AUDIT_LOG", &audit_env)],
+    );
     let first = t.cert.der();
     assert_eq!(presented_certificate(&t.relay, &t.client).await, first);
     let mut old = t.join("old", "reload").await;
 
-    // A renewal: new files in place, then SIGHUP.
+    // A renewal: new files in place, then SIGHUP (logrotate renamed the audit log meanwhile).
     let renewed = t.ca.issue("renewed");
     renewed.install_as(&t.cert);
+    std::fs::rename(&audit, audit.with_extension("log.1")).expect("rotate the audit log");
     t.relay.signal(libc::SIGHUP);
     wait_for_metric(
         &t.relay,
@@ -265,6 +276,15 @@ async fn sighup_reloads_the_certificate_for_new_handshakes_while_open_websockets
         v["type"] == "message" && v["message"]["text"] == "still here"
     })
     .await;
+    let deadline = Instant::now() + WAIT;
+    while !std::fs::read_to_string(&audit).is_ok_and(|text| text.contains("still here")) {
+        assert!(
+            Instant::now() < deadline,
+            "the same SIGHUP must reopen the audit log at {}",
+            audit.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // A broken renewal (the key file is garbage): the previous certificate stays, and the
     // failure is counted and logged.
@@ -320,6 +340,43 @@ async fn sighup_reloads_the_certificate_for_new_handshakes_while_open_websockets
         t.relay.try_exit_status().is_none(),
         "SIGHUP must not stop the relay"
     );
+}
+
+#[tokio::test]
+async fn heartbeat_pings_go_through_tls_and_a_silent_tls_peer_is_dropped() {
+    let t = tls_relay(&[("HEARTBEAT_MS", "300")]);
+    let mut alive = t.join("alive", "beat").await;
+    // tungstenite answers pings while reading.
+    alive.stay_connected_for(Duration::from_millis(1500)).await;
+    assert!(alive.pings_seen >= 2, "pings seen: {}", alive.pings_seen);
+
+    // A WSS client that upgrades and then never reads or answers is dropped by the heartbeat.
+    let mut silent = tls_connect(t.relay.addr, &t.client).await.expect("TLS");
+    let head = upgrade_head(
+        t.relay.port(),
+        &format!("/chat?{}", t.relay.chat_query("silent", "beat")),
+        Some(&t.relay.origin()),
+    );
+    silent.write_all(head.as_bytes()).await.unwrap();
+    silent.flush().await.unwrap();
+    // Meanwhile the reading client keeps answering, and stays.
+    tokio::join!(
+        alive.stay_connected_for(Duration::from_millis(2000)),
+        t.relay
+            .wait_metrics("the silent TLS peer dropped by the heartbeat", WAIT, |e| {
+                e.get0("roomcast_heartbeat_terminations_total", &[]) >= 1.0
+            })
+    );
+    // Its socket is closed (end of stream or a TLS error, never a wait).
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(WAIT, silent.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the silent peer's socket was not closed");
+    assert_eq!(
+        metric(&t.relay, "roomcast_heartbeat_terminations_total", &[]).await,
+        1.0,
+        "only the silent peer was dropped"
+    );
+    alive.close_normally().await;
 }
 
 #[tokio::test]
