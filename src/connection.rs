@@ -205,11 +205,7 @@ impl Pending {
     ) -> io::Result<()> {
         match tls {
             None => self.write_plain(stream, outbox, metrics)?,
-            Some(session) => {
-                if !self.write_tls(stream, session, outbox, metrics)? {
-                    return Ok(());
-                }
-            }
+            Some(session) => self.write_tls(stream, session, outbox, metrics)?,
         }
         if let Some(oldest) = self.oldest.take() {
             metrics
@@ -257,27 +253,26 @@ impl Pending {
     /// Records already encrypted go first; then frames are encrypted up to rustls' buffer limit
     /// and written, until both are empty or the socket is full. A frame counts as written (for
     /// the outbox charge and WRITE_STALL_MS) once rustls took it: what rustls holds is bounded
-    /// by `tls::TLS_BUFFER_BYTES`, like what the kernel holds by SEND_BUFFER_BYTES. Returns
-    /// whether everything was written.
+    /// by `tls::TLS_BUFFER_BYTES`, like what the kernel holds by SEND_BUFFER_BYTES.
     fn write_tls(
         &mut self,
         stream: &TcpStream,
         session: &mut Session,
         outbox: &Outbox,
         metrics: &crate::metrics::Metrics,
-    ) -> io::Result<bool> {
+    ) -> io::Result<()> {
         loop {
             while session.wants_write() {
                 match session.write_to(stream) {
                     Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                     Ok(_) => metrics.socket_writes.increment(1),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                     Err(e) => return Err(e),
                 }
             }
             if self.frames.is_empty() {
                 if !self.close_notify {
-                    return Ok(true);
+                    return Ok(());
                 }
                 self.close_notify = false;
                 session.send_close_notify();

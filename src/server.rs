@@ -24,6 +24,8 @@ use crate::config::Settings;
 use crate::metrics::{Limit, TlsFailure};
 use crate::relay::{Relay, REGISTRY_SHARDS};
 
+/// How long a plain HTTP request to the TLS port may take to read its 400 before we close.
+const PLAIN_HTTP_LINGER: Duration = Duration::from_secs(1);
 /// How often the process-wide outbox budget is checked.
 const OUTBOX_BUDGET_CHECK: Duration = Duration::from_millis(50);
 /// Once over the budget, the largest queues are closed until the total is back under this
@@ -157,7 +159,7 @@ async fn starts_like_tls(stream: &TcpStream) -> bool {
 /// same with its 497), rather than a TLS alert its HTTP parser cannot read; then the socket
 /// closes. Anything else that is not TLS is simply closed. Returns whether it was answered.
 async fn answer_plain_http(mut stream: TcpStream) -> bool {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut first = [0u8; 1];
     if !matches!(stream.peek(&mut first).await, Ok(1) if first[0].is_ascii_uppercase()) {
         return false;
@@ -169,6 +171,19 @@ async fn answer_plain_http(mut stream: TcpStream) -> bool {
     );
     let _ = stream.write_all(answer.as_bytes()).await;
     let _ = stream.shutdown().await;
+    // Closing with the request still unread would reset the connection, and the client could
+    // lose the answer: read what it sent (a little, briefly) until it closes.
+    let mut scratch = [0u8; 1024];
+    let _ = tokio::time::timeout(PLAIN_HTTP_LINGER, async {
+        let mut left: usize = 16 * 1024;
+        while left > 0 {
+            match stream.read(&mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
     true
 }
 
