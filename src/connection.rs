@@ -203,9 +203,13 @@ impl Pending {
         outbox: &Outbox,
         metrics: &crate::metrics::Metrics,
     ) -> io::Result<()> {
-        match tls {
+        let all_written = match tls {
             None => self.write_plain(stream, outbox, metrics)?,
             Some(session) => self.write_tls(stream, session, outbox, metrics)?,
+        };
+        if !all_written {
+            // The socket is full: the latency is recorded by the write that finishes.
+            return Ok(());
         }
         if let Some(oldest) = self.oldest.take() {
             metrics
@@ -230,49 +234,51 @@ impl Pending {
         (slices, count)
     }
 
+    /// Returns whether everything was written.
     fn write_plain(
         &mut self,
         stream: &TcpStream,
         outbox: &Outbox,
         metrics: &crate::metrics::Metrics,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         while !self.frames.is_empty() {
             let (slices, count) = self.slices();
             let written = match stream.try_write_vectored(&slices[..count]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(e),
             };
             metrics.socket_writes.increment(1);
             self.consumed(written, outbox);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Records already encrypted go first; then frames are encrypted up to rustls' buffer limit
     /// and written, until both are empty or the socket is full. A frame counts as written (for
     /// the outbox charge and WRITE_STALL_MS) once rustls took it: what rustls holds is bounded
-    /// by `tls::TLS_BUFFER_BYTES`, like what the kernel holds by SEND_BUFFER_BYTES.
+    /// by `tls::TLS_BUFFER_BYTES`, like what the kernel holds by SEND_BUFFER_BYTES. Returns
+    /// whether everything (frames and records) was written.
     fn write_tls(
         &mut self,
         stream: &TcpStream,
         session: &mut Session,
         outbox: &Outbox,
         metrics: &crate::metrics::Metrics,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         loop {
             while session.wants_write() {
                 match session.write_to(stream) {
                     Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                     Ok(_) => metrics.socket_writes.increment(1),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                     Err(e) => return Err(e),
                 }
             }
             if self.frames.is_empty() {
                 if !self.close_notify {
-                    return Ok(());
+                    return Ok(true);
                 }
                 self.close_notify = false;
                 session.send_close_notify();
