@@ -222,6 +222,14 @@ pub struct Args {
     /// lines are counted, and one line a second says how many were left out, by reason.
     #[arg(long, env = "LOG_LINES_PER_SECOND", default_value_t = 50)]
     pub log_lines_per_second: u32,
+    /// PEM certificate chain (the server's certificate first): the listener serves HTTPS and WSS
+    /// itself. Needs TLS_KEY_FILE. Both are read again on SIGHUP. Unset: plain HTTP (TLS ends at
+    /// a load balancer or proxy in front).
+    #[arg(long, env = "TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of TLS_CERT_FILE's certificate.
+    #[arg(long, env = "TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// The format of log lines.
@@ -355,6 +363,10 @@ pub enum ConfigError {
     DevTokenOnNetwork(IpAddr),
     #[error("SHUTDOWN_SPREAD_MS ({spread}) must be shorter than SHUTDOWN_DRAIN_MS ({drain}): the closes are spread inside the drain")]
     SpreadLongerThanDrain { spread: u64, drain: u64 },
+    #[error("TLS_CERT_FILE and TLS_KEY_FILE go together: {0} is set without the other")]
+    TlsHalf(&'static str),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// REDIS_CLUSTER_NODES as `redis://` URLs: `HOST:PORT` entries get the scheme, URLs are kept.
@@ -454,6 +466,8 @@ pub struct Settings {
     pub admin_addr: Option<SocketAddr>,
     pub serve_page: bool,
     pub log: LogSettings,
+    /// `None`: plain HTTP. Loaded (and checked) at start; reloaded on SIGHUP.
+    pub tls: Option<std::sync::Arc<crate::tls::Tls>>,
 }
 
 /// How the relay logs (`crate::log`).
@@ -568,16 +582,19 @@ impl Settings {
                 drain: args.shutdown_drain_ms,
             });
         }
+        let tls = match (&args.tls_cert_file, &args.tls_key_file) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(std::sync::Arc::new(crate::tls::Tls::load(cert, key)?)),
+            (Some(_), None) => return Err(ConfigError::TlsHalf("TLS_CERT_FILE")),
+            (None, Some(_)) => return Err(ConfigError::TlsHalf("TLS_KEY_FILE")),
+        };
         let allowed_origins: Vec<String> = match &args.allowed_origins {
             Some(list) => list
                 .split(',')
                 .map(|o| o.trim().trim_end_matches('/').to_string())
                 .filter(|o| !o.is_empty())
                 .collect(),
-            None => vec![
-                format!("http://localhost:{}", args.port),
-                format!("http://127.0.0.1:{}", args.port),
-            ],
+            None => default_origins(tls.is_some(), args.port),
         };
         if allowed_origins.is_empty() {
             return Err(ConfigError::NoOrigins);
@@ -652,6 +669,7 @@ impl Settings {
                 no_color: args.no_color.is_some_and(|v| !v.is_empty()),
                 lines_per_second: args.log_lines_per_second,
             },
+            tls,
         })
     }
 
@@ -665,27 +683,44 @@ impl Settings {
     /// bound to one specific address also allows the page it serves there.
     pub fn fix_default_origins(&mut self, args_had_origins: bool, bound_port: u16) {
         if !args_had_origins {
-            self.allowed_origins = vec![
-                format!("http://localhost:{bound_port}"),
-                format!("http://127.0.0.1:{bound_port}"),
-            ];
+            self.allowed_origins = default_origins(self.tls.is_some(), bound_port);
             let ip = self.listen_addr.ip();
             if !ip.is_unspecified() && !canonical(ip).is_loopback() {
+                let scheme = if self.tls.is_some() { "https" } else { "http" };
                 self.allowed_origins
-                    .push(format!("http://{}", SocketAddr::new(ip, bound_port)));
+                    .push(format!("{scheme}://{}", SocketAddr::new(ip, bound_port)));
             }
         }
     }
+
+    /// `https` with direct TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
+/// The page's own origins: what a browser that loaded it from this relay sends.
+fn default_origins(tls: bool, port: u16) -> Vec<String> {
+    let scheme = if tls { "https" } else { "http" };
+    vec![
+        format!("{scheme}://localhost:{port}"),
+        format!("{scheme}://127.0.0.1:{port}"),
+    ]
 }
 
 /// The URL to print at start for a relay bound to `bound`: one a browser on this machine can
 /// open and whose Origin the default allow-list accepts (an unspecified address such as 0.0.0.0
 /// is not something to open in a browser).
-pub fn start_url(bound: SocketAddr) -> String {
+pub fn start_url(bound: SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
     match bound.ip() {
-        IpAddr::V4(v4) if v4.is_unspecified() => format!("http://127.0.0.1:{}", bound.port()),
-        IpAddr::V6(v6) if v6.is_unspecified() => format!("http://localhost:{}", bound.port()),
-        _ => format!("http://{bound}"),
+        IpAddr::V4(v4) if v4.is_unspecified() => format!("{scheme}://127.0.0.1:{}", bound.port()),
+        IpAddr::V6(v6) if v6.is_unspecified() => format!("{scheme}://localhost:{}", bound.port()),
+        _ => format!("{scheme}://{bound}"),
     }
 }
 
@@ -768,7 +803,7 @@ mod tests {
 
     #[test]
     fn the_start_url_is_one_a_browser_can_open() {
-        let url = |s: &str| start_url(s.parse().expect("socket address"));
+        let url = |s: &str| start_url(s.parse().expect("socket address"), false);
         assert_eq!(url("0.0.0.0:8080"), "http://127.0.0.1:8080");
         assert_eq!(url("[::]:8080"), "http://localhost:8080");
         assert_eq!(url("127.0.0.1:8080"), "http://127.0.0.1:8080");
@@ -911,6 +946,29 @@ mod tests {
             }
         }
         assert_eq!(Settings::default().redis_cluster_nodes, None);
+    }
+
+    #[test]
+    fn tls_files_come_in_pairs() {
+        let args = Args::parse_from(["roomcast", "--tls-cert-file", "/nonexistent/cert.pem"]);
+        assert!(matches!(
+            Settings::from_args(args),
+            Err(ConfigError::TlsHalf("TLS_CERT_FILE"))
+        ));
+        let args = Args::parse_from(["roomcast", "--tls-key-file", "/nonexistent/key.pem"]);
+        assert!(matches!(
+            Settings::from_args(args),
+            Err(ConfigError::TlsHalf("TLS_KEY_FILE"))
+        ));
+        let args = Args::parse_from([
+            "roomcast",
+            "--tls-cert-file",
+            "/nonexistent/cert.pem",
+            "--tls-key-file",
+            "/nonexistent/key.pem",
+        ]);
+        let err = Settings::from_args(args).expect_err("unreadable files");
+        assert!(err.to_string().contains("/nonexistent/cert.pem"), "{err}");
     }
 
     #[test]

@@ -12,6 +12,11 @@
 //! Limits that need a clock (an incomplete frame's age, a write's lack of progress) are checked
 //! whenever the task wakes, and the heartbeat wakes every connection once per interval, so no
 //! connection keeps a timer of its own.
+//!
+//! With direct TLS the loop is the same: the connection keeps the bare socket and a boxed
+//! [`Session`] (tls.rs), reads records through it and copies the plaintext into the same
+//! per-thread buffer, and hands frames to it for encryption before the vectored write of the
+//! records. Plain connections hold `None` there.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -36,6 +41,7 @@ use crate::protocol::{self, ClientMessage, ErrorCode};
 use crate::rate::Window;
 use crate::relay::{ConnectionPermit, Credential, Registration, Relay};
 use crate::ticket::Grant;
+use crate::tls::{Received, Session};
 
 /// Per worker thread read buffer. Large enough to take many frames in one read; never held
 /// across an await, so it is shared by every connection the thread serves.
@@ -170,6 +176,8 @@ struct Pending {
     /// When a frame was last written whole (or, before that, when this write began):
     /// WRITE_STALL_MS is measured from here.
     progress_at: Instant,
+    /// TLS: end the TLS session (close_notify) once the last frame is encrypted.
+    close_notify: bool,
 }
 
 impl Default for Pending {
@@ -179,53 +187,29 @@ impl Default for Pending {
             front_started: false,
             oldest: None,
             progress_at: Instant::now(),
+            close_notify: false,
         }
     }
 }
 
 impl Pending {
-    /// Write as much as the socket takes now, up to `IOV_MAX` frames per system call.
+    /// Write as much as the socket takes now, up to `IOV_MAX` frames per system call; with TLS,
+    /// through the session (frames are encrypted as rustls' bounded buffer takes them, records
+    /// written as the socket takes them).
     fn write_to(
         &mut self,
         stream: &TcpStream,
+        tls: Option<&mut Session>,
         outbox: &Outbox,
         metrics: &crate::metrics::Metrics,
     ) -> io::Result<()> {
-        while !self.frames.is_empty() {
-            let mut slices = [IoSlice::new(&[]); IOV_MAX];
-            let count = self.frames.len().min(IOV_MAX);
-            for (slot, frame) in slices.iter_mut().zip(self.frames.iter()) {
-                *slot = IoSlice::new(frame);
-            }
-            let written = match stream.try_write_vectored(&slices[..count]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => return Err(e),
-            };
-            metrics.socket_writes.increment(1);
-            let mut left = written;
-            let mut completed = 0;
-            while left > 0 {
-                let front = self
-                    .frames
-                    .front_mut()
-                    .expect("written bytes belong to queued frames");
-                if front.len() <= left {
-                    left -= front.len();
-                    self.frames.pop_front();
-                    self.front_started = false;
-                    completed += 1;
-                } else {
-                    front.advance(left);
-                    left = 0;
-                    self.front_started = true;
-                }
-            }
-            outbox.written(written, completed);
-            if completed > 0 {
-                self.progress_at = Instant::now();
-            }
+        let all_written = match tls {
+            None => self.write_plain(stream, outbox, metrics)?,
+            Some(session) => self.write_tls(stream, session, outbox, metrics)?,
+        };
+        if !all_written {
+            // The socket is full: the latency is recorded by the write that finishes.
+            return Ok(());
         }
         if let Some(oldest) = self.oldest.take() {
             metrics
@@ -234,12 +218,115 @@ impl Pending {
         }
         Ok(())
     }
+
+    /// Nothing is left to write: no frame, and with TLS no record and no close_notify.
+    fn is_done(&self, tls: Option<&Session>) -> bool {
+        self.frames.is_empty() && !self.close_notify && !tls.is_some_and(Session::wants_write)
+    }
+
+    /// Up to `IOV_MAX` frames from the front, for one vectored call.
+    fn slices(&self) -> ([IoSlice<'_>; IOV_MAX], usize) {
+        let mut slices = [IoSlice::new(&[]); IOV_MAX];
+        let count = self.frames.len().min(IOV_MAX);
+        for (slot, frame) in slices.iter_mut().zip(self.frames.iter()) {
+            *slot = IoSlice::new(frame);
+        }
+        (slices, count)
+    }
+
+    /// Returns whether everything was written.
+    fn write_plain(
+        &mut self,
+        stream: &TcpStream,
+        outbox: &Outbox,
+        metrics: &crate::metrics::Metrics,
+    ) -> io::Result<bool> {
+        while !self.frames.is_empty() {
+            let (slices, count) = self.slices();
+            let written = match stream.try_write_vectored(&slices[..count]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            metrics.socket_writes.increment(1);
+            self.consumed(written, outbox);
+        }
+        Ok(true)
+    }
+
+    /// Records already encrypted go first; then frames are encrypted up to rustls' buffer limit
+    /// and written, until both are empty or the socket is full. A frame counts as written (for
+    /// the outbox charge and WRITE_STALL_MS) once rustls took it: what rustls holds is bounded
+    /// by `tls::TLS_BUFFER_BYTES`, like what the kernel holds by SEND_BUFFER_BYTES. Returns
+    /// whether everything (frames and records) was written.
+    fn write_tls(
+        &mut self,
+        stream: &TcpStream,
+        session: &mut Session,
+        outbox: &Outbox,
+        metrics: &crate::metrics::Metrics,
+    ) -> io::Result<bool> {
+        loop {
+            while session.wants_write() {
+                match session.write_to(stream) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(_) => metrics.socket_writes.increment(1),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) => return Err(e),
+                }
+            }
+            if self.frames.is_empty() {
+                if !self.close_notify {
+                    return Ok(true);
+                }
+                self.close_notify = false;
+                session.send_close_notify();
+                continue;
+            }
+            let (slices, count) = self.slices();
+            let taken = session.encrypt(&slices[..count])?;
+            if taken == 0 {
+                // rustls' buffer is empty here (it was just written), so it always takes some.
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.consumed(taken, outbox);
+        }
+    }
+
+    /// `written` bytes from the front of the frames have left (to the socket, or to rustls).
+    fn consumed(&mut self, written: usize, outbox: &Outbox) {
+        let mut left = written;
+        let mut completed = 0;
+        while left > 0 {
+            let front = self
+                .frames
+                .front_mut()
+                .expect("written bytes belong to queued frames");
+            if front.len() <= left {
+                left -= front.len();
+                self.frames.pop_front();
+                self.front_started = false;
+                completed += 1;
+            } else {
+                front.advance(left);
+                left = 0;
+                self.front_started = true;
+            }
+        }
+        outbox.written(written, completed);
+        if completed > 0 {
+            self.progress_at = Instant::now();
+        }
+    }
 }
 
 /// One open WebSocket. This struct is the task's whole state while the connection is idle,
 /// so every field is here for a reason; ARCHITECTURE.md has the byte count.
 struct Connection {
-    relay: Arc<Relay>,
+    /// The relay, reached through this connection's slot (MAX_CONNECTIONS): one pointer for
+    /// both, and the slot is released exactly when the connection is dropped.
+    relay: ConnectionPermit,
     stream: TcpStream,
     outbox: Arc<Outbox>,
     /// Also who this connection is; leaves every room when dropped.
@@ -258,7 +345,8 @@ struct Connection {
     opened_ms: u32,
     inbound: Option<Box<Inbound>>,
     pending: Option<Box<Pending>>,
-    _permit: ConnectionPermit,
+    /// Direct TLS: the session after the upgrade (tls.rs). `None` for plain TCP.
+    tls: Option<Box<Session>>,
 }
 
 /// Unregistering is a guard, so a connection task that panics is still forgotten by the
@@ -279,10 +367,11 @@ impl Drop for Connection {
 }
 
 /// Open a connection after the upgrade and give it a task of its own. `early` holds bytes the
-/// client sent right behind its upgrade request.
+/// client sent right behind its upgrade request (decrypted, with TLS; rustls may hold more).
 pub(crate) fn spawn(
     relay: Arc<Relay>,
     stream: TcpStream,
+    tls: Option<rustls::ServerConnection>,
     early: Bytes,
     who: Identity,
     permit: ConnectionPermit,
@@ -351,7 +440,7 @@ pub(crate) fn spawn(
     relay.metrics.connections_opened.increment(1);
     let address = who.address;
     let mut conn = Connection {
-        relay: relay.clone(),
+        relay: permit,
         stream,
         outbox,
         rooms,
@@ -364,18 +453,29 @@ pub(crate) fn spawn(
         address,
         inbound: None,
         pending: None,
-        _permit: permit,
+        tls: tls.map(Session::new),
     };
     tracing::debug!(client_id = conn.client_id(), "connected");
     // `early` may be a slice of hyper's whole read buffer: copy what it holds and let the
     // buffer go now, or every idle connection would pin it.
-    let flow = if early.is_empty() {
+    let mut flow = if early.is_empty() {
         Flow::Continue
     } else {
         let mut bytes = early.to_vec();
         conn.on_bytes(&mut bytes)
     };
     drop(early);
+    if let Some(session) = &conn.tls {
+        if session.wants_write() {
+            // Records rustls still holds from the HTTP stage go out on the task's first wake.
+            conn.outbox.nudge();
+        }
+        if flow == Flow::Continue {
+            // What rustls decrypted and hyper did not read yet: the socket will not say it is
+            // readable for these bytes again.
+            flow = READ_BUF.with(|cell| conn.on_plaintext(&mut cell.borrow_mut()));
+        }
+    }
     relay.tracker.spawn(conn.serve(flow));
 }
 
@@ -543,10 +643,19 @@ impl Connection {
         for _ in 0..READS_PER_WAKE {
             let flow = READ_BUF.with(|cell| {
                 let mut buf = cell.borrow_mut();
-                match self.stream.try_read(&mut buf[..]) {
-                    Ok(0) => Some(Flow::Dropped),
-                    Ok(n) => Some(self.on_bytes(&mut buf[..n])),
+                let Some(session) = &mut self.tls else {
+                    return match self.stream.try_read(&mut buf[..]) {
+                        Ok(0) => Some(Flow::Dropped),
+                        Ok(n) => Some(self.on_bytes(&mut buf[..n])),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+                        Err(_) => Some(Flow::Dropped),
+                    };
+                };
+                match session.read_from(&self.stream) {
+                    Ok(Received::Records) => Some(self.on_plaintext(&mut buf)),
+                    Ok(Received::Eof) => Some(Flow::Dropped),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+                    // A broken socket, or a TLS protocol error (rustls sent its alert).
                     Err(_) => Some(Flow::Dropped),
                 }
             });
@@ -566,6 +675,29 @@ impl Connection {
             }
         }
         (Flow::Continue, true)
+    }
+
+    /// TLS: act on every byte the session has decrypted, copying it into the per-thread buffer
+    /// `buf` (the caller's `READ_BUF`) in as many pieces as needed.
+    fn on_plaintext(&mut self, buf: &mut [u8]) -> Flow {
+        self.outbox.mark_alive();
+        loop {
+            let Some(session) = self.tls.as_mut() else {
+                return Flow::Continue;
+            };
+            match session.take_plaintext(buf) {
+                // The peer ended the TLS session (close_notify) without a close frame.
+                Ok(0) => return Flow::Dropped,
+                Ok(n) => {
+                    let flow = self.on_bytes(&mut buf[..n]);
+                    if flow != Flow::Continue {
+                        return flow;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Flow::Continue,
+                Err(_) => return Flow::Dropped,
+            }
+        }
     }
 
     /// Half the outbox limit is queued: stop taking more input from this peer for now.
@@ -990,13 +1122,15 @@ impl Connection {
     /// was requested through the outbox.
     fn flush(&mut self) -> io::Result<Option<u16>> {
         let batch = self.outbox.take();
+        // TLS records of its own (a key update's answer, an alert) go out like frames do.
+        let tls_wants_write = self.tls.as_ref().is_some_and(|s| s.wants_write());
         let mut pending = match self.pending.take() {
             Some(mut p) => {
                 p.frames.extend(batch.frames);
                 p.oldest = p.oldest.or(batch.oldest);
                 p
             }
-            None if batch.frames.is_empty() => return Ok(batch.closing),
+            None if batch.frames.is_empty() && !tls_wants_write => return Ok(batch.closing),
             None => Box::new(Pending {
                 frames: batch.frames,
                 oldest: batch.oldest,
@@ -1004,9 +1138,10 @@ impl Connection {
             }),
         };
         if batch.closing.is_none() {
-            pending.write_to(&self.stream, &self.outbox, &self.relay.metrics)?;
+            let tls = self.tls.as_deref_mut();
+            pending.write_to(&self.stream, tls, &self.outbox, &self.relay.metrics)?;
         }
-        if !pending.frames.is_empty() {
+        if !pending.is_done(self.tls.as_deref()) {
             self.pending = Some(pending);
         }
         Ok(batch.closing)
@@ -1103,13 +1238,16 @@ impl Connection {
                 pending.frames.extend(self.outbox.take().frames);
             }
             pending.frames.push_back(frame::close_frame(send, reason));
+            // With TLS, the TLS session ends right behind the close frame.
+            pending.close_notify = self.tls.is_some();
             // The peer closed first: once our echo is written we close the TCP connection at once
             // (RFC 6455 7.1.1: the server closes first), with no timer and no wait for its FIN.
             let peer_closed = matches!(flow, Flow::PeerClosed(_));
+            let tls = self.tls.as_deref_mut();
             let done = pending
-                .write_to(&self.stream, &self.outbox, &relay.metrics)
+                .write_to(&self.stream, tls, &self.outbox, &relay.metrics)
                 .is_err()
-                || (peer_closed && pending.frames.is_empty());
+                || (peer_closed && pending.is_done(self.tls.as_deref()));
             if !done {
                 let handshake = self.close_handshake(pending, !peer_closed);
                 let _ = tokio::time::timeout(relay.settings.close_timeout, handshake).await;
@@ -1124,9 +1262,10 @@ impl Connection {
         mut pending: Pending,
         wait_for_peer: bool,
     ) -> io::Result<()> {
-        while !pending.frames.is_empty() {
-            pending.write_to(&self.stream, &self.outbox, &self.relay.metrics)?;
-            if !pending.frames.is_empty() {
+        while !pending.is_done(self.tls.as_deref()) {
+            let tls = self.tls.as_deref_mut();
+            pending.write_to(&self.stream, tls, &self.outbox, &self.relay.metrics)?;
+            if !pending.is_done(self.tls.as_deref()) {
                 self.stream.writable().await?;
             }
         }

@@ -541,18 +541,27 @@ fn switch(relay: &Arc<Relay>, admitted: Admitted, entry: Entry) -> Response<Body
     let task_relay = relay.clone();
     relay.tracker.spawn(async move {
         // fastwebsockets wraps the upgraded stream in a `WebSocket` with its own read buffer; we
-        // unwrap it at once and take back the bare TCP stream (see frame.rs for why).
+        // unwrap it at once and take back the bare TCP stream (see frame.rs for why), and with
+        // TLS the rustls session too: the connection drives it from its own loop (tls.rs).
         let Ok(ws) = upgrade.await else { return };
-        let upgraded = ws.into_inner().into_inner();
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => connection::spawn(
-                task_relay,
-                parts.io.into_inner(),
-                parts.read_buf,
-                who,
-                permit,
-            ),
-            Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
+        let upgraded = match ws
+            .into_inner()
+            .into_inner()
+            .downcast::<TokioIo<TcpStream>>()
+        {
+            Ok(parts) => {
+                let stream = parts.io.into_inner();
+                return connection::spawn(task_relay, stream, None, parts.read_buf, who, permit);
+            }
+            Err(upgraded) => upgraded,
+        };
+        match upgraded.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>() {
+            Ok(parts) => {
+                let (stream, session) = parts.io.into_inner().into_inner();
+                let early = parts.read_buf;
+                connection::spawn(task_relay, stream, Some(session), early, who, permit);
+            }
+            Err(_) => tracing::error!("upgraded connection is neither TCP nor TLS over TCP"),
         }
     });
     let (mut parts, _) = response.into_parts();

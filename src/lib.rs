@@ -6,7 +6,8 @@
 //! codec), `protocol` (JSON), `outbox` (per-connection queue), `hub` (rooms, history, presence),
 //! `broker` (the publish seam and the in-memory broker), `broker_redis` (several nodes through
 //! Redis), `address` (per source address state), `audit` (the audit log), `metrics`, `limits`,
-//! `rate` (windows), `log` (the logger and the access lines).
+//! `rate` (windows), `log` (the logger and the access lines), `tls` (direct TLS: certificate,
+//! reload, the session after the upgrade).
 
 pub mod address;
 pub mod alloc;
@@ -28,3 +29,4 @@ pub mod rate;
 pub mod relay;
 pub mod server;
 pub mod ticket;
+pub mod tls;

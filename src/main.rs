@@ -1,7 +1,9 @@
 //! The `roomcast` binary: settings, logging, the audit log, the listeners (public and
-//! `ADMIN_ADDR`), the start line, the signals, then `server::serve`.
+//! `ADMIN_ADDR`), the start line, the signals (SIGHUP reopens the audit log and reloads the TLS
+//! certificate), then `server::serve`.
 
 use std::io::Write;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
@@ -9,6 +11,7 @@ use tokio::net::TcpSocket;
 
 use roomcast::audit::{Audit, AuditSettings};
 use roomcast::config::{Args, Settings};
+use roomcast::tls::Tls;
 use roomcast::{limits, metrics, relay, server};
 
 #[global_allocator]
@@ -66,13 +69,12 @@ fn main() -> anyhow::Result<()> {
                 tracing::warn!("CHAT_TOKEN is the development token 'dev-token', so the relay serves this machine only; set CHAT_TOKEN (and HOST) to serve others");
             }
             // Install the signal handlers before announcing readiness: a SIGTERM right after the
-            // start line must drain, not kill, and a SIGHUP must reopen the audit log.
+            // start line must drain, not kill, and a SIGHUP must reopen the audit log and reload
+            // the certificate.
             let shutdown = stop_signals()?;
-            if let Some(audit) = &relay_audit {
-                reopen_on_sighup(audit.clone())?;
-            }
+            on_sighup(relay_audit.clone(), settings.tls.clone())?;
             let mut stdout = std::io::stdout().lock();
-            let url = roomcast::config::start_url(addr);
+            let url = roomcast::config::start_url(addr, settings.tls.is_some());
             writeln!(stdout, "roomcast listening on {url} (max connections {max}, open-file limit {nofile})")?;
             if let Some(admin) = &admin {
                 writeln!(stdout, "roomcast admin listening on http://{} (/metrics, /healthz, /readyz)", admin.local_addr()?)?;
@@ -88,7 +90,8 @@ fn main() -> anyhow::Result<()> {
                 "memory"
             };
             let audit_log = settings.audit_log.as_ref().map(ToString::to_string);
-            tracing::info!(%addr, max_connections = max, open_file_limit = nofile, origins = ?settings.allowed_origins, broker, audit_log, "ready");
+            let tls_cert = settings.tls.as_ref().map(|t| t.cert_path().display().to_string());
+            tracing::info!(%addr, max_connections = max, open_file_limit = nofile, origins = ?settings.allowed_origins, broker, audit_log, tls_cert, "ready");
             let listeners = server::Listeners { public: listener, admin };
             server::serve(listeners, settings, Some(prometheus), relay_audit, shutdown).await?;
             tracing::info!("stopped");
@@ -102,15 +105,36 @@ fn main() -> anyhow::Result<()> {
     served
 }
 
-/// Reopen the audit log on every SIGHUP (logrotate renames the file, then signals). Installed
-/// only with an audit log: without one, SIGHUP keeps its default action.
-fn reopen_on_sighup(audit: Audit) -> std::io::Result<()> {
+/// On every SIGHUP: reopen the audit log (logrotate renames the file, then signals) and reload
+/// the TLS certificate and key (certbot and other ACME clients renew the files, then signal).
+/// One handler does both. Installed only when there is something to do: otherwise SIGHUP keeps
+/// its default action.
+fn on_sighup(audit: Option<Audit>, tls: Option<Arc<Tls>>) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
+    if audit.is_none() && tls.is_none() {
+        return Ok(());
+    }
     let mut hangup = signal(SignalKind::hangup())?;
+    let metrics = metrics::Metrics::new();
     tokio::spawn(async move {
         while hangup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reopening the audit log");
-            audit.reopen();
+            if let Some(audit) = &audit {
+                tracing::info!("SIGHUP: reopening the audit log");
+                audit.reopen();
+            }
+            if let Some(tls) = &tls {
+                // Reading two small files: quick enough for a worker, and rare.
+                match tls.reload() {
+                    Ok(()) => {
+                        metrics.tls_reloads.increment(1);
+                        tracing::info!(cert = %tls.cert_path().display(), "SIGHUP: TLS certificate reloaded");
+                    }
+                    Err(e) => {
+                        metrics.tls_reload_failures.increment(1);
+                        tracing::error!(error = %e, "SIGHUP: TLS certificate reload failed; still serving the previous certificate");
+                    }
+                }
+            }
         }
     });
     Ok(())

@@ -52,6 +52,8 @@ pub const BUILD_INFO: &str = "roomcast_build_info";
 /// `roomcast_build_info`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const COMMIT: &str = env!("ROOMCAST_COMMIT");
+pub const TLS_HANDSHAKE_FAILURES: &str = "roomcast_tls_handshake_failures_total";
+pub const TLS_RELOADS: &str = "roomcast_tls_reloads_total";
 
 /// Close codes that get their own label value; anything else is counted as `other`.
 pub const CLOSE_CODES: [u16; 14] = [
@@ -233,6 +235,34 @@ impl Limit {
     }
 }
 
+/// Why a connection to a TLS listener never reached HTTP (`roomcast_tls_handshake_failures_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFailure {
+    /// The client spoke plain HTTP (answered 400, then closed).
+    PlainHttp,
+    /// No finished handshake within HANDSHAKE_TIMEOUT_MS.
+    Timeout,
+    /// The handshake failed: not TLS (nor HTTP), no common version or cipher, a bad record, the
+    /// client refused our certificate.
+    Handshake,
+}
+
+impl TlsFailure {
+    pub const ALL: [TlsFailure; 3] = [
+        TlsFailure::PlainHttp,
+        TlsFailure::Timeout,
+        TlsFailure::Handshake,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            TlsFailure::PlainHttp => "plain_http",
+            TlsFailure::Timeout => "timeout",
+            TlsFailure::Handshake => "handshake",
+        }
+    }
+}
+
 /// The error codes a client can be sent; `rate_limited` has its own counter as well.
 pub const INVALID_CODES: [&str; 6] = [
     "too_large",
@@ -269,6 +299,11 @@ pub struct Metrics {
     pub audit_write_errors: Counter,
     pub audit_open_errors: Counter,
     pub audit_queued_bytes: Gauge,
+    /// SIGHUP reloads of TLS_CERT_FILE / TLS_KEY_FILE that took effect.
+    pub tls_reloads: Counter,
+    /// SIGHUP reloads that failed (the certificate served before stays).
+    pub tls_reload_failures: Counter,
+    tls_handshake_failures: Arc<[Counter; TlsFailure::ALL.len()]>,
     limit_closes: Arc<[Counter; Limit::ALL.len()]>,
     invalid: Arc<[Counter; INVALID_CODES.len()]>,
     pub heartbeat_terminations: Counter,
@@ -318,6 +353,12 @@ impl Metrics {
             audit_write_errors: metrics::counter!(AUDIT_ERRORS, "op" => "write"),
             audit_open_errors: metrics::counter!(AUDIT_ERRORS, "op" => "open"),
             audit_queued_bytes: metrics::gauge!(AUDIT_QUEUED_BYTES),
+            tls_reloads: metrics::counter!(TLS_RELOADS, "result" => "ok"),
+            tls_reload_failures: metrics::counter!(TLS_RELOADS, "result" => "error"),
+            tls_handshake_failures: Arc::new(
+                TlsFailure::ALL
+                    .map(|f| metrics::counter!(TLS_HANDSHAKE_FAILURES, "reason" => f.label())),
+            ),
             limit_closes: Arc::new(
                 Limit::ALL.map(|l| metrics::counter!(LIMIT_CLOSES, "limit" => l.label())),
             ),
@@ -369,6 +410,10 @@ impl Metrics {
             .position(|&r| r == why)
             .expect("ALL lists every variant");
         self.rejections[i].increment(1);
+    }
+
+    pub fn tls_handshake_failed(&self, why: TlsFailure) {
+        self.tls_handshake_failures[why as usize].increment(1);
     }
 
     pub fn limit_closed(&self, limit: Limit) {
@@ -481,6 +526,14 @@ fn describe() {
     describe_gauge!(
         AUDIT_QUEUED_BYTES,
         "Bytes of audit lines waiting for the writer (each charged its buffer capacity plus 16 B)."
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "Connections to the TLS listener (TLS_CERT_FILE) that never reached HTTP, by reason (plain_http: answered 400; timeout: HANDSHAKE_TIMEOUT_MS; handshake: a failed TLS handshake)."
+    );
+    describe_counter!(
+        TLS_RELOADS,
+        "Reloads of TLS_CERT_FILE and TLS_KEY_FILE on SIGHUP, by result (ok: new handshakes get the new certificate; error: the previous certificate stays in use)."
     );
     describe_counter!(
         LIMIT_CLOSES,

@@ -219,8 +219,8 @@ impl Outbox {
         self.waker.wake();
     }
 
-    /// Wake the connection's task so it checks its clocked limits (an auth deadline), with
-    /// nothing queued.
+    /// Wake the connection's task so it checks its clocked limits (an auth deadline) or writes
+    /// what its TLS session holds, with nothing queued.
     pub fn nudge(&self) {
         self.wake();
     }

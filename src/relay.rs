@@ -159,6 +159,15 @@ pub struct ConnectionPermit {
     relay: Arc<Relay>,
 }
 
+/// A permit is also its holder's handle on the relay, so a connection keeps one pointer for both.
+impl std::ops::Deref for ConnectionPermit {
+    type Target = Arc<Relay>;
+
+    fn deref(&self) -> &Arc<Relay> {
+        &self.relay
+    }
+}
+
 impl Drop for ConnectionPermit {
     fn drop(&mut self) {
         self.relay.connections.fetch_sub(1, Ordering::AcqRel);

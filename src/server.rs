@@ -7,6 +7,8 @@
 //! (so a load balancer has stopped routing here) every WebSocket is asked to close with 1001,
 //! spread over SHUTDOWN_SPREAD_MS, and the process waits at most `SHUTDOWN_DRAIN_MS` from the
 //! first close for connection tasks (which hyper no longer tracks after an upgrade).
+//! With direct TLS (TLS_CERT_FILE), the TLS handshake of a public connection runs here too,
+//! before hyper sees it.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,9 +24,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::Audit;
 use crate::config::Settings;
-use crate::metrics::Limit;
+use crate::metrics::{Limit, TlsFailure};
 use crate::relay::{Relay, REGISTRY_SHARDS};
 
+/// How long a plain HTTP request to the TLS port may take to read its 400 before we close.
+const PLAIN_HTTP_LINGER: Duration = Duration::from_secs(1);
 /// How often the process-wide outbox budget is checked.
 const OUTBOX_BUDGET_CHECK: Duration = Duration::from_millis(50);
 /// Once over the budget, the largest queues are closed until the total is back under this
@@ -157,7 +161,7 @@ where
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    relay.tracker.spawn(serve_http(relay.clone(), stream, peer, stop.clone(), Route::Public));
+                    relay.tracker.spawn(serve_public(relay.clone(), stream, peer, stop.clone()));
                 }
                 Err(e) => {
                     // EMFILE and friends: log, pause, keep serving (never fatal).
@@ -271,7 +275,9 @@ async fn accept_admin(relay: Arc<Relay>, listener: TcpListener, stop: Cancellati
             _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    relay.tracker.spawn(serve_http(relay.clone(), stream, peer, stop.clone(), Route::Admin));
+                    let deadline = tokio::time::Instant::now() + relay.settings.handshake_timeout * 2;
+                    let io = TokioIo::new(stream);
+                    relay.tracker.spawn(serve_http(relay.clone(), io, peer, deadline, stop.clone(), Route::Admin));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "admin accept failed; retrying shortly");
@@ -293,20 +299,102 @@ async fn log_upkeep(stop: CancellationToken) {
     }
 }
 
-/// One HTTP/1 connection; after an upgrade, hyper hands the socket over to `connection::spawn`.
-/// The whole HTTP stage of a connection, keep-alive included, has one deadline (twice
-/// HANDSHAKE_TIMEOUT_MS): a client that sends requests and never reads the answers would
-/// otherwise hold hyper in a write with no timeout, and a file descriptor with it. Plain HTTP
-/// here is probes, scrapes and the page; clients simply reconnect.
-async fn serve_http(
+/// One accepted connection: with TLS_CERT_FILE, its TLS handshake first, then the HTTP stage.
+/// The whole of it, TLS handshake and keep-alive included, has one deadline (twice
+/// HANDSHAKE_TIMEOUT_MS; the TLS handshake alone at most HANDSHAKE_TIMEOUT_MS): a client that
+/// sends requests and never reads the answers would otherwise hold hyper in a write with no
+/// timeout, and a file descriptor with it. Plain HTTP here is probes, scrapes and the page;
+/// clients simply reconnect.
+async fn serve_public(
     relay: Arc<Relay>,
     stream: TcpStream,
     peer: SocketAddr,
     stop: CancellationToken,
-    route: Route,
 ) {
     let handshake_timeout = relay.settings.handshake_timeout;
-    let deadline = tokio::time::sleep(handshake_timeout * 2);
+    let deadline = tokio::time::Instant::now() + handshake_timeout * 2;
+    let Some(tls) = relay.settings.tls.clone() else {
+        return serve_http(relay, TokioIo::new(stream), peer, deadline, stop, Route::Public).await;
+    };
+    let handshake = async {
+        if !starts_like_tls(&stream).await {
+            return Err(if answer_plain_http(stream).await {
+                TlsFailure::PlainHttp
+            } else {
+                TlsFailure::Handshake
+            });
+        }
+        tls.acceptor()
+            .accept(stream)
+            .await
+            .map_err(|_| TlsFailure::Handshake)
+    };
+    let accepted = tokio::select! {
+        r = tokio::time::timeout(handshake_timeout, handshake) => r.unwrap_or(Err(TlsFailure::Timeout)),
+        _ = stop.cancelled() => return,
+    };
+    match accepted {
+        Ok(stream) => {
+            let io = TokioIo::new(stream);
+            serve_http(relay, io, peer, deadline, stop, Route::Public).await
+        }
+        Err(why) => relay.metrics.tls_handshake_failed(why),
+    }
+}
+
+/// Whether the client's first byte is a TLS handshake record's (0x16). Waits for it without
+/// taking it from the socket; a connection that ends first is "not TLS".
+async fn starts_like_tls(stream: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(stream.peek(&mut first).await, Ok(1) if first[0] == 0x16)
+}
+
+/// A client that spoke plain HTTP to the TLS port gets a plain answer saying so (nginx does the
+/// same with its 497), rather than a TLS alert its HTTP parser cannot read; then the socket
+/// closes. Anything else that is not TLS is simply closed. Returns whether it was answered.
+async fn answer_plain_http(mut stream: TcpStream) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut first = [0u8; 1];
+    if !matches!(stream.peek(&mut first).await, Ok(1) if first[0].is_ascii_uppercase()) {
+        return false;
+    }
+    const BODY: &str = "this port speaks HTTPS: use https:// or wss://\n";
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = stream.write_all(answer.as_bytes()).await;
+    let _ = stream.shutdown().await;
+    // Closing with the request still unread would reset the connection, and the client could
+    // lose the answer: read what it sent (a little, briefly) until it closes.
+    let mut scratch = [0u8; 1024];
+    let _ = tokio::time::timeout(PLAIN_HTTP_LINGER, async {
+        let mut left: usize = 16 * 1024;
+        while left > 0 {
+            match stream.read(&mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+    true
+}
+
+/// The HTTP stage of one connection (plain or TLS); after an upgrade, hyper hands the socket over
+/// to `connection::spawn` (see `http::switch`).
+async fn serve_http<I>(
+    relay: Arc<Relay>,
+    io: TokioIo<I>,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+    stop: CancellationToken,
+    route: Route,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let handshake_timeout = relay.settings.handshake_timeout;
+    let deadline = tokio::time::sleep_until(deadline);
     let service_relay = relay.clone();
     let service = service_fn(move |req| {
         let relay = service_relay.clone();
@@ -321,7 +409,7 @@ async fn serve_http(
         .timer(TokioTimer::new())
         .header_read_timeout(handshake_timeout)
         .max_buf_size(16 * 1024)
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(io, service)
         .with_upgrades();
     tokio::pin!(conn);
     tokio::pin!(deadline);

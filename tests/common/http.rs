@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::raw::upgrade_head;
@@ -48,7 +48,9 @@ pub(crate) fn header_of(head: &str, name: &str) -> Option<String> {
 }
 
 /// Read an HTTP response head; returns it and any bytes read past it.
-pub(crate) async fn read_head(stream: &mut TcpStream) -> std::io::Result<(String, Vec<u8>)> {
+pub(crate) async fn read_head(
+    stream: &mut (impl AsyncRead + Unpin),
+) -> std::io::Result<(String, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -84,7 +86,24 @@ pub async fn http_exchange_within(
     timeout: Duration,
 ) -> std::io::Result<HttpResponse> {
     let fut = async {
-        let mut stream = TcpStream::connect(addr).await?;
+        let stream = TcpStream::connect(addr).await?;
+        exchange_on(stream, request).await
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("HTTP exchange with {addr} timed out after {timeout:?}"),
+        )),
+    }
+}
+
+/// Send a raw request on an open stream (plain or TLS) and read the response.
+pub(crate) async fn exchange_on(
+    mut stream: impl AsyncRead + AsyncWrite + Unpin,
+    request: &str,
+) -> std::io::Result<HttpResponse> {
+    {
         stream.write_all(request.as_bytes()).await?;
         let (head, mut rest) = read_head(&mut stream).await?;
         let status = status_of(&head).unwrap_or(0);
@@ -155,13 +174,6 @@ pub async fn http_exchange_within(
             headers,
             body: String::from_utf8_lossy(&body).to_string(),
         })
-    };
-    match tokio::time::timeout(timeout, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("HTTP exchange with {addr} timed out after {timeout:?}"),
-        )),
     }
 }
 

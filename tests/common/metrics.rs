@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::http::http_get;
 use super::relay::Relay;
+use super::tls::https_get;
 use super::WAIT;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -225,7 +226,10 @@ pub fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64>
 
 /// The `/metrics` text.
 pub async fn metrics_text(relay: &Relay) -> String {
-    let resp = http_get(relay, "/metrics", &[]).await;
+    let resp = match relay.tls_client() {
+        Some(client) => https_get(relay, client, "/metrics").await,
+        None => http_get(relay, "/metrics", &[]).await,
+    };
     assert_eq!(resp.status, 200, "/metrics answered {}", resp.head);
     resp.body
 }
@@ -260,7 +264,10 @@ pub async fn wait_for_metric(
 pub async fn wait_for_clients(relay: &Relay, n: u64, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
-        let body = http_get(relay, "/healthz", &[]).await.json();
+        let body = match relay.tls_client() {
+            Some(client) => https_get(relay, client, "/healthz").await.json(),
+            None => http_get(relay, "/healthz", &[]).await.json(),
+        };
         if body["clients"].as_u64() == Some(n) {
             return;
         }

@@ -11,6 +11,8 @@
 //! - `metrics`: [`Exposition`], the one `/metrics` parser, and [`metric`] / [`wait_for_metric`] /
 //!   [`Relay::wait_metrics`] on top of it.
 //! - `services`: [`RedisServer`] and [`Nginx`].
+//! - `tls`: a test CA and server certificates (openssl CLI), a rustls client trusting it, WSS
+//!   ([`Client::connect_tls_to`]) and HTTPS ([`https_get`]).
 //! - `process`: spawning children tied to the test process, output capture, free ports, temp dirs.
 //! - `checks`, `dashboard`: value checks; the Grafana dashboard's PromQL.
 //!
@@ -27,6 +29,7 @@ mod process;
 mod raw;
 mod relay;
 mod services;
+mod tls;
 
 use std::time::Duration;
 
@@ -34,7 +37,7 @@ use std::time::Duration;
 #[allow(unused_imports)]
 pub use {
     checks::*, client::*, dashboard::*, http::*, metrics::*, process::*, raw::*, relay::*,
-    services::*,
+    services::*, tls::*,
 };
 
 /// Token every relay started by [`Relay::start`] requires (unless a test overrides CHAT_TOKEN).

@@ -6,9 +6,11 @@
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::process::{kill_and_reap, send_signal, spawn_tied, CapturedLines};
+use super::tls::ServerCert;
 use super::{STARTUP_TIMEOUT, TOKEN, WAIT};
 
 /// Every setting the relay reads from the environment; cleared before each start so the test
@@ -67,6 +69,8 @@ pub const RELAY_ENV: &[&str] = &[
     "LOG_FORMAT",
     "NO_COLOR",
     "LOG_LINES_PER_SECOND",
+    "TLS_CERT_FILE",
+    "TLS_KEY_FILE",
     "RUST_LOG",
 ];
 
@@ -118,6 +122,8 @@ pub struct RelayBuilder {
     unset: Vec<String>,
     args: Vec<String>,
     without_token: bool,
+    /// Set by [`RelayBuilder::tls`]: how the harness itself reaches the relay (`/metrics`).
+    tls_client: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl RelayBuilder {
@@ -141,6 +147,16 @@ impl RelayBuilder {
 
     pub fn arg(mut self, arg: impl ToString) -> Self {
         self.args.push(arg.to_string());
+        self
+    }
+
+    /// Serve TLS with this certificate (TLS_CERT_FILE, TLS_KEY_FILE); the harness reaches the
+    /// relay's own endpoints (`/metrics`, `/healthz`) with `client`.
+    pub fn tls(mut self, cert: &ServerCert, client: Arc<rustls::ClientConfig>) -> Self {
+        self = self
+            .env("TLS_CERT_FILE", cert.cert.display())
+            .env("TLS_KEY_FILE", cert.key.display());
+        self.tls_client = Some(client);
         self
     }
 
@@ -182,19 +198,27 @@ impl RelayBuilder {
 /// What the startup line says.
 #[derive(Debug, Clone)]
 pub struct StartupLine {
+    /// `http`, or `https` with direct TLS.
+    pub scheme: String,
     pub addr: SocketAddr,
     pub max_connections: u64,
     pub open_file_limit: u64,
 }
 
-/// Parse `roomcast listening on http://127.0.0.1:PORT (max connections N, open-file limit M)`.
+/// Parse `roomcast listening on http://127.0.0.1:PORT (max connections N, open-file limit M)`
+/// (`https://` with direct TLS).
 pub fn parse_startup_line(line: &str) -> Option<StartupLine> {
-    let rest = line.strip_prefix("roomcast listening on http://")?;
+    let rest = line.strip_prefix("roomcast listening on ")?;
+    let (scheme, rest) = rest.split_once("://")?;
+    if scheme != "http" && scheme != "https" {
+        return None;
+    }
     let (addr, rest) = rest.split_once(" (max connections ")?;
     let addr: SocketAddr = addr.parse().ok()?;
     let (max, rest) = rest.split_once(", open-file limit ")?;
     let limit = rest.strip_suffix(')')?;
     Some(StartupLine {
+        scheme: scheme.to_string(),
         addr,
         max_connections: max.parse().ok()?,
         open_file_limit: limit.parse().ok()?,
@@ -297,7 +321,7 @@ fn launch(builder: &RelayBuilder, port: Option<u16>) -> Result<Run, LaunchFailur
         return Err(fail(
             &mut child,
             format!(
-                "first stdout line is not `roomcast listening on http://HOST:PORT (max connections N, open-file limit M)`: {startup_line:?}"
+                "first stdout line is not `roomcast listening on http[s]://HOST:PORT (max connections N, open-file limit M)`: {startup_line:?}"
             ),
         ));
     };
@@ -321,6 +345,8 @@ pub struct Relay {
     pub max_connections: u64,
     /// The open-file limit the startup line reports.
     pub open_file_limit: u64,
+    /// `http`, or `https` when the relay serves TLS itself (TLS_CERT_FILE).
+    pub scheme: String,
     /// The token clients must present.
     pub token: String,
     run: Run,
@@ -345,11 +371,17 @@ impl Relay {
             startup_line: run.startup_line.clone(),
             max_connections: run.startup.max_connections,
             open_file_limit: run.startup.open_file_limit,
+            scheme: run.startup.scheme.clone(),
             token: builder.token(),
             run,
             builder,
             earlier_stderr: Vec::new(),
         }
+    }
+
+    /// The client configuration that reaches this relay over TLS (`None`: plain HTTP).
+    pub fn tls_client(&self) -> Option<&Arc<rustls::ClientConfig>> {
+        self.builder.tls_client.as_ref()
     }
 
     /// The settings this relay was started with (start more nodes like it).
@@ -361,9 +393,10 @@ impl Relay {
         self.addr.port()
     }
 
-    /// An Origin in the relay's default allow-list (whatever ALLOWED_ORIGINS says).
+    /// An Origin in the relay's default allow-list (whatever ALLOWED_ORIGINS says): the page's
+    /// own origin, `https://` for a relay that serves TLS.
     pub fn origin(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port())
+        format!("{}://127.0.0.1:{}", self.scheme, self.port())
     }
 
     pub fn pid(&self) -> u32 {
