@@ -226,6 +226,42 @@ fn origin_allowed(relay: &Relay, origin: &[u8]) -> bool {
         .any(|o| o == "*" || o.as_bytes() == origin)
 }
 
+/// Where a refusal happens: what it is counted and logged with.
+struct Refused<'a> {
+    relay: &'a Relay,
+    peer: SocketAddr,
+    /// The client's address (the peer, or X-Forwarded-For from a trusted proxy).
+    client: IpAddr,
+    path: &'static str,
+    /// An upgrade (counted in `roomcast_upgrade_rejections_total`), not a plain probe.
+    upgrade: bool,
+}
+
+impl Refused<'_> {
+    /// Count (upgrades only) and log the refusal, and answer it.
+    fn answer(
+        &self,
+        why: Rejection,
+        status: StatusCode,
+        body: &'static str,
+        detail: Option<&str>,
+    ) -> Response<Body> {
+        if self.upgrade {
+            self.relay.metrics.rejected(why);
+        }
+        crate::log::refusal(&crate::log::Refusal {
+            status: status.as_u16(),
+            reason: why,
+            peer: self.peer,
+            client: (self.client != self.peer.ip()).then_some(self.client),
+            path: self.path,
+            upgrade: self.upgrade,
+            detail,
+        });
+        text(status, body)
+    }
+}
+
 /// `/chat`: the upgrade checks, then the handshake. A plain GET runs the same checks and answers
 /// 426 when they pass, so a browser (which only ever sees close 1006 for a refused upgrade) can
 /// learn why it was refused.
@@ -238,21 +274,16 @@ fn chat(
     let peer = peer_addr.ip();
     let client = client_address(&relay.settings.trusted_proxies, req.headers(), peer);
     // Every refusal is counted (upgrades only: the probe is a plain GET) and logged (both).
+    let at = Refused {
+        relay,
+        peer: peer_addr,
+        client,
+        path: "/chat",
+        upgrade: is_upgrade,
+    };
     let refuse_with =
         |why: Rejection, status: StatusCode, body: &'static str, detail: Option<&str>| {
-            if is_upgrade {
-                relay.metrics.rejected(why);
-            }
-            crate::log::refusal(&crate::log::Refusal {
-                status: status.as_u16(),
-                reason: why,
-                peer: peer_addr,
-                client: (client != peer).then_some(client),
-                path: "/chat",
-                upgrade: is_upgrade,
-                detail,
-            });
-            text(status, body)
+            at.answer(why, status, body, detail)
         };
     let refuse = |why: Rejection, status: StatusCode, body: &'static str| {
         refuse_with(why, status, body, None)
@@ -377,19 +408,16 @@ fn auth_first(
 ) -> Response<Body> {
     let peer = peer_addr.ip();
     let client = client_address(&relay.settings.trusted_proxies, req.headers(), peer);
+    let at = Refused {
+        relay,
+        peer: peer_addr,
+        client,
+        path: "/",
+        upgrade: true,
+    };
     let refuse_with =
         |why: Rejection, status: StatusCode, body: &'static str, detail: Option<&str>| {
-            relay.metrics.rejected(why);
-            crate::log::refusal(&crate::log::Refusal {
-                status: status.as_u16(),
-                reason: why,
-                peer: peer_addr,
-                client: (client != peer).then_some(client),
-                path: "/",
-                upgrade: true,
-                detail,
-            });
-            text(status, body)
+            at.answer(why, status, body, detail)
         };
     let refuse = |why: Rejection, status: StatusCode, body: &'static str| {
         refuse_with(why, status, body, None)

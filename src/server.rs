@@ -314,7 +314,15 @@ async fn serve_public(
     let handshake_timeout = relay.settings.handshake_timeout;
     let deadline = tokio::time::Instant::now() + handshake_timeout * 2;
     let Some(tls) = relay.settings.tls.clone() else {
-        return serve_http(relay, TokioIo::new(stream), peer, deadline, stop, Route::Public).await;
+        return serve_http(
+            relay,
+            TokioIo::new(stream),
+            peer,
+            deadline,
+            stop,
+            Route::Public,
+        )
+        .await;
     };
     let handshake = async {
         if !starts_like_tls(&stream).await {
