@@ -237,7 +237,24 @@ struct Refused<'a> {
     upgrade: bool,
 }
 
-impl Refused<'_> {
+impl<'a> Refused<'a> {
+    fn new(
+        relay: &'a Relay,
+        req: &Request<Incoming>,
+        peer: SocketAddr,
+        path: &'static str,
+        upgrade: bool,
+    ) -> Refused<'a> {
+        let client = client_address(&relay.settings.trusted_proxies, req.headers(), peer.ip());
+        Refused {
+            relay,
+            peer,
+            client,
+            path,
+            upgrade,
+        }
+    }
+
     /// Count (upgrades only) and log the refusal, and answer it.
     fn answer(
         &self,
@@ -271,29 +288,17 @@ fn chat(
     is_upgrade: bool,
     peer_addr: SocketAddr,
 ) -> Response<Body> {
-    let peer = peer_addr.ip();
-    let client = client_address(&relay.settings.trusted_proxies, req.headers(), peer);
     // Every refusal is counted (upgrades only: the probe is a plain GET) and logged (both).
-    let at = Refused {
-        relay,
-        peer: peer_addr,
-        client,
-        path: "/chat",
-        upgrade: is_upgrade,
-    };
-    let refuse_with =
-        |why: Rejection, status: StatusCode, body: &'static str, detail: Option<&str>| {
-            at.answer(why, status, body, detail)
-        };
-    let refuse = |why: Rejection, status: StatusCode, body: &'static str| {
-        refuse_with(why, status, body, None)
-    };
+    let at = Refused::new(relay, &req, peer_addr, "/chat", is_upgrade);
+    let client = at.client;
+    let refuse =
+        |why: Rejection, status: StatusCode, body: &'static str| at.answer(why, status, body, None);
     match req.headers().get(ORIGIN) {
         Some(o) if origin_allowed(relay, o.as_bytes()) => {}
         None if !is_upgrade => {} // same-origin fetches carry no Origin; the probe still checks the token
         origin => {
             let shown = origin.map(|o| String::from_utf8_lossy(o.as_bytes()).into_owned());
-            return refuse_with(
+            return at.answer(
                 Rejection::ForbiddenOrigin,
                 StatusCode::FORBIDDEN,
                 "forbidden: origin not allowed\n",
@@ -311,7 +316,7 @@ fn chat(
         } else {
             "token_missing"
         };
-        return refuse_with(
+        return at.answer(
             Rejection::Unauthorized,
             StatusCode::UNAUTHORIZED,
             "unauthorized: token (or ticket) missing, wrong or expired\n",
@@ -406,26 +411,14 @@ fn auth_first(
     mut req: Request<Incoming>,
     peer_addr: SocketAddr,
 ) -> Response<Body> {
-    let peer = peer_addr.ip();
-    let client = client_address(&relay.settings.trusted_proxies, req.headers(), peer);
-    let at = Refused {
-        relay,
-        peer: peer_addr,
-        client,
-        path: "/",
-        upgrade: true,
-    };
-    let refuse_with =
-        |why: Rejection, status: StatusCode, body: &'static str, detail: Option<&str>| {
-            at.answer(why, status, body, detail)
-        };
-    let refuse = |why: Rejection, status: StatusCode, body: &'static str| {
-        refuse_with(why, status, body, None)
-    };
+    let at = Refused::new(relay, &req, peer_addr, "/", true);
+    let client = at.client;
+    let refuse =
+        |why: Rejection, status: StatusCode, body: &'static str| at.answer(why, status, body, None);
     match req.headers().get(ORIGIN) {
         Some(o) if !origin_allowed(relay, o.as_bytes()) => {
             let shown = String::from_utf8_lossy(o.as_bytes());
-            return refuse_with(
+            return at.answer(
                 Rejection::ForbiddenOrigin,
                 StatusCode::FORBIDDEN,
                 "forbidden: origin not allowed\n",
