@@ -304,13 +304,8 @@ impl Broker for RedisBroker {
                     .query_async::<Option<u64>>(&mut c)
                     .await
             };
-            match tokio::time::timeout(self.shared.settings.timeout, read).await {
-                Ok(Ok(total)) => Some(total.unwrap_or(0)),
-                _ => {
-                    self.shared.metrics.redis_errors.increment(1);
-                    None
-                }
-            }
+            let total = self.shared.within_timeout(read).await?;
+            Some(total.unwrap_or(0))
         })
     }
 
@@ -332,15 +327,13 @@ impl Broker for RedisBroker {
                 // The server API's read: this node may not follow the room; nothing to compare.
                 shared.run_read(&mut c, &keys, &Seen::default()).await
             };
-            match tokio::time::timeout(shared.settings.timeout, read).await {
-                Ok(Ok(value)) => match wire::parse_snapshot(&value) {
-                    Some(snapshot) => Ok(Some(snapshot)),
-                    None => {
-                        shared.metrics.redis_errors.increment(1);
-                        Err(PublishError::Unavailable)
-                    }
-                },
-                _ => {
+            let value = shared
+                .within_timeout(read)
+                .await
+                .ok_or(PublishError::Unavailable)?;
+            match wire::parse_snapshot(&value) {
+                Some(snapshot) => Ok(Some(snapshot)),
+                None => {
                     shared.metrics.redis_errors.increment(1);
                     Err(PublishError::Unavailable)
                 }
@@ -362,12 +355,7 @@ impl Broker for RedisBroker {
                     .query_async::<i64>(&mut c)
                     .await
             };
-            if !matches!(
-                tokio::time::timeout(shared.settings.timeout, send).await,
-                Ok(Ok(_))
-            ) {
-                shared.metrics.redis_errors.increment(1);
-            }
+            let _ = shared.within_timeout(send).await;
         });
     }
 }
@@ -404,6 +392,21 @@ impl Follower for RedisBroker {
 }
 
 impl Shared {
+    /// One request of the server API to Redis: its answer within REDIS_TIMEOUT_MS, or `None`
+    /// (a failure or a timeout, counted in `roomcast_redis_errors_total`).
+    async fn within_timeout<T>(
+        &self,
+        request: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Option<T> {
+        match tokio::time::timeout(self.settings.timeout, request).await {
+            Ok(Ok(value)) => Some(value),
+            _ => {
+                self.metrics.redis_errors.increment(1);
+                None
+            }
+        }
+    }
+
     fn is_up(&self) -> bool {
         self.publisher_up.load(Ordering::Acquire) && self.subscriber_up.load(Ordering::Acquire)
     }
