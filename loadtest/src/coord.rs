@@ -117,6 +117,15 @@ impl Workers {
             conns_per_worker: Vec::new(),
             expected: None,
         };
+        let nodes: Vec<Endpoint> = target
+            .nodes
+            .iter()
+            .map(|n| Endpoint {
+                addr: n.addr,
+                host_header: format!("127.0.0.1:{}", n.addr.port()),
+            })
+            .collect();
+        let conns = spread_over_nodes(conns, nodes.len());
         for w in 0..procs {
             let mine: Vec<ConnSpec> = conns.iter().skip(w).step_by(procs).cloned().collect();
             let sources = if target.addr.ip().is_loopback() && target.addr.is_ipv4() {
@@ -136,6 +145,7 @@ impl Workers {
                 sources,
                 slow_rcvbuf,
                 tls: target.tls.clone(),
+                nodes: nodes.clone(),
                 conns: mine,
             };
             let mut child = Process::new(&exe)
@@ -282,6 +292,69 @@ impl Workers {
         Ok(())
     }
 
+    /// Every publisher sends one message now; returns how many were sent and when the first
+    /// left (`sys::monotonic_ns`).
+    pub fn broadcast(&mut self, text_bytes: usize) -> anyhow::Result<(u64, u64)> {
+        let (mut sent, mut first) = (0, u64::MAX);
+        for r in self.all(Command::Broadcast { text_bytes })? {
+            let Reply::Published(r) = r else {
+                return Err(anyhow!("unexpected reply to broadcast"));
+            };
+            sent += r.sent;
+            if r.sent > 0 {
+                first = first.min(r.first_sent_ns);
+            }
+        }
+        Ok((sent, first))
+    }
+
+    /// Starts a reconnect storm on every worker (see `Command::StormStart`); `max_in_flight`
+    /// is split between them.
+    pub fn storm_start(
+        &mut self,
+        roles: &[Role],
+        max_in_flight: usize,
+        timeout_ms: u64,
+        retry: Retry,
+    ) -> anyhow::Result<()> {
+        let n = self.procs.len().max(1);
+        self.all(Command::StormStart {
+            roles: roles.to_vec(),
+            max_in_flight: max_in_flight.div_ceil(n),
+            timeout_ms,
+            retry,
+        })?;
+        Ok(())
+    }
+
+    /// Waits for the storm; what every worker saw, merged.
+    pub fn storm_wait(&mut self) -> anyhow::Result<Stormed> {
+        let mut s = Stormed {
+            connected: Connected {
+                ok: 0,
+                failed: BTreeMap::new(),
+                latency: new_histogram(),
+                elapsed_us: 0,
+            },
+            attempts: 0,
+            retried: BTreeMap::new(),
+            back: new_histogram(),
+        };
+        for r in self.all(Command::StormWait)? {
+            let Reply::Connected(r) = r else {
+                return Err(anyhow!("unexpected reply to a storm"));
+            };
+            s.connected.ok += r.ok;
+            merge_counts(&mut s.connected.failed, &r.failed);
+            merge_hist(&mut s.connected.latency, &r.latency_us);
+            s.connected.elapsed_us = s.connected.elapsed_us.max(r.elapsed_us);
+            s.attempts += r.attempts;
+            merge_counts(&mut s.retried, &r.retried);
+            merge_hist(&mut s.back, &r.back_us);
+        }
+        Ok(s)
+    }
+
     pub fn publish_wait(&mut self) -> anyhow::Result<Published> {
         let mut p = Published {
             sent: 0,
@@ -377,6 +450,25 @@ impl Workers {
     }
 }
 
+/// Assigns each connection a node so that every room has members on every node: the k-th
+/// connection of room r goes to node (k + r) mod n. Across nodes, then, a delivery crosses the
+/// broker, as it does for users behind a load balancer.
+fn spread_over_nodes(conns: &[ConnSpec], n: usize) -> Vec<ConnSpec> {
+    let mut k_in_room: BTreeMap<u32, usize> = BTreeMap::new();
+    conns
+        .iter()
+        .map(|c| {
+            let mut c = c.clone();
+            if n > 0 {
+                let k = k_in_room.entry(c.room).or_default();
+                c.node = ((*k + c.room as usize) % n) as u16;
+                *k += 1;
+            }
+            c
+        })
+        .collect()
+}
+
 impl Drop for Workers {
     fn drop(&mut self) {
         for p in &mut self.procs {
@@ -410,6 +502,16 @@ pub struct Connected {
     pub elapsed_us: u64,
 }
 
+/// What a reconnect storm came to.
+pub struct Stormed {
+    pub connected: Connected,
+    pub attempts: u64,
+    /// Failed attempts that were tried again, by why they failed.
+    pub retried: BTreeMap<String, u64>,
+    /// From the start of the storm until each connection was back.
+    pub back: Histogram<u64>,
+}
+
 pub struct Published {
     pub sent: u64,
     pub queued_sends: u64,
@@ -433,6 +535,8 @@ pub struct Stats {
     pub latency: Histogram<u64>,
     pub open: u64,
     pub cpu_us: u64,
+    /// When the last delivery arrived at any worker (`sys::monotonic_ns`), 0 before any.
+    pub last_delivery_ns: u64,
 }
 
 impl Default for Stats {
@@ -452,6 +556,7 @@ impl Default for Stats {
             latency: new_histogram(),
             open: 0,
             cpu_us: 0,
+            last_delivery_ns: 0,
         }
     }
 }
@@ -472,6 +577,7 @@ impl Stats {
         merge_hist(&mut self.latency, &r.latency_us);
         self.open += r.open;
         self.cpu_us += r.cpu_us;
+        self.last_delivery_ns = self.last_delivery_ns.max(r.last_delivery_ns);
     }
 }
 

@@ -7,8 +7,10 @@
 //! `floor` (what is measured), `compare` (roomcast and the Node baseline back to back),
 //! `report` (the table and the JSON line).
 
+mod cluster;
 mod compare;
 mod coord;
+mod deploy;
 mod floor;
 mod proto;
 mod relay;
@@ -63,6 +65,14 @@ struct Global {
     /// Binary (roomcast) or interpreter (node) to use with --spawn.
     #[arg(long, global = true)]
     relay_bin: Option<PathBuf>,
+    /// With --spawn roomcast: start this many relay nodes and spread every room's members over
+    /// them (see --redis).
+    #[arg(long, global = true, default_value_t = 1)]
+    nodes: usize,
+    /// What spawned nodes share: `single` (one redis-server), `cluster` (3 masters + 3
+    /// replicas), `none` [default: none for one node, single for several].
+    #[arg(long, global = true, value_enum)]
+    redis: Option<deploy::RedisMode>,
     /// Extra KEY=VALUE environment for a spawned relay (repeatable).
     #[arg(long = "relay-env", global = true)]
     relay_env: Vec<String>,
@@ -109,6 +119,12 @@ enum Cmd {
     /// Attackers flood control frames during a fan-out: victims' latency and loss without and
     /// with them, how the attackers were ended, relay memory and CPU.
     Flood(FloodArgs),
+    /// Many idle connections over several nodes (--nodes, --redis): memory summed over the
+    /// nodes and Redis, connect latency, one broadcast to every room, idle CPU over a heartbeat.
+    Cluster(cluster::ClusterArgs),
+    /// A reconnect storm during a fan-out: how long until every storm client is back, and
+    /// everyone else's latency before and during it.
+    Storm(cluster::StormArgs),
     /// Raw loopback TCP send cost on this machine (no relay involved).
     Floor(floor::FloorArgs),
     /// Run scenarios against roomcast and the Node baseline back to back and print ratios.
@@ -141,8 +157,25 @@ fn relay_env(g: &Global) -> anyhow::Result<Vec<(String, String)>> {
         .collect()
 }
 
-fn target(g: &Global) -> anyhow::Result<(Option<Spawned>, Target)> {
+/// What a run started (stopped when dropped).
+enum Started {
+    One(#[allow(dead_code)] Spawned),
+    Many(#[allow(dead_code)] deploy::Deployment),
+}
+
+fn target(g: &Global) -> anyhow::Result<(Option<Started>, Target)> {
+    let redis = g.redis.unwrap_or(if g.nodes > 1 {
+        deploy::RedisMode::Single
+    } else {
+        deploy::RedisMode::None
+    });
+    let many = g.nodes > 1 || redis != deploy::RedisMode::None;
     match g.spawn {
+        Some(RelayKind::Roomcast) if many => {
+            let (d, t) = deploy::spawn(g.relay_bin.as_deref(), g.nodes, redis, &relay_env(g)?)?;
+            Ok((Some(Started::Many(d)), t))
+        }
+        _ if many => anyhow::bail!("--nodes and --redis need --spawn roomcast"),
         Some(kind) => {
             let (s, t) = relay::spawn(kind, g.relay_bin.as_deref(), &relay_env(g)?)?;
             eprintln!(
@@ -152,7 +185,7 @@ fn target(g: &Global) -> anyhow::Result<(Option<Spawned>, Target)> {
                 t.addr,
                 s.log_path.display()
             );
-            Ok((Some(s), t))
+            Ok((Some(Started::One(s)), t))
         }
         None => {
             let t = relay::from_url(&relay::UrlTarget {
@@ -203,6 +236,8 @@ fn main() -> anyhow::Result<()> {
                 Cmd::Churn(a) => churn(&t, &c, a)?,
                 Cmd::Slow(a) => slow(&t, &c, a)?,
                 Cmd::Flood(a) => flood(&t, &c, a)?,
+                Cmd::Cluster(a) => cluster::cluster(&t, &c, a)?,
+                Cmd::Storm(a) => cluster::storm(&t, &c, a)?,
                 _ => unreachable!("other commands handled above"),
             }
         }

@@ -54,6 +54,27 @@ pub struct ConnSpec {
     pub role: Role,
     /// Publisher id if this connection publishes.
     pub publisher: Option<u32>,
+    /// Which of the plan's `nodes` it connects to (ignored when the plan has none).
+    #[serde(default)]
+    pub node: u16,
+}
+
+/// One relay node of a multi-node target: where to connect and what to send as `Host`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub host_header: String,
+}
+
+/// How a connection that failed before joining tries again (the `storm` scenario): like the
+/// bundled JS client, the k-th retry waits a uniformly random time up to
+/// `min(max_ms, base_ms * 2^k)` ("full jitter"), and the first attempt waits up to `base_ms`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Retry {
+    pub base_ms: u64,
+    pub max_ms: u64,
+    /// Give up on a connection this long after the storm began.
+    pub deadline_ms: u64,
 }
 
 /// Everything a worker needs to know at start.
@@ -71,7 +92,20 @@ pub struct WorkerPlan {
     pub slow_rcvbuf: Option<u32>,
     /// `wss://`: speak TLS to the target.
     pub tls: Option<TlsPlan>,
+    /// Several relay nodes: a connection goes to `nodes[spec.node]` instead of `addr`.
+    #[serde(default)]
+    pub nodes: Vec<Endpoint>,
     pub conns: Vec<ConnSpec>,
+}
+
+impl WorkerPlan {
+    /// Where connection `spec` connects, and its `Host` header.
+    pub fn endpoint(&self, spec: &ConnSpec) -> (SocketAddr, &str) {
+        match self.nodes.get(spec.node as usize % self.nodes.len().max(1)) {
+            Some(e) => (e.addr, &e.host_header),
+            None => (self.addr, &self.host_header),
+        }
+    }
 }
 
 /// TLS for a `wss://` target.
@@ -93,6 +127,21 @@ pub enum Command {
         rate_per_s: f64,
         max_in_flight: usize,
         timeout_ms: u64,
+    },
+    /// `Connect` as a storm (the `storm` scenario): every connection of these roles that is not
+    /// open starts after a random delay up to `retry.base_ms`, with at most `max_in_flight`
+    /// upgrades at once, and one that fails tries again as `retry` says. Replies at once;
+    /// `StormWait` replies when every one has joined or given up.
+    StormStart {
+        roles: Vec<Role>,
+        max_in_flight: usize,
+        timeout_ms: u64,
+        retry: Retry,
+    },
+    StormWait,
+    /// Every publisher sends exactly one message now (the `cluster` scenario's broadcast).
+    Broadcast {
+        text_bytes: usize,
     },
     /// Zero the delivery counters and histograms.
     Reset,
@@ -145,6 +194,7 @@ impl Command {
             Command::DrainSlow { .. } => "draining the slow readers",
             Command::AttackWait => "flooding",
             Command::Handshake { .. } => "handshakes",
+            Command::StormWait => "waiting for the storm to reconnect",
             _ => "waiting for the load workers",
         }
     }
@@ -159,11 +209,22 @@ pub struct ConnectReply {
     pub failed: BTreeMap<String, u64>,
     pub latency_us: HistPairs,
     pub elapsed_us: u64,
+    /// With retries: attempts made in all, and why the retried ones failed.
+    #[serde(default)]
+    pub attempts: u64,
+    #[serde(default)]
+    pub retried: BTreeMap<String, u64>,
+    /// With retries: from the start of the storm until each connection had joined.
+    #[serde(default)]
+    pub back_us: HistPairs,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PublishReply {
     pub sent: u64,
+    /// When the first message was sent (`sys::monotonic_ns`), 0 if none.
+    #[serde(default)]
+    pub first_sent_ns: u64,
     /// Sends that could not be written at once and were queued behind earlier bytes.
     pub queued_sends: u64,
     /// How late sends were against their schedule (microseconds).
@@ -195,6 +256,10 @@ pub struct StatsReply {
     pub open: u64,
     /// This worker's CPU time since it started (microseconds).
     pub cpu_us: u64,
+    /// When the last counted delivery arrived (`sys::monotonic_ns`, shared by every process on
+    /// the machine), 0 before any.
+    #[serde(default)]
+    pub last_delivery_ns: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -53,6 +53,45 @@ pub struct Target {
     pub pid: Option<u32>,
     /// `wss://`: TLS to the target.
     pub tls: Option<TlsPlan>,
+    /// Several relay nodes (`--nodes`): connections are spread over them, and CPU, memory and
+    /// counters are summed over them. Empty for one relay (`addr`, `pid`).
+    pub nodes: Vec<Node>,
+    /// Processes the relays lean on (Redis), measured beside them.
+    pub backing: Vec<Backing>,
+}
+
+/// One relay node of a multi-node target.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub addr: SocketAddr,
+    pub pid: Option<u32>,
+}
+
+/// A Redis server of a multi-node target.
+#[derive(Debug, Clone)]
+pub struct Backing {
+    pub port: u16,
+    pub pid: u32,
+}
+
+impl Target {
+    /// Every relay process to measure: the nodes', or the one relay's.
+    pub fn pids(&self) -> Vec<u32> {
+        if self.nodes.is_empty() {
+            self.pid.into_iter().collect()
+        } else {
+            self.nodes.iter().filter_map(|n| n.pid).collect()
+        }
+    }
+
+    /// Every relay address to read `/metrics` from.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        if self.nodes.is_empty() {
+            vec![self.addr]
+        } else {
+            self.nodes.iter().map(|n| n.addr).collect()
+        }
+    }
 }
 
 /// A relay this harness started; stopped (SIGTERM, then kill) when dropped.
@@ -192,6 +231,8 @@ pub fn spawn(
         origin,
         pid: Some(spawned.child.id()),
         tls: None,
+        nodes: Vec::new(),
+        backing: Vec::new(),
     };
     Ok((spawned, target))
 }
@@ -288,6 +329,8 @@ pub fn from_url(u: &UrlTarget<'_>) -> anyhow::Result<Target> {
             server_name: host,
             ca_file: u.ca_file.map(Path::to_path_buf),
         }),
+        nodes: Vec::new(),
+        backing: Vec::new(),
     })
 }
 

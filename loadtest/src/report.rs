@@ -22,6 +22,10 @@ impl Report {
         json.insert("relay".into(), json!(target.name));
         json.insert("addr".into(), json!(target.addr.to_string()));
         json.insert("relay_pid".into(), json!(target.pid));
+        if !target.nodes.is_empty() {
+            json.insert("nodes".into(), json!(target.nodes.len()));
+            json.insert("redis_servers".into(), json!(target.backing.len()));
+        }
         json.insert("loadavg_at_start".into(), json!(loadavg()));
         Report {
             scenario: scenario.into(),
@@ -179,22 +183,56 @@ pub fn format_float(f: f64) -> String {
     }
 }
 
-/// The relay's CPU, memory and counters at one moment.
+/// The relay's CPU, memory and counters at one moment: summed over every node of a multi-node
+/// target, with the Redis servers it leans on measured beside it.
 #[derive(Clone)]
 pub struct RelayPoint {
     pub proc_: Option<ProcSample>,
     pub metrics: Option<BTreeMap<String, f64>>,
+    /// The Redis servers' CPU and RSS, summed (None without any).
+    pub backing: Option<ProcSample>,
+}
+
+/// Sums process samples; None when there is none, or one could not be read (it is gone).
+fn sum_samples(pids: impl Iterator<Item = u32>) -> Option<ProcSample> {
+    let mut total = ProcSample {
+        syscw: Some(0),
+        ..ProcSample::default()
+    };
+    let mut any = false;
+    for pid in pids {
+        let s = sys::sample_process(pid)?;
+        any = true;
+        total.cpu_us += s.cpu_us;
+        total.rss_kb += s.rss_kb;
+        total.syscw = total.syscw.zip(s.syscw).map(|(a, b)| a + b);
+    }
+    any.then_some(total)
 }
 
 impl RelayPoint {
     pub fn take(target: &Target, with_metrics: bool) -> Self {
+        let metrics = if with_metrics {
+            let mut all = BTreeMap::new();
+            let mut ok = true;
+            for addr in target.addrs() {
+                match relay::metrics(addr) {
+                    Some(m) => {
+                        for (k, v) in m {
+                            *all.entry(k).or_insert(0.0) += v;
+                        }
+                    }
+                    None => ok = false,
+                }
+            }
+            ok.then_some(all)
+        } else {
+            None
+        };
         RelayPoint {
-            proc_: target.pid.and_then(sys::sample_process),
-            metrics: if with_metrics {
-                relay::metrics(target.addr)
-            } else {
-                None
-            },
+            proc_: sum_samples(target.pids().into_iter()),
+            metrics,
+            backing: sum_samples(target.backing.iter().map(|b| b.pid)),
         }
     }
 
@@ -210,6 +248,8 @@ impl RelayPoint {
 /// What the relay spent between two points.
 pub struct RelaySpend {
     pub cpu_us: Option<u64>,
+    /// The Redis servers' CPU over the same time.
+    pub backing_cpu_us: Option<u64>,
     pub syscw: Option<u64>,
     pub socket_writes: Option<f64>,
     pub frames_delivered: Option<f64>,
@@ -219,6 +259,10 @@ pub fn spend(a: &RelayPoint, b: &RelayPoint) -> RelaySpend {
     let d = |n: &str| Some(b.metric(n)? - a.metric(n)?);
     RelaySpend {
         cpu_us: match (a.proc_, b.proc_) {
+            (Some(x), Some(y)) => Some(y.cpu_us.saturating_sub(x.cpu_us)),
+            _ => None,
+        },
+        backing_cpu_us: match (a.backing, b.backing) {
             (Some(x), Some(y)) => Some(y.cpu_us.saturating_sub(x.cpu_us)),
             _ => None,
         },

@@ -191,7 +191,13 @@ pub struct FloodArgs {
 /// Lays out `rooms x members` connections: member m of room r is connection `m * rooms + r`
 /// (so every worker gets a share of every room); the first `publishers` members of a room
 /// publish; the last `slow` members are slow.
-fn layout(rooms: u32, members: u32, publishers: u32, slow: u32, id_base: u32) -> Vec<ConnSpec> {
+pub(crate) fn layout(
+    rooms: u32,
+    members: u32,
+    publishers: u32,
+    slow: u32,
+    id_base: u32,
+) -> Vec<ConnSpec> {
     let mut v = Vec::with_capacity((rooms * members) as usize);
     for m in 0..members {
         for r in 0..rooms {
@@ -205,13 +211,14 @@ fn layout(rooms: u32, members: u32, publishers: u32, slow: u32, id_base: u32) ->
                 id: id_base + m * rooms + r,
                 role,
                 publisher: (m < publishers).then_some(r * publishers + m),
+                node: 0,
             });
         }
     }
     v
 }
 
-fn publishers_per_worker(specs: &[ConnSpec], workers: &Workers) -> Vec<usize> {
+pub(crate) fn publishers_per_worker(specs: &[ConnSpec], workers: &Workers) -> Vec<usize> {
     let n = workers.len();
     (0..n)
         .map(|w| {
@@ -310,7 +317,7 @@ impl Phase {
 
 /// Publishes for `duration_ms` at `rate`, waits for the tail of deliveries, and measures.
 /// `receivers_per_room` counting members (publishers included) gives the expected deliveries.
-fn run_phase(
+pub(crate) fn run_phase(
     target: &Target,
     workers: &mut Workers,
     pubs: &[usize],
@@ -327,14 +334,16 @@ fn run_phase(
         duration_ms,
         text_bytes,
         receivers_per_room,
-        || Ok(()),
+        || Ok(false),
     )
 }
 
 /// `run_phase`, calling `on_start` right after publishing started (the `flood` scenario starts
-/// its attackers there, so the relay's CPU and the latencies cover the attack).
+/// its attackers there, so the relay's CPU and the latencies cover the attack). When `on_start`
+/// returns true, publishing stops then instead of running its full `duration_ms` (the `storm`
+/// scenario measures exactly while its storm lasts).
 #[allow(clippy::too_many_arguments)]
-fn run_phase_with(
+pub(crate) fn run_phase_with(
     target: &Target,
     workers: &mut Workers,
     pubs: &[usize],
@@ -342,13 +351,15 @@ fn run_phase_with(
     duration_ms: u64,
     text_bytes: usize,
     receivers_per_room: u64,
-    on_start: impl FnOnce() -> anyhow::Result<()>,
+    on_start: impl FnOnce() -> anyhow::Result<bool>,
 ) -> anyhow::Result<Phase> {
     workers.reset()?;
     let client0 = workers.report()?.cpu_us + own_cpu_us();
     let p0 = RelayPoint::take(target, true);
     workers.publish_start(pubs, rate, duration_ms, text_bytes)?;
-    on_start()?;
+    if on_start()? {
+        workers.all(Command::PublishStop)?;
+    }
     let published = workers.publish_wait()?;
     let expected = published.sent * receivers_per_room;
     // The tail: wait until everything expected arrived, or nothing moved for 500 ms (max 5 s).
@@ -394,7 +405,7 @@ fn run_phase_with(
 }
 
 /// Writes a phase's figures into a report, keys prefixed with `p`.
-fn put_phase(r: &mut Report, p: &str, ph: &Phase) {
+pub(crate) fn put_phase(r: &mut Report, p: &str, ph: &Phase) {
     let k = |s: &str| format!("{p}{s}");
     r.num(&k("offered_msgs_per_s"), "offered messages/s", ph.rate);
     r.int(&k("sent"), "messages sent", ph.sent);
@@ -500,7 +511,7 @@ fn put_phase(r: &mut Report, p: &str, ph: &Phase) {
     }
 }
 
-fn put_connect(r: &mut Report, c: &crate::coord::Connected, wanted: u64) {
+pub(crate) fn put_connect(r: &mut Report, c: &crate::coord::Connected, wanted: u64) {
     r.int("connections_wanted", "connections wanted", wanted);
     r.int("connections_ok", "connections joined", c.ok);
     r.counts("connect_failures", "connect failures", &c.failed);
@@ -512,7 +523,7 @@ fn put_connect(r: &mut Report, c: &crate::coord::Connected, wanted: u64) {
     );
 }
 
-fn need_pid(r: &mut Report, target: &Target) {
+pub(crate) fn need_pid(r: &mut Report, target: &Target) {
     if target.pid.is_none() {
         r.note("relay PID unknown: pass --pid (or use --spawn) to get relay CPU and memory");
     }
@@ -827,6 +838,7 @@ pub fn churn(target: &Target, c: &Common, a: &ChurnArgs) -> anyhow::Result<Repor
             id: base + i,
             role: Role::Churn,
             publisher: None,
+            node: 0,
         });
     }
     let mut w = Workers::start(target, &specs, c.procs, None)?;
@@ -1126,6 +1138,7 @@ pub fn flood(target: &Target, c: &Common, a: &FloodArgs) -> anyhow::Result<Repor
             id: base + i,
             role: Role::Attacker,
             publisher: None,
+            node: 0,
         })
         .collect();
     let mut w = Workers::start(target, &specs, c.procs, None)?;
@@ -1176,7 +1189,10 @@ pub fn flood(target: &Target, c: &Common, a: &FloodArgs) -> anyhow::Result<Repor
         a.duration_ms,
         a.text_bytes,
         a.members as u64,
-        || atk.attack_start(a.kind, a.attacker_reads, a.duration_ms),
+        || {
+            atk.attack_start(a.kind, a.attacker_reads, a.duration_ms)
+                .map(|()| false)
+        },
     )?;
     let attacked = atk.attack_wait()?;
     let attack_peak = peak.finish();

@@ -60,6 +60,7 @@ struct Stats {
     errors: BTreeMap<String, u64>,
     ended: BTreeMap<String, u64>,
     latency: Histogram<u64>,
+    last_delivery_ns: u64,
 }
 
 impl Stats {
@@ -75,6 +76,7 @@ impl Stats {
             data_frames: 0,
             bytes_in: 0,
             reads: 0,
+            last_delivery_ns: 0,
             errors: BTreeMap::new(),
             ended: BTreeMap::new(),
             latency: new_histogram(),
@@ -221,7 +223,8 @@ type Opened = (TcpStream, Option<rustls::ClientConnection>, Vec<u8>);
 /// Connects, upgrades, and returns the stream with any bytes that arrived after the head.
 async fn open_socket(w: &Worker, spec: &ConnSpec, source_index: usize) -> Result<Opened, String> {
     let plan = &w.plan;
-    let sock = match plan.addr {
+    let (addr, host_header) = plan.endpoint(spec);
+    let sock = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     }
@@ -231,13 +234,13 @@ async fn open_socket(w: &Worker, spec: &ConnSpec, source_index: usize) -> Result
             let _ = sock.set_recv_buffer_size(bytes);
         }
     }
-    if !plan.sources.is_empty() && plan.addr.is_ipv4() {
+    if !plan.sources.is_empty() && addr.is_ipv4() {
         sys::set_bind_address_no_port(&sock);
         let src = plan.sources[source_index % plan.sources.len()];
         sock.bind(SocketAddr::new(src.into(), 0))
             .map_err(|e| format!("bind: {}", e.kind()))?;
     }
-    let stream = sock.connect(plan.addr).await.map_err(|e| match e.kind() {
+    let stream = sock.connect(addr).await.map_err(|e| match e.kind() {
         io::ErrorKind::ConnectionRefused => "connect_refused".to_owned(),
         io::ErrorKind::AddrNotAvailable => "no_source_port".to_owned(),
         k => format!("connect_{k}").to_lowercase().replace(' ', "_"),
@@ -252,7 +255,7 @@ async fn open_socket(w: &Worker, spec: &ConnSpec, source_index: usize) -> Result
         wire::query_escape(&name),
         wire::query_escape(&room)
     );
-    let request = wire::upgrade_request(&plan.host_header, &path, &plan.origin);
+    let request = wire::upgrade_request(host_header, &path, &plan.origin);
     let mut tls = match (&w.tls, &plan.tls) {
         (Some(config), Some(t)) => Some(crate::tls::session(config, &t.server_name)?),
         _ => None,
@@ -357,6 +360,7 @@ fn process_frames(
                         continue;
                     };
                     stats.deliveries += 1;
+                    stats.last_delivery_ns = now_ns;
                     let lat_us = now_ns.saturating_sub(m.sent_ns) / 1000;
                     stats.latency.saturating_record(lat_us.max(1));
                     let mut seen = conn.seen.borrow_mut();
@@ -676,6 +680,148 @@ async fn connect(
     reply
 }
 
+/// A small xorshift generator for backoff jitter (no crate needed; quality is beside the point).
+struct Jitter(u64);
+
+impl Jitter {
+    fn new(seed: u64) -> Self {
+        Jitter(seed | 1)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// A reconnect storm: every connection of `roles` that is not open starts within `retry.base_ms`
+/// and, when it fails before joining (a refusal such as 503 or 429, a timeout, a reset), tries
+/// again after full-jitter exponential backoff, until it joins or `retry.deadline_ms` has passed.
+/// At most `max_in_flight` upgrades are under way at once.
+async fn storm(
+    w: Rc<Worker>,
+    roles: Vec<Role>,
+    max_in_flight: usize,
+    timeout_ms: u64,
+    retry: Retry,
+) -> ConnectReply {
+    let t0 = Instant::now();
+    let give_up = t0 + Duration::from_millis(retry.deadline_ms);
+    let todo: Vec<usize> = {
+        let conns = w.conns.borrow();
+        (0..w.plan.conns.len())
+            .filter(|&i| roles.contains(&w.plan.conns[i].role) && conns[i].is_none())
+            .collect()
+    };
+    let mut rng = Jitter::new(0x2545_f491_4f6c_dd1d ^ (w.plan.worker as u64 + 1) << 32);
+    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Result<u64, String>)>();
+    let (due_tx, mut due_rx) = mpsc::unbounded_channel::<usize>();
+    let later = |i: usize, delay: Duration| {
+        let due_tx = due_tx.clone();
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(delay).await;
+            let _ = due_tx.send(i);
+        });
+    };
+    for &i in &todo {
+        later(i, Duration::from_millis(retry.base_ms).mul_f64(rng.unit()));
+    }
+    let mut reply = ConnectReply::default();
+    let (mut latency, mut back) = (new_histogram(), new_histogram());
+    let mut tries = vec![0u32; w.plan.conns.len()];
+    let mut waiting = std::collections::VecDeque::new();
+    let (mut pending, mut in_flight) = (todo.len(), 0usize);
+    // Bounded: every connection finishes by `give_up` plus one attempt's timeout.
+    let hard_stop = give_up + Duration::from_millis(timeout_ms) + Duration::from_secs(2);
+    while pending > 0 {
+        tokio::select! {
+            Some(i) = due_rx.recv() => waiting.push_back(i),
+            Some((i, res)) = rx.recv() => {
+                in_flight -= 1;
+                match res {
+                    Ok(us) => {
+                        reply.ok += 1;
+                        latency.saturating_record(us.max(1));
+                        back.saturating_record(t0.elapsed().as_micros() as u64 + 1);
+                        pending -= 1;
+                    }
+                    Err(reason) if Instant::now() < give_up => {
+                        *reply.retried.entry(reason).or_default() += 1;
+                        let k = tries[i].min(20);
+                        let ceiling = retry.max_ms.min(retry.base_ms.saturating_mul(1 << k));
+                        later(i, Duration::from_millis(ceiling).mul_f64(rng.unit()));
+                    }
+                    Err(reason) => {
+                        *reply.failed.entry(reason).or_default() += 1;
+                        pending -= 1;
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(hard_stop.into()) => break,
+        }
+        while in_flight < max_in_flight.max(1) {
+            let Some(i) = waiting.pop_front() else { break };
+            in_flight += 1;
+            tries[i] += 1;
+            reply.attempts += 1;
+            let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+            let handle = tokio::task::spawn_local(run_conn(w.clone(), i, deadline, tx.clone()));
+            w.tasks.borrow_mut()[i] = Some(handle.abort_handle());
+        }
+    }
+    if pending > 0 {
+        *reply.failed.entry("storm_deadline".into()).or_default() += pending as u64;
+    }
+    reply.latency_us = hist_pairs(&latency);
+    reply.back_us = hist_pairs(&back);
+    reply.elapsed_us = t0.elapsed().as_micros() as u64;
+    reply
+}
+
+/// Every open publisher sends one message, as fast as the sockets take them.
+async fn broadcast(w: &Rc<Worker>, text_bytes: usize) -> PublishReply {
+    let publishers: Vec<Rc<Conn>> = w
+        .conns
+        .borrow()
+        .iter()
+        .flatten()
+        .filter(|c| c.publisher.is_some() && !c.closing.get())
+        .cloned()
+        .collect();
+    let t0 = Instant::now();
+    let mut reply = PublishReply {
+        first_sent_ns: sys::monotonic_ns(),
+        ..PublishReply::default()
+    };
+    let mut frame = Vec::with_capacity(text_bytes + 64);
+    for conn in &publishers {
+        send_one(conn, &mut frame, text_bytes);
+        reply.sent += 1;
+    }
+    reply.elapsed_us = t0.elapsed().as_micros() as u64;
+    reply
+}
+
+/// Sends the next load message from `conn`; false when it was queued behind earlier bytes.
+fn send_one(conn: &Conn, frame: &mut Vec<u8>, text_bytes: usize) -> bool {
+    let counter = conn.next_counter.get();
+    conn.next_counter.set(counter + 1);
+    let marker = wire::Marker {
+        publisher: conn.publisher.expect("only publishers send"),
+        counter,
+        sent_ns: sys::monotonic_ns(),
+    };
+    let body = wire::message_json(marker, text_bytes);
+    frame.clear();
+    let mut seed = conn.mask_seed.get();
+    wire::push_client_frame(frame, wire::OP_TEXT, &body, &mut seed);
+    conn.mask_seed.set(seed);
+    conn.send(frame)
+}
+
 async fn publish(w: Rc<Worker>, rate: f64, duration_ms: u64, text_bytes: usize) -> PublishReply {
     let publishers: Vec<Rc<Conn>> = w
         .conns
@@ -715,19 +861,10 @@ async fn publish(w: Rc<Worker>, rate: f64, duration_ms: u64, text_bytes: usize) 
         if conn.closing.get() {
             continue;
         }
-        let counter = conn.next_counter.get();
-        conn.next_counter.set(counter + 1);
-        let marker = wire::Marker {
-            publisher: conn.publisher.expect("filtered to publishers"),
-            counter,
-            sent_ns: sys::monotonic_ns(),
-        };
-        let body = wire::message_json(marker, text_bytes);
-        frame.clear();
-        let mut seed = conn.mask_seed.get();
-        wire::push_client_frame(&mut frame, wire::OP_TEXT, &body, &mut seed);
-        conn.mask_seed.set(seed);
-        if !conn.send(&frame) {
+        if reply.first_sent_ns == 0 {
+            reply.first_sent_ns = sys::monotonic_ns();
+        }
+        if !send_one(conn, &mut frame, text_bytes) {
             reply.queued_sends += 1;
         }
         reply.sent += 1;
@@ -1077,6 +1214,7 @@ async fn one_handshake(w: &Worker, seq: u64, room: u32) -> Result<u64, String> {
         id: 1_000_000 + seq as u32,
         role: Role::Churn,
         publisher: None,
+        node: (seq % w.plan.nodes.len().max(1) as u64) as u16,
     };
     let (stream, mut tls, mut early) = open_socket(w, &spec, seq as usize).await?;
     let mut io = Io {
@@ -1230,6 +1368,7 @@ pub fn main() -> anyhow::Result<()> {
     local.block_on(&rt, async move {
         let mut publishing: Option<JoinHandle<PublishReply>> = None;
         let mut attacking: Option<JoinHandle<AttackReply>> = None;
+        let mut storming: Option<JoinHandle<ConnectReply>> = None;
         while let Some(cmd) = cmd_rx.recv().await {
             match cmd {
                 Command::Connect {
@@ -1240,6 +1379,32 @@ pub fn main() -> anyhow::Result<()> {
                 } => {
                     let r = connect(&w, &roles, rate_per_s, max_in_flight, timeout_ms).await;
                     reply(&Reply::Connected(r));
+                }
+                Command::StormStart {
+                    roles,
+                    max_in_flight,
+                    timeout_ms,
+                    retry,
+                } => {
+                    storming = Some(tokio::task::spawn_local(storm(
+                        w.clone(),
+                        roles,
+                        max_in_flight,
+                        timeout_ms,
+                        retry,
+                    )));
+                    reply(&Reply::Done);
+                }
+                Command::StormWait => {
+                    let r = match storming.take() {
+                        Some(h) => h.await.unwrap_or_default(),
+                        None => ConnectReply::default(),
+                    };
+                    reply(&Reply::Connected(r));
+                }
+                Command::Broadcast { text_bytes } => {
+                    let r = broadcast(&w, text_bytes).await;
+                    reply(&Reply::Published(r));
                 }
                 Command::Reset => {
                     *w.stats.borrow_mut() = Stats::new();
@@ -1288,6 +1453,7 @@ pub fn main() -> anyhow::Result<()> {
                         latency_us: hist_pairs(&s.latency),
                         open: o.iter().sum(),
                         cpu_us: sys::process_cpu_us() - w.started_cpu_us,
+                        last_delivery_ns: s.last_delivery_ns,
                     }));
                 }
                 Command::Close { roles, timeout_ms } => {
