@@ -104,11 +104,11 @@ fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> anyh
     Ok(())
 }
 
-/// Starts Redis as `mode` says; returns the processes, their ports and the relays' settings.
-fn start_backing(
-    dir: &Path,
-    mode: RedisMode,
-) -> anyhow::Result<(Vec<Child>, Vec<u16>, Vec<(String, String)>)> {
+/// The Redis servers of a deployment: the processes, their ports, and the relays' settings.
+type Started = (Vec<Child>, Vec<u16>, Vec<(String, String)>);
+
+/// Starts Redis as `mode` says.
+fn start_backing(dir: &Path, mode: RedisMode) -> anyhow::Result<Started> {
     match mode {
         RedisMode::None => Ok((Vec::new(), Vec::new(), Vec::new())),
         RedisMode::Single => {
