@@ -5,7 +5,8 @@
 //!
 //! Access lines are held to LOG_LINES_PER_SECOND per kind, so a flood of refused upgrades (or a
 //! mass disconnect) cannot fill a disk: past the limit a line is only counted, by reason, and
-//! [`flush_suppressed`] (called once a second by the server) writes one line with the counts.
+//! [`flush_suppressed`] (called by the server a second after the first line left out) writes one
+//! line with the counts.
 //!
 //! The functions here take no URI, query string or header map, only values that are safe to
 //! show: a token, ticket or query string cannot reach the log through them. Free text that a
@@ -143,8 +144,19 @@ pub fn connection_closed(c: &Closed<'_>) {
     );
 }
 
+/// Woken when a line is first left out since the last summary.
+static SUPPRESSING: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Resolves once an access line has been left out since the last summary: the server then
+/// waits a second and calls [`flush_suppressed`]. A relay that suppresses nothing never wakes
+/// for it.
+pub async fn suppressing() {
+    SUPPRESSING.notified().await
+}
+
 /// Write one line per kind of access line that was left out since the last call, with the
-/// counts by reason (refusals) or close code (closes). The server calls this once a second.
+/// counts by reason (refusals) or close code (closes). The server calls this a second after
+/// [`suppressing`] resolves.
 pub fn flush_suppressed() {
     if let Some((total, by)) = REFUSALS.take_suppressed(|i| Rejection::ALL[i].label().into()) {
         tracing::info!(target: ACCESS, kind = %"refused", suppressed = total, by = %by, "access lines suppressed (LOG_LINES_PER_SECOND)");
@@ -200,7 +212,9 @@ impl<const N: usize> Gate<N> {
         if self.lines.fetch_add(1, Ordering::Relaxed) < per_second {
             return true;
         }
-        self.suppressed[index.min(N - 1)].fetch_add(1, Ordering::Relaxed);
+        if self.suppressed[index.min(N - 1)].fetch_add(1, Ordering::Relaxed) == 0 {
+            SUPPRESSING.notify_one();
+        }
         false
     }
 

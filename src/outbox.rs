@@ -26,6 +26,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// What a queued frame costs beyond its bytes: its 32-byte `Bytes` slot in the queue and its
@@ -38,6 +39,23 @@ static QUEUED_TOTAL: AtomicUsize = AtomicUsize::new(0);
 /// Bytes charged across every outbox in the process (the `roomcast_outbox_queued_bytes` gauge).
 pub fn total_queued_bytes() -> usize {
     QUEUED_TOTAL.load(Ordering::Relaxed)
+}
+
+/// `OUTBOX_TOTAL_MAX_BYTES`: a charge that takes the process-wide sum past it wakes
+/// [`over_budget`]'s waiter. Unlimited until the server sets it.
+static BUDGET: AtomicUsize = AtomicUsize::new(usize::MAX);
+static OVER_BUDGET: Notify = Notify::const_new();
+
+/// Sets the process-wide budget (`OUTBOX_TOTAL_MAX_BYTES`).
+pub fn set_total_budget(bytes: usize) {
+    BUDGET.store(bytes, Ordering::Relaxed);
+}
+
+/// Resolves once a charge has taken the process-wide sum past the budget (at once if one did
+/// since the last call). The server's budget task waits here instead of polling, so an idle
+/// relay has no periodic wake-up for it.
+pub async fn over_budget() {
+    OVER_BUDGET.notified().await
 }
 
 fn charge(frame: &Bytes) -> usize {
@@ -106,7 +124,13 @@ impl Default for Outbox {
 impl Queue {
     fn add(&mut self, charged: usize) {
         self.queued_bytes += charged;
-        QUEUED_TOTAL.fetch_add(charged, Ordering::Relaxed);
+        let before = QUEUED_TOTAL.fetch_add(charged, Ordering::Relaxed);
+        let budget = BUDGET.load(Ordering::Relaxed);
+        if before <= budget && before + charged > budget {
+            // Crossing the budget, not every charge above it: one wake per excursion (the
+            // budget task re-checks on its own while the sum stays above).
+            OVER_BUDGET.notify_one();
+        }
     }
 
     fn sub(&mut self, charged: usize) {
@@ -307,6 +331,23 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_charge_crossing_the_process_budget_wakes_the_budget_task() {
+        let o = Outbox::default();
+        // Far above what the other tests running beside this one ever charge.
+        const MARGIN: usize = 256 << 20;
+        set_total_budget(total_queued_bytes() + MARGIN);
+        let waiter = tokio::spawn(over_budget());
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "nothing crossed the budget yet");
+        // Zeroed pages nobody touches: no real memory.
+        let big = Bytes::from(vec![0u8; MARGIN + 1]);
+        assert_eq!(o.push(&big, 2 * MARGIN), Pushed::Queued);
+        let woke = tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await;
+        set_total_budget(usize::MAX);
+        assert!(woke.is_ok(), "the crossing charge woke the budget task");
+    }
 
     #[tokio::test]
     async fn push_past_the_limit_closes_with_1013_and_frees_the_queue() {

@@ -288,13 +288,17 @@ async fn accept_admin(relay: Arc<Relay>, listener: TcpListener, stop: Cancellati
     }
 }
 
-/// Write the count of access lines LOG_LINES_PER_SECOND left out, once a second.
+/// Write the count of access lines LOG_LINES_PER_SECOND left out: a second after the first one
+/// was left out (the counts cover that second), and not at all while nothing is.
 async fn log_upkeep(stop: CancellationToken) {
-    let mut interval = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = interval.tick() => crate::log::flush_suppressed(),
+            _ = crate::log::suppressing() => {}
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => crate::log::flush_suppressed(),
         }
     }
 }
@@ -456,21 +460,28 @@ async fn heartbeat(relay: Arc<Relay>, stop: CancellationToken) {
 /// Hold the bytes queued across all connections under OUTBOX_TOTAL_MAX_BYTES: when the sum
 /// passes it, the connections with the largest queues are closed with 1013 first (a stalled
 /// reader with a full queue goes before a healthy one with a few frames).
+///
+/// The task sleeps until a charge crosses the budget (`outbox::over_budget`), then checks every
+/// OUTBOX_BUDGET_CHECK until the sum is back under it: no periodic wake-up while the relay is
+/// within budget, which is always for an idle one.
 async fn outbox_budget(relay: Arc<Relay>, stop: CancellationToken) {
     let budget = relay.settings.outbox_total_max_bytes;
     let target = budget / 100 * OUTBOX_BUDGET_TARGET_PERCENT;
-    let mut interval = tokio::time::interval(OUTBOX_BUDGET_CHECK);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    crate::outbox::set_total_budget(budget);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = interval.tick() => {}
+            _ = crate::outbox::over_budget() => {}
         }
-        // The process-wide sum is one atomic load; the registry is walked only past the budget.
-        if crate::outbox::total_queued_bytes() > budget {
+        // Bounded: each round closes queues or waits; the sum falls as closed queues drop.
+        while crate::outbox::total_queued_bytes() > budget {
             let closed = relay.registry.close_largest_queues(budget, target);
             for _ in 0..closed {
                 relay.metrics.limit_closed(Limit::OutboxTotal);
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(OUTBOX_BUDGET_CHECK) => {}
             }
         }
     }
