@@ -288,6 +288,8 @@ pub struct Phase {
     pub ended: std::collections::BTreeMap<String, u64>,
     pub elapsed_s: f64,
     pub relay_cpu_us: Option<u64>,
+    /// Redis's CPU over the phase (multi-node targets).
+    pub redis_cpu_us: Option<u64>,
     pub relay_socket_writes: Option<f64>,
     pub relay_frames: Option<f64>,
     pub relay_syscw: Option<u64>,
@@ -394,6 +396,7 @@ pub(crate) fn run_phase_with(
         ended: s.ended,
         elapsed_s: published.elapsed_us as f64 / 1e6,
         relay_cpu_us: sp.cpu_us,
+        redis_cpu_us: sp.backing_cpu_us,
         relay_socket_writes: sp.socket_writes,
         relay_frames: sp.frames_delivered,
         relay_syscw: sp.syscw,
@@ -464,6 +467,9 @@ pub(crate) fn put_phase(r: &mut Report, p: &str, ph: &Phase) {
             .filter(|_| ph.deliveries > 0)
             .map(|u| u as f64 / ph.deliveries as f64),
     );
+    if let Some(u) = ph.redis_cpu_us {
+        r.num(&k("redis_cpu_cores"), "Redis CPU (cores)", u as f64 / 1e6 / secs);
+    }
     r.num(
         &k("client_cpu_s"),
         "client CPU (s)",

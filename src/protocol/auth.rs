@@ -13,7 +13,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{as_string, js_trim, present, text_frame, write_history, write_json_str};
+use super::{as_string, js_trim, text_frame, write_history, write_json_str};
 use crate::frame::{FrameBuilder, OP_TEXT};
 
 /// Longest text, in characters after trimming.
@@ -54,23 +54,27 @@ pub enum Command<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Invalid(pub &'static str);
 
-#[derive(Deserialize)]
+/// The keys a command may carry, in the order `parse` takes them apart.
+const KEYS: [&str; 8] = [
+    "type",
+    "token",
+    "roomId",
+    "text",
+    "requestId",
+    "history",
+    "since",
+    "epoch",
+];
+
+/// A command's fields, raw (`Some` for a key that is present, `null` included).
 struct Fields<'a> {
-    #[serde(rename = "type", borrow, default, deserialize_with = "present")]
     kind: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
     token: Option<&'a RawValue>,
-    #[serde(rename = "roomId", borrow, default, deserialize_with = "present")]
     room: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
     text: Option<&'a RawValue>,
-    #[serde(rename = "requestId", borrow, default, deserialize_with = "present")]
     request_id: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
     history: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
     since: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
     epoch: Option<&'a RawValue>,
 }
 
@@ -107,10 +111,21 @@ pub fn parse(payload: &str) -> Result<Command<'_>, Invalid> {
             },
         );
     }
-    let f: Fields<'_> = serde_json::from_str(payload).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => Invalid("invalid message"),
-        _ => Invalid("invalid JSON"),
-    })?;
+    let [kind, token, room, text, request_id, history, since, epoch] =
+        super::object_fields(payload, &KEYS).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => Invalid("invalid message"),
+            _ => Invalid("invalid JSON"),
+        })?;
+    let f = Fields {
+        kind,
+        token,
+        room,
+        text,
+        request_id,
+        history,
+        since,
+        epoch,
+    };
     let kind = f.kind.and_then(as_string).ok_or(Invalid("unknown type"))?;
     match &*kind {
         "auth" => {

@@ -89,20 +89,67 @@ pub struct ClientMessage<'a> {
     pub request_id: Option<Cow<'a, str>>,
 }
 
-#[derive(Deserialize)]
-struct Fields<'a> {
-    #[serde(rename = "type", borrow, default, deserialize_with = "present")]
-    kind: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    text: Option<&'a RawValue>,
-    #[serde(rename = "requestId", borrow, default, deserialize_with = "present")]
-    request_id: Option<&'a RawValue>,
-}
+/// The values of the keys `names` in the JSON object `payload`, raw (a key that is present has
+/// `Some`, `null` included); every other key is skipped, a repeated one of `names` is an error
+/// of the `Data` category (as serde's derive makes it).
+///
+/// Keys are read as bytes, after unescaping, without requiring valid UTF-16 escapes: an extra
+/// key like `"\ud800"` (a lone surrogate) is skipped like any other, as the contract's
+/// JavaScript servers do, where serde's derive would refuse the whole message. Values are
+/// checked as strictly as ever by whoever reads them.
+pub(crate) fn object_fields<'a, const N: usize>(
+    payload: &'a str,
+    names: &'static [&'static str; N],
+) -> Result<[Option<&'a RawValue>; N], serde_json::Error> {
+    use serde::de::{DeserializeSeed, Error, IgnoredAny, MapAccess, Visitor};
+    use std::fmt;
 
-/// `Some` for any field that is present, `null` included (plain `Option` would fold `null`
-/// into "missing", but `"text":null` is bad_type while a missing text is empty).
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
-    <&RawValue>::deserialize(d).map(Some)
+    /// A key: its index in `names`, if it is one of them.
+    struct Key<const N: usize>(&'static [&'static str; N]);
+    impl<'de, const N: usize> DeserializeSeed<'de> for Key<N> {
+        type Value = Option<usize>;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_bytes(self)
+        }
+    }
+    impl<const N: usize> Visitor<'_> for Key<N> {
+        type Value = Option<usize>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an object key")
+        }
+        fn visit_bytes<E: Error>(self, key: &[u8]) -> Result<Self::Value, E> {
+            Ok(self.0.iter().position(|n| n.as_bytes() == key))
+        }
+        fn visit_str<E: Error>(self, key: &str) -> Result<Self::Value, E> {
+            self.visit_bytes(key.as_bytes())
+        }
+    }
+
+    struct Object<const N: usize>(&'static [&'static str; N]);
+    impl<'de, const N: usize> Visitor<'de> for Object<N> {
+        type Value = [Option<&'de RawValue>; N];
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = [None; N];
+            while let Some(key) = map.next_key_seed(Key(self.0))? {
+                match key {
+                    Some(i) if out[i].is_some() => return Err(A::Error::duplicate_field(self.0[i])),
+                    Some(i) => out[i] = Some(map.next_value::<&'de RawValue>()?),
+                    None => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(out)
+        }
+    }
+
+    let mut de = serde_json::Deserializer::from_str(payload);
+    let fields = serde::Deserializer::deserialize_map(&mut de, Object(names))?;
+    de.end()?;
+    Ok(fields)
 }
 
 /// A JSON string value, or `None` for any other JSON type (null, number, object, array, bool).
@@ -133,15 +180,16 @@ pub fn parse_client_message(
             },
         );
     }
-    let fields: Fields<'_> = serde_json::from_str(payload).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ErrorCode::BadType,
-        _ => ErrorCode::BadJson,
-    })?;
-    let kind = fields.kind.and_then(as_string).ok_or(ErrorCode::BadType)?;
+    let [kind, text, request_id] = object_fields(payload, &["type", "text", "requestId"])
+        .map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => ErrorCode::BadType,
+            _ => ErrorCode::BadJson,
+        })?;
+    let kind = kind.and_then(as_string).ok_or(ErrorCode::BadType)?;
     if kind != "message" {
         return Err(ErrorCode::BadType);
     }
-    let request_id = match fields.request_id {
+    let request_id = match request_id {
         None => None,
         Some(raw) => {
             let id = as_string(raw).ok_or(ErrorCode::BadRequestId)?;
@@ -152,7 +200,7 @@ pub fn parse_client_message(
             Some(id)
         }
     };
-    let text = match fields.text {
+    let text = match text {
         None => return Err(ErrorCode::Empty),
         Some(raw) => as_string(raw).ok_or(ErrorCode::BadType)?,
     };
