@@ -22,6 +22,12 @@ pub const DEV_TOKEN: &str = "dev-token";
 pub const PUBLISH_RATE_PER_ADDRESS_FACTOR: u32 = 10;
 
 /// Raw command-line / environment input, before validation.
+
+/// MAX_HANDSHAKES_PER_SECOND's default, per runtime worker thread. Measured on a 2-core machine
+/// (docs/BENCHMARKS.md, "Reconnect storm"): with 500 per worker, a 20,000-client reconnect
+/// storm left the median delivery of everyone else at 1-3 ms; without a limit it rose to
+/// 0.1-1.3 s, and at 1,000 per worker to 12-25 ms.
+pub const HANDSHAKES_PER_WORKER: u32 = 500;
 #[derive(Debug, Parser)]
 #[command(
     name = "roomcast",
@@ -160,9 +166,10 @@ pub struct Args {
     #[arg(long, env = "MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
     pub max_connections_per_ip: u32,
     /// WebSocket handshakes the relay starts per second (0: no limit); past it the upgrade gets
-    /// 503 with Retry-After, so a reconnect storm costs bounded work per second.
-    #[arg(long, env = "MAX_HANDSHAKES_PER_SECOND", default_value_t = 0)]
-    pub max_handshakes_per_second: u32,
+    /// 503 with Retry-After, so a reconnect storm costs bounded work per second and the
+    /// connections already open keep their latency [default: 500 per runtime worker thread]
+    #[arg(long, env = "MAX_HANDSHAKES_PER_SECOND")]
+    pub max_handshakes_per_second: Option<u32>,
     /// Key that enables the server API (`/api/*`, `Authorization: Bearer KEY`). Unset: the API
     /// answers 404. A secret: --help and the logs never show its value.
     #[arg(long, env = "API_KEY", hide_env_values = true)]
@@ -655,7 +662,13 @@ impl Settings {
             api_key: args.api_key.as_deref().map(Secret::from),
             api_max_body_bytes: args.api_max_body_bytes,
             max_connections_per_ip: args.max_connections_per_ip,
-            max_handshakes_per_second: args.max_handshakes_per_second,
+            max_handshakes_per_second: args.max_handshakes_per_second.unwrap_or_else(|| {
+                let workers = match args.worker_threads {
+                    0 => std::thread::available_parallelism().map_or(1, usize::from),
+                    n => n,
+                };
+                HANDSHAKES_PER_WORKER.saturating_mul(workers.min(u32::MAX as usize) as u32)
+            }),
             audit_log,
             audit_queue_max: args.audit_queue_max,
             audit_queue_max_bytes: args.audit_queue_max_bytes,

@@ -91,7 +91,7 @@ fn main() -> anyhow::Result<()> {
             };
             let audit_log = settings.audit_log.as_ref().map(ToString::to_string);
             let tls_cert = settings.tls.as_ref().map(|t| t.cert_path().display().to_string());
-            tracing::info!(%addr, max_connections = max, open_file_limit = nofile, origins = ?settings.allowed_origins, broker, audit_log, tls_cert, "ready");
+            tracing::info!(%addr, max_connections = max, open_file_limit = nofile, max_handshakes_per_second = settings.max_handshakes_per_second, origins = ?settings.allowed_origins, broker, audit_log, tls_cert, "ready");
             let listeners = server::Listeners { public: listener, admin };
             server::serve(listeners, settings, Some(prometheus), relay_audit, shutdown).await?;
             tracing::info!("stopped");

@@ -182,6 +182,9 @@ pub fn spawn(
         ("RUST_LOG".into(), "warn".into()),
         // No load balancer to wait for: a stopped run's relay closes at once.
         ("LAME_DUCK_MS".into(), "0".into()),
+        // The harness measures how fast the relay takes handshakes (`handshake`) and opens
+        // connections at its own pace; the storm scenario sets the limit it measures.
+        ("MAX_HANDSHAKES_PER_SECOND".into(), "0".into()),
     ];
     for (k, v) in env.iter().chain(extra_env.iter()) {
         cmd.env(k, v);
