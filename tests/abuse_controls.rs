@@ -115,3 +115,26 @@ async fn a_handshake_storm_past_the_rate_gets_503_with_retry_after() {
     let (_c, ok) = Client::authed(&relay, &relay.token).await;
     assert!(ok["connectionId"].is_string());
 }
+
+/// The handshake limit is on by default, at 500 per runtime worker thread (the reconnect-storm
+/// figures in docs/BENCHMARKS.md chose it); `0` turns it off. The relay says which it uses.
+#[tokio::test]
+async fn the_handshake_limit_defaults_to_500_per_worker_thread() {
+    for (envs, expected) in [
+        (vec![("WORKER_THREADS", "1")], 500),
+        (vec![("WORKER_THREADS", "3")], 1500),
+        (
+            vec![("WORKER_THREADS", "1"), ("MAX_HANDSHAKES_PER_SECOND", "0")],
+            0,
+        ),
+        (
+            vec![("WORKER_THREADS", "1"), ("MAX_HANDSHAKES_PER_SECOND", "7")],
+            7,
+        ),
+    ] {
+        let relay = Relay::start(&envs);
+        relay
+            .wait_for_log(&format!("max_handshakes_per_second={expected} "))
+            .await;
+    }
+}

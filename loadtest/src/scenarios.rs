@@ -468,7 +468,11 @@ pub(crate) fn put_phase(r: &mut Report, p: &str, ph: &Phase) {
             .map(|u| u as f64 / ph.deliveries as f64),
     );
     if let Some(u) = ph.redis_cpu_us {
-        r.num(&k("redis_cpu_cores"), "Redis CPU (cores)", u as f64 / 1e6 / secs);
+        r.num(
+            &k("redis_cpu_cores"),
+            "Redis CPU (cores)",
+            u as f64 / 1e6 / secs,
+        );
     }
     r.num(
         &k("client_cpu_s"),

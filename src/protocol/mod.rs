@@ -135,7 +135,9 @@ pub(crate) fn object_fields<'a, const N: usize>(
             let mut out = [None; N];
             while let Some(key) = map.next_key_seed(Key(self.0))? {
                 match key {
-                    Some(i) if out[i].is_some() => return Err(A::Error::duplicate_field(self.0[i])),
+                    Some(i) if out[i].is_some() => {
+                        return Err(A::Error::duplicate_field(self.0[i]))
+                    }
                     Some(i) => out[i] = Some(map.next_value::<&'de RawValue>()?),
                     None => {
                         map.next_value::<IgnoredAny>()?;
@@ -180,8 +182,8 @@ pub fn parse_client_message(
             },
         );
     }
-    let [kind, text, request_id] = object_fields(payload, &["type", "text", "requestId"])
-        .map_err(|e| match e.classify() {
+    let [kind, text, request_id] =
+        object_fields(payload, &["type", "text", "requestId"]).map_err(|e| match e.classify() {
             serde_json::error::Category::Data => ErrorCode::BadType,
             _ => ErrorCode::BadJson,
         })?;
