@@ -38,6 +38,9 @@ fn hub(metrics: Metrics) -> Arc<Hub> {
             max_rooms: 1000,
             outbox_max_bytes: 1 << 30,
             presence_interval: Duration::from_millis(150),
+            // The benchmarks time one delivery at a time: no flush window.
+            flush_delay: Duration::ZERO,
+            flush_min_members: usize::MAX,
         },
         metrics,
     ))

@@ -21,13 +21,13 @@ pub const DEV_TOKEN: &str = "dev-token";
 /// one client's allowance.
 pub const PUBLISH_RATE_PER_ADDRESS_FACTOR: u32 = 10;
 
-/// Raw command-line / environment input, before validation.
-
 /// MAX_HANDSHAKES_PER_SECOND's default, per runtime worker thread. Measured on a 2-core machine
 /// (docs/BENCHMARKS.md, "Reconnect storm"): with 500 per worker, a 20,000-client reconnect
 /// storm left the median delivery of everyone else at 1-3 ms; without a limit it rose to
 /// 0.1-1.3 s, and at 1,000 per worker to 12-25 ms.
 pub const HANDSHAKES_PER_WORKER: u32 = 500;
+
+/// Raw command-line / environment input, before validation.
 #[derive(Debug, Parser)]
 #[command(
     name = "roomcast",
@@ -95,6 +95,15 @@ pub struct Args {
     /// Presence events per room are coalesced to at most one per this many milliseconds.
     #[arg(long, env = "PRESENCE_INTERVAL_MS", default_value_t = 150)]
     pub presence_interval_ms: u64,
+    /// In a room of at least FLUSH_MIN_MEMBERS members that publishes again within this many
+    /// milliseconds, members are woken to write once per window rather than once per message,
+    /// so each socket write carries several frames (0: never delay). A message into a room that
+    /// was quiet goes out at once; the ones behind it within the window wait at most this long.
+    #[arg(long, env = "FLUSH_DELAY_MS", default_value_t = 20)]
+    pub flush_delay_ms: u64,
+    /// Members from which a room coalesces its writes (FLUSH_DELAY_MS).
+    #[arg(long, env = "FLUSH_MIN_MEMBERS", default_value_t = 500)]
+    pub flush_min_members: usize,
     /// Rooms kept in memory (with their history); past it, empty rooms are evicted, else 503.
     #[arg(long, env = "MAX_ROOMS", default_value_t = 10_000)]
     pub max_rooms: usize,
@@ -432,6 +441,8 @@ pub struct Settings {
     /// `None`: leave the kernel's autotuning alone.
     pub send_buffer_bytes: Option<usize>,
     pub presence_interval: Duration,
+    pub flush_delay: Duration,
+    pub flush_min_members: usize,
     pub max_rooms: usize,
     pub control_frame_limit: u32,
     pub control_frame_window: Duration,
@@ -631,6 +642,8 @@ impl Settings {
             outbox_max_bytes: args.outbox_max_bytes,
             send_buffer_bytes: (args.send_buffer_bytes > 0).then_some(args.send_buffer_bytes),
             presence_interval: Duration::from_millis(args.presence_interval_ms),
+            flush_delay: Duration::from_millis(args.flush_delay_ms),
+            flush_min_members: args.flush_min_members.max(1),
             max_rooms: args.max_rooms,
             control_frame_limit: args.control_frame_limit,
             control_frame_window: Duration::from_millis(args.control_frame_window_ms),

@@ -68,6 +68,9 @@ const PING_DUE: u8 = 2;
 const DEAD: u8 = 4;
 /// Something was pushed or requested since the connection's task last looked.
 const WORK: u8 = 8;
+/// Frames were pushed without waking the task (a room's flush window will): the next ordinary
+/// push wakes it even though the queue is not empty.
+const HELD: u8 = 16;
 
 /// What a push did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,7 +172,22 @@ impl Outbox {
         let mut q = self.lock();
         let (pushed, wake) = Self::push_locked(&mut q, frame, max_bytes);
         drop(q);
-        if wake {
+        if wake || self.flags.load(Ordering::Relaxed) & HELD != 0 {
+            self.wake();
+        }
+        pushed
+    }
+
+    /// `push`, without waking the connection's task unless the push closed it (a slow
+    /// consumer): a room's flush window wakes it later (`hub::FlushWindow`).
+    pub fn push_quietly(&self, frame: &Bytes, max_bytes: usize) -> Pushed {
+        let mut q = self.lock();
+        let (pushed, _) = Self::push_locked(&mut q, frame, max_bytes);
+        if pushed == Pushed::Queued {
+            self.flags.fetch_or(HELD, Ordering::Relaxed);
+        }
+        drop(q);
+        if pushed == Pushed::SlowConsumer {
             self.wake();
         }
         pushed
@@ -253,6 +271,7 @@ impl Outbox {
     pub fn take(&self) -> Batch {
         let mut q = self.lock();
         q.pong_at = None;
+        self.flags.fetch_and(!HELD, Ordering::Relaxed);
         Batch {
             frames: std::mem::take(&mut q.frames),
             oldest: q.oldest.take(),

@@ -220,6 +220,8 @@ impl Relay {
                 max_rooms: settings.max_rooms,
                 outbox_max_bytes: settings.outbox_max_bytes,
                 presence_interval: settings.presence_interval,
+                flush_delay: settings.flush_delay,
+                flush_min_members: settings.flush_min_members,
             },
             metrics.clone(),
         ));
