@@ -99,7 +99,7 @@ pub struct Args {
     /// milliseconds, members are woken to write once per window rather than once per message,
     /// so each socket write carries several frames (0: never delay). A message into a room that
     /// was quiet goes out at once; the ones behind it within the window wait at most this long.
-    #[arg(long, env = "FLUSH_DELAY_MS", default_value_t = 20)]
+    #[arg(long, env = "FLUSH_DELAY_MS", default_value_t = 10)]
     pub flush_delay_ms: u64,
     /// Members from which a room coalesces its writes (FLUSH_DELAY_MS).
     #[arg(long, env = "FLUSH_MIN_MEMBERS", default_value_t = 500)]
