@@ -1,12 +1,14 @@
 //! What an idle first-dialect connection holds on the relay's heap, counted exactly: this test
 //! binary runs the relay in-process under a counting allocator (mimalloc underneath, as in the
-//! binary), opens `CONNECTIONS` idle connections over real sockets spread over `ROOMS` rooms (150
-//! per room, as `roomcast-load idle --conns 15000 --rooms 100`), lets presence settle, and
-//! divides the heap's growth by the connection count. The clients are blocking std sockets that
-//! keep nothing on the heap, so every counted byte is the relay's.
+//! binary), opens idle connections over real sockets, 150 per room in `ROOMS` rooms (as
+//! `roomcast-load idle --conns 15000 --rooms 100`), `IN_FLIGHT` upgrades at a time with the
+//! presence they cause read in between (as the load harness does), lets presence settle, and
+//! divides the heap's growth by the connection count. The clients are std sockets that keep
+//! nothing on the heap, so every counted byte is the relay's.
 //!
-//! It prints the live blocks that grew, by requested size and alignment, and the bytes in
-//! mimalloc's size classes. ARCHITECTURE.md's budget table quotes the release figures:
+//! It prints the live blocks that grew, by requested size and alignment, the bytes in mimalloc's
+//! size classes, the process's RSS growth, and mimalloc's pages by block size (committed against
+//! used: where RSS exceeds the heap, the holes short-lived blocks left between long-lived ones). ARCHITECTURE.md's budget table quotes the release figures:
 //! `cargo test --release --test idle_connection_memory -- --nocapture`. (A debug build lays some
 //! tokio types out larger.) RSS, with fragmentation and the allocator's page retention, is
 //! measured by `roomcast-load idle` against a release build.
@@ -22,8 +24,12 @@ use mimalloc::MiMalloc;
 
 /// Connections per room, as in `roomcast-load idle --conns 15000 --rooms 100`.
 const PER_ROOM: usize = 150;
-/// Rooms; `IDLE_MEMORY_ROOMS` sets another count (100 for the load test's 15,000 connections).
-const ROOMS: usize = 10;
+/// Rooms: 4,500 connections, enough that the relay's fixed costs (a 64 KiB read buffer per
+/// worker thread, say) add little per connection. `IDLE_MEMORY_ROOMS` sets another count; the
+/// test holds both ends of every connection, so the open-file limit caps it.
+const ROOMS: usize = 30;
+/// Upgrades in flight at once (the load harness's default is 256).
+const IN_FLIGHT: usize = 256;
 const TOKEN: &str = "idle-memory-test-token";
 const ORIGIN: &str = "http://127.0.0.1";
 
@@ -97,10 +103,14 @@ fn rss_bytes() -> isize {
 }
 
 fn rooms() -> usize {
-    std::env::var("IDLE_MEMORY_ROOMS")
+    let wanted = std::env::var("IDLE_MEMORY_ROOMS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(ROOMS)
+        .unwrap_or(ROOMS);
+    let files = roomcast::limits::raise_nofile_limit() as usize;
+    wanted
+        .min(files.saturating_sub(200) / (2 * PER_ROOM))
+        .max(1)
 }
 
 fn snapshot() -> (isize, isize, Vec<[isize; 2]>) {
@@ -119,44 +129,129 @@ fn snapshot() -> (isize, isize, Vec<[isize; 2]>) {
     )
 }
 
-/// Upgrade one first-dialect connection and read its 101; the greeting stays in the socket.
-fn connect(port: u16, i: usize) -> TcpStream {
+/// Send one first-dialect upgrade request.
+fn start_upgrade(port: u16, i: usize, rooms: usize) -> TcpStream {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_nodelay(true).expect("TCP_NODELAY");
-    let room = i % rooms();
+    let room = i % rooms;
     let head = format!(
         "GET /chat?token={TOKEN}&name=user{i}&room=room{room} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
          Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
          Sec-WebSocket-Version: 13\r\nOrigin: {ORIGIN}\r\n\r\n"
     );
     s.write_all(head.as_bytes()).expect("write upgrade");
-    let mut got = [0u8; 12];
-    s.read_exact(&mut got).expect("read status");
-    assert_eq!(&got, b"HTTP/1.1 101", "upgrade refused");
     s
 }
 
-/// Read whatever the relay sent each socket until none has anything for `quiet`.
-fn drain(sockets: &mut [TcpStream], quiet: Duration) {
-    let mut buf = [0u8; 16384];
-    for s in sockets.iter() {
-        s.set_nonblocking(true).expect("nonblocking");
+/// Read the 101; the greeting stays in the socket. Leaves the socket nonblocking.
+fn finish_upgrade(s: &mut TcpStream) {
+    let mut got = [0u8; 12];
+    s.read_exact(&mut got).expect("read status");
+    assert_eq!(&got, b"HTTP/1.1 101", "upgrade refused");
+    s.set_nonblocking(true).expect("nonblocking");
+}
+
+/// Open connections `range`, `IN_FLIGHT` upgrades at a time, reading what the open ones were
+/// sent after each batch.
+fn open(port: u16, range: std::ops::Range<usize>, rooms: usize, into: &mut Vec<TcpStream>) {
+    let ids: Vec<usize> = range.collect();
+    for batch in ids.chunks(IN_FLIGHT) {
+        let fresh: Vec<TcpStream> = batch
+            .iter()
+            .map(|&i| start_upgrade(port, i, rooms))
+            .collect();
+        for mut s in fresh {
+            finish_upgrade(&mut s);
+            into.push(s);
+        }
+        read_available(into);
     }
+}
+
+/// Read whatever each socket holds now, without waiting.
+fn read_available(sockets: &mut [TcpStream]) -> bool {
+    let mut buf = [0u8; 16384];
+    let mut any = false;
+    for s in sockets.iter_mut() {
+        while let Ok(n) = s.read(&mut buf) {
+            assert!(n > 0, "the relay closed an idle connection");
+            any = true;
+        }
+    }
+    any
+}
+
+/// Read until no socket has received anything for `quiet`.
+fn drain(sockets: &mut [TcpStream], quiet: Duration) {
     let mut idle_since = std::time::Instant::now();
     while idle_since.elapsed() < quiet {
-        let mut any = false;
-        for s in sockets.iter_mut() {
-            while let Ok(n) = s.read(&mut buf) {
-                if n == 0 {
-                    panic!("the relay closed an idle connection");
-                }
-                any = true;
-            }
-        }
-        if any {
+        if read_available(sockets) {
             idle_since = std::time::Instant::now();
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+extern "C" {
+    /// mimalloc's process-wide heap (v3; not in libmimalloc-sys's v3 bindings).
+    fn mi_heap_main() -> *mut libmimalloc_sys::mi_heap_t;
+}
+
+/// mimalloc's pages, as (block size, committed bytes, blocks in use) per page, gathered by
+/// `visit_page` into room reserved beforehand (the visitor must not allocate).
+static PAGES: std::sync::Mutex<Vec<(usize, usize, usize)>> = std::sync::Mutex::new(Vec::new());
+const PAGES_MAX: usize = 1 << 16;
+
+unsafe extern "C" fn visit_page(
+    _heap: *const libmimalloc_sys::mi_heap_t,
+    area: *const libmimalloc_sys::mi_heap_area_t,
+    _block: *mut std::ffi::c_void,
+    _block_size: usize,
+    _arg: *mut std::ffi::c_void,
+) -> bool {
+    // SAFETY: mimalloc passes a valid area for the duration of the call.
+    let area = unsafe { &*area };
+    let mut pages = PAGES.lock().unwrap_or_else(|p| p.into_inner());
+    if pages.len() < PAGES_MAX {
+        pages.push((area.block_size, area.committed, area.used));
+    }
+    true
+}
+
+/// Print, per block size holding more than 256 KiB, mimalloc's committed bytes and what its
+/// live blocks use of them.
+fn print_pages() {
+    // SAFETY: collecting only frees this thread's empty pages.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+    PAGES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .reserve(PAGES_MAX);
+    // SAFETY: the main heap lives for the process; the visitor does not allocate.
+    unsafe {
+        libmimalloc_sys::mi_heap_visit_blocks(
+            mi_heap_main(),
+            false,
+            Some(visit_page),
+            std::ptr::null_mut(),
+        );
+    }
+    let pages = std::mem::take(&mut *PAGES.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut by_size = std::collections::BTreeMap::<usize, (usize, usize, usize)>::new();
+    for (block_size, committed, used) in pages {
+        let e = by_size.entry(block_size).or_default();
+        *e = (e.0 + 1, e.1 + committed, e.2 + used * block_size);
+    }
+    eprintln!("mimalloc pages by block size (committed KiB / in live blocks KiB):");
+    for (block_size, (pages, committed, used)) in by_size {
+        // (Blocks of a MiB and more: this function's own list.)
+        if committed > 256 * 1024 && block_size < 1 << 20 {
+            eprintln!(
+                "  {block_size:>6} B: {pages:>3} pages, {:>6} / {:>6} KiB",
+                committed / 1024,
+                used / 1024
+            );
+        }
     }
 }
 
@@ -192,16 +287,15 @@ fn idle_connection_heap_bytes() {
     // One connection per room first, so the rooms themselves are not counted per connection.
     let rooms = rooms();
     let connections = rooms * PER_ROOM;
-    let mut warm: Vec<TcpStream> = (0..rooms).map(|i| connect(port, i)).collect();
+    let mut warm = Vec::new();
+    open(port, 0..rooms, rooms, &mut warm);
     drain(&mut warm, Duration::from_millis(500));
     let mut sockets: Vec<TcpStream> = Vec::with_capacity(connections);
     std::thread::sleep(Duration::from_millis(300));
     let (bytes0, class0, blocks0) = snapshot();
     let rss0 = rss_bytes();
     let started = std::time::Instant::now();
-    for i in 0..connections {
-        sockets.push(connect(port, i));
-    }
+    open(port, rooms..rooms + connections, rooms, &mut sockets);
     eprintln!(
         "{connections} connections opened in {:?}",
         started.elapsed()
@@ -231,6 +325,7 @@ fn idle_connection_heap_bytes() {
         }
     }
     let per_connection_class = (class1 - class0) as f64 / n;
+    print_pages();
     drop(sockets);
     drop(warm);
     let _ = stop.send(());
