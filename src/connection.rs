@@ -577,9 +577,11 @@ impl Connection {
             }
             if more_to_read {
                 // Still readable after READS_PER_WAKE reads: let other connections run first.
-                // (A task that wakes itself is put at the back of its worker's queue, as
-                // `yield_now` would.)
-                cx.waker().wake_by_ref();
+                // A fresh `yield_now` polled once hands our waker to the scheduler, which wakes
+                // it only after the other ready tasks and the I/O driver had their turn (waking
+                // ourselves would requeue us before the driver is polled). Dropping the future
+                // keeps that deferred wake-up; nothing is stored in the task.
+                let _ = std::pin::pin!(tokio::task::yield_now()).poll(cx);
                 return Poll::Pending;
             }
         }
