@@ -474,19 +474,34 @@ impl RoomState {
         recipients
     }
 
+    /// The members now, for a published message: built on the first publish after a join or
+    /// leave and kept for the next ones (copy-on-write), so a busy room builds it once per
+    /// membership change, not once per message.
     fn snapshot(&mut self) -> Snapshot {
-        let (members, chat_members) = (&self.members, &self.chat_members);
-        self.snapshot
-            .get_or_insert_with(|| Snapshot {
-                all: members
-                    .values()
-                    .map(|(o, _)| o)
-                    .chain(chat_members.values().map(|(o, _, _)| o))
-                    .cloned()
-                    .collect(),
-                query: members.len(),
-            })
-            .clone()
+        if self.snapshot.is_none() {
+            self.snapshot = Some(self.members_now());
+        }
+        self.snapshot.clone().expect("just built")
+    }
+
+    /// The members now, for a presence or history event: the kept snapshot when there is one,
+    /// otherwise built for this event only. A room that only hears presence (an idle room) keeps
+    /// no snapshot between events: 8 bytes per member it does not hold.
+    fn transient_snapshot(&self) -> Snapshot {
+        self.snapshot.clone().unwrap_or_else(|| self.members_now())
+    }
+
+    fn members_now(&self) -> Snapshot {
+        Snapshot {
+            all: self
+                .members
+                .values()
+                .map(|(o, _)| o)
+                .chain(self.chat_members.values().map(|(o, _, _)| o))
+                .cloned()
+                .collect(),
+            query: self.members.len(),
+        }
     }
 
     fn is_evictable(&self) -> bool {
@@ -936,7 +951,7 @@ impl Hub {
     /// The room's members get a fresh history event (epoch, everything held, complete:false):
     /// messages were lost between what they have and what the room holds now.
     fn tell_members_incomplete(&self, room: &Arc<Room>, st: &mut RoomState) {
-        let to = st.snapshot();
+        let to = st.transient_snapshot();
         let held = st.history.iter().map(|e| &e.json);
         if !st.members.is_empty() {
             let frame = protocol::history_event(&room.name, &st.epoch, false, held.clone());
@@ -1035,7 +1050,7 @@ impl Hub {
             let names = |v: &[String]| v.iter().map(|n| Arc::from(n.as_str())).collect::<Vec<_>>();
             let frame =
                 protocol::presence_event(message, online as usize, &names(joined), &names(left));
-            let to = Recipients::Members(st.snapshot());
+            let to = Recipients::Members(st.transient_snapshot());
             st.queue.push_back(Queued { frame, to });
         }
         self.settle(&room);
@@ -1467,7 +1482,7 @@ impl Hub {
         }
         let message = presence_message(&p);
         let frame = protocol::presence_event(&message, st.member_count(), &p.joined, &p.left);
-        let to = Recipients::Members(st.snapshot());
+        let to = Recipients::Members(st.transient_snapshot());
         st.queue.push_back(Queued { frame, to });
     }
 }
@@ -1904,6 +1919,23 @@ pub(crate) mod tests {
         drop(st);
         // Nothing in the room holds a member's outbox any more: map, snapshot and queue let go.
         assert!(outboxes.iter().all(|o| Arc::strong_count(o) == 1));
+    }
+
+    #[tokio::test]
+    async fn only_a_room_that_publishes_keeps_a_member_snapshot() {
+        let hub = hub(10);
+        let broker = MemoryBroker::new(hub.clone());
+        let members: Vec<_> = (0..3).map(|_| member(&hub, "r", "n")).collect();
+        let room = members[0].1.room().clone();
+        // The joins were announced (presence goes to every member) without keeping a snapshot.
+        assert!(events(&members[0].0)
+            .iter()
+            .any(|e| e["type"] == "presence"));
+        assert!(room.lock().snapshot.is_none());
+        broker
+            .publish_now(&room, &sender("a", 1), &message("hi", None))
+            .unwrap();
+        assert!(room.lock().snapshot.is_some());
     }
 
     #[tokio::test]

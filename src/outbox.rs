@@ -204,6 +204,15 @@ impl Outbox {
             return (Pushed::SlowConsumer, true);
         }
         let was_idle = q.frames.is_empty();
+        if q.frames.capacity() == 0 {
+            // Room for one frame, not the four a `VecDeque` takes by default: most pushes to an
+            // idle connection are one frame that its task writes and drops at once, and four
+            // `Bytes` are 128 B, the size class of every connection's own outbox. When thousands
+            // join at once, presence puts one such queue on every member, and the holes those
+            // leave between long-lived outboxes kept about 100 B per connection resident
+            // (`tests/idle_connection_memory.rs` shows the class's pages).
+            q.frames.reserve_exact(1);
+        }
         q.frames.push_back(frame.clone());
         q.add(charge(frame));
         if q.oldest.is_none() {

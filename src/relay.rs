@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use slab::Slab;
 use tokio_util::task::TaskTracker;
 
 use crate::address::Addresses;
@@ -42,14 +41,51 @@ pub fn default_max_connections(nofile: u64) -> usize {
 
 /// Every open WebSocket's outbox, for the heartbeat and for shutdown.
 pub struct Registry {
-    shards: Vec<Mutex<Slab<Arc<Outbox>>>>,
+    shards: Vec<Mutex<Slots>>,
     next: AtomicUsize,
+}
+
+/// One registry shard: outboxes in numbered slots. An open slot is 8 bytes (`Option<Arc>` has
+/// no tag), half of a `slab::Slab` entry, which keeps its free list inside vacant entries; the
+/// free list here holds only the numbers of vacant slots, so a registry without churn pays for
+/// nothing but the outboxes.
+#[derive(Default)]
+struct Slots {
+    slots: Vec<Option<Arc<Outbox>>>,
+    vacant: Vec<u32>,
+}
+
+impl Slots {
+    fn insert(&mut self, outbox: Arc<Outbox>) -> usize {
+        match self.vacant.pop() {
+            Some(key) => {
+                self.slots[key as usize] = Some(outbox);
+                key as usize
+            }
+            None => {
+                self.slots.push(Some(outbox));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn remove(&mut self, key: usize) {
+        if let Some(slot) = self.slots.get_mut(key) {
+            if slot.take().is_some() {
+                self.vacant.push(key as u32);
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Arc<Outbox>> {
+        self.slots.iter().flatten()
+    }
 }
 
 /// Where a connection sits in the [`Registry`].
 pub struct Registration {
     shard: u32,
-    /// The slab key plus one: never zero, so `Option<Registration>` costs no tag (a
+    /// The slot number plus one: never zero, so `Option<Registration>` costs no tag (a
     /// connection keeps one; see ARCHITECTURE.md's budget).
     key_plus_one: std::num::NonZeroU32,
 }
@@ -58,13 +94,13 @@ impl Registry {
     fn new() -> Registry {
         Registry {
             shards: (0..REGISTRY_SHARDS)
-                .map(|_| Mutex::new(Slab::new()))
+                .map(|_| Mutex::new(Slots::default()))
                 .collect(),
             next: AtomicUsize::new(0),
         }
     }
 
-    fn shard(&self, i: usize) -> std::sync::MutexGuard<'_, Slab<Arc<Outbox>>> {
+    fn shard(&self, i: usize) -> std::sync::MutexGuard<'_, Slots> {
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -80,11 +116,11 @@ impl Registry {
 
     pub fn unregister(&self, r: Registration) {
         self.shard(r.shard as usize)
-            .try_remove(r.key_plus_one.get() as usize - 1);
+            .remove(r.key_plus_one.get() as usize - 1);
     }
 
     pub(crate) fn for_each_in(&self, shard: usize, f: impl Fn(&Outbox)) {
-        for (_, o) in self.shard(shard).iter() {
+        for o in self.shard(shard).iter() {
             f(o);
         }
     }
@@ -100,8 +136,8 @@ impl Registry {
             queues.extend(
                 self.shard(i)
                     .iter()
-                    .filter(|(_, o)| !o.is_closing())
-                    .map(|(_, o)| (o.queued_bytes(), o.clone()))
+                    .filter(|o| !o.is_closing())
+                    .map(|o| (o.queued_bytes(), o.clone()))
                     .filter(|(queued, _)| *queued > 0),
             );
         }
@@ -126,7 +162,7 @@ impl Registry {
     pub(crate) fn open_outboxes(&self) -> Vec<Arc<Outbox>> {
         let mut all = Vec::new();
         for i in 0..REGISTRY_SHARDS {
-            all.extend(self.shard(i).iter().map(|(_, o)| o.clone()));
+            all.extend(self.shard(i).iter().cloned());
         }
         all
     }
@@ -393,5 +429,31 @@ impl Relay {
             out.push_str(process);
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_slots_are_reused_and_listed_once() {
+        let mut slots = Slots::default();
+        let (a, b, c) = (
+            Arc::new(Outbox::default()),
+            Arc::new(Outbox::default()),
+            Arc::new(Outbox::default()),
+        );
+        let ka = slots.insert(a.clone());
+        let kb = slots.insert(b.clone());
+        slots.remove(ka);
+        slots.remove(ka); // a second removal is harmless
+        assert_eq!(slots.iter().count(), 1);
+        assert_eq!(slots.insert(c.clone()), ka, "a vacant slot is reused");
+        assert_eq!(slots.slots.len(), 2);
+        let listed: Vec<_> = slots.iter().collect();
+        assert!(Arc::ptr_eq(listed[0], &c) && Arc::ptr_eq(listed[1], &b));
+        slots.remove(kb);
+        assert_eq!(Arc::strong_count(&b), 1, "a removed outbox is let go");
     }
 }
