@@ -234,7 +234,9 @@ scenario('4. relay restart: both tabs show the outage, reconnect with jittered b
     assert.equal(closes[0]?.code, 1001, `${tab.name} was told the relay is going away (close 1001)`);
     assert.ok(closes.length >= 2, `${tab.name} retried more than once while the relay was down`);
     for (const e of closes) {
-      const ceiling = Math.min(10_000, 500 * 2 ** (e.attempt - 1));
+      // After a 503 (the relay refusing while it shuts down) the client waits baseDelayMs more.
+      const floor = e.probeStatus === 503 ? 500 : 0;
+      const ceiling = Math.min(10_000, floor + 500 * 2 ** (e.attempt - 1));
       assert.ok(e.delayMs >= 0 && e.delayMs <= ceiling, `${tab.name}: delay ${e.delayMs} ms within backoff ceiling ${ceiling} ms (attempt ${e.attempt})`);
     }
     delays[tab.name] = closes.map((e) => e.delayMs);
