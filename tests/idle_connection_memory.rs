@@ -261,6 +261,9 @@ fn idle_connection_heap_bytes() {
         chat_token: TOKEN.into(),
         allowed_origins: vec![ORIGIN.into()],
         rate_limit: 1_000_000,
+        // Connections open as fast as the harness opens them (MAX_HANDSHAKES_PER_SECOND off,
+        // as roomcast-load sets it).
+        max_handshakes_per_second: 0,
         // The clients never answer pings: no heartbeat closes them while the test runs.
         heartbeat_interval: Duration::from_secs(3600),
         ..Default::default()
