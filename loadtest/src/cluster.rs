@@ -132,30 +132,11 @@ pub fn cluster(target: &Target, c: &Common, a: &ClusterArgs) -> anyhow::Result<R
         "connections ended by relay",
         &settled.ended,
     );
-    r.opt(
-        "relay_rss_before_kb",
-        "relay RSS before, all nodes (KiB)",
-        before.rss_kb().map(|v| v as f64),
-    );
-    r.opt(
-        "relay_rss_after_kb",
-        "relay RSS with all idle, all nodes (KiB)",
-        after.rss_kb().map(|v| v as f64),
-    );
+    put_idle_memory(&mut r, &before, &after, conn.ok);
     r.put(
         "node_rss_kb",
         "relay RSS per node (KiB)",
         json!(node_rss_kb(target)),
-    );
-    r.opt(
-        "relay_bytes_per_idle_conn",
-        "relay RSS per idle connection, summed over nodes (bytes)",
-        match (before.rss_kb(), after.rss_kb()) {
-            (Some(b), Some(x)) if conn.ok > 0 => {
-                Some((x as f64 - b as f64) * 1024.0 / conn.ok as f64)
-            }
-            _ => None,
-        },
     );
     r.opt(
         "redis_used_memory_bytes",

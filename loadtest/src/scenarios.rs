@@ -533,6 +533,36 @@ pub(crate) fn put_connect(r: &mut Report, c: &crate::coord::Connected, wanted: u
     );
 }
 
+/// Relay RSS before and after opening `joined` idle connections, and the growth per connection
+/// (summed over the nodes of a multi-node target).
+pub(crate) fn put_idle_memory(
+    r: &mut Report,
+    before: &RelayPoint,
+    after: &RelayPoint,
+    joined: u64,
+) {
+    r.opt(
+        "relay_rss_before_kb",
+        "relay RSS before (KiB)",
+        before.rss_kb().map(|v| v as f64),
+    );
+    r.opt(
+        "relay_rss_after_kb",
+        "relay RSS with all idle (KiB)",
+        after.rss_kb().map(|v| v as f64),
+    );
+    r.opt(
+        "relay_bytes_per_idle_conn",
+        "relay RSS per idle connection (bytes)",
+        match (before.rss_kb(), after.rss_kb()) {
+            (Some(b), Some(x)) if joined > 0 => {
+                Some((x as f64 - b as f64) * 1024.0 / joined as f64)
+            }
+            _ => None,
+        },
+    );
+}
+
 pub(crate) fn need_pid(r: &mut Report, target: &Target) {
     if target.pid.is_none() {
         r.note("relay PID unknown: pass --pid (or use --spawn) to get relay CPU and memory");
@@ -579,27 +609,7 @@ pub fn idle(target: &Target, c: &Common, a: &IdleArgs) -> anyhow::Result<Report>
         "connections ended by relay",
         &settled.ended,
     );
-    r.opt(
-        "relay_rss_before_kb",
-        "relay RSS before (KiB)",
-        before.rss_kb().map(|v| v as f64),
-    );
-    r.opt(
-        "relay_rss_after_kb",
-        "relay RSS with all idle (KiB)",
-        after.rss_kb().map(|v| v as f64),
-    );
-    let per_conn = match (before.rss_kb(), after.rss_kb()) {
-        (Some(b), Some(a2)) if conn.ok > 0 => {
-            Some((a2 as f64 - b as f64) * 1024.0 / conn.ok as f64)
-        }
-        _ => None,
-    };
-    r.opt(
-        "relay_bytes_per_idle_conn",
-        "relay RSS per idle connection (bytes)",
-        per_conn,
-    );
+    put_idle_memory(&mut r, &before, &after, conn.ok);
     let sp = spend(&before, &after);
     r.opt(
         "relay_cpu_s",
