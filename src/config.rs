@@ -27,6 +27,10 @@ pub const PUBLISH_RATE_PER_ADDRESS_FACTOR: u32 = 10;
 /// 0.1-1.3 s, and at 1,000 per worker to 12-25 ms.
 pub const HANDSHAKES_PER_WORKER: u32 = 500;
 
+/// The longest flush window FLUSH_DELAY_MS may set: past it a busy room's messages would wait
+/// longer than anyone would call real-time.
+pub const MAX_FLUSH_DELAY_MS: u64 = 1_000;
+
 /// Raw command-line / environment input, before validation.
 #[derive(Debug, Parser)]
 #[command(
@@ -370,6 +374,8 @@ pub enum ConfigError {
     RedisClusterNode(usize),
     #[error("AUDIT_LOG must be a file path or - (standard output)")]
     EmptyAuditLog,
+    #[error("FLUSH_DELAY_MS must be at most {MAX_FLUSH_DELAY_MS} (a busy room's message waits up to this long), got {0}")]
+    FlushDelay(u64),
     #[error("AUDIT_QUEUE_MAX must be between 1 and {AUDIT_QUEUE_MAX_LIMIT}, got {0}")]
     AuditQueueOutOfRange(usize),
     #[error(
@@ -516,6 +522,9 @@ impl Settings {
         nonzero(args.rate_limit.into(), "RATE_LIMIT")?;
         nonzero(args.rate_window_ms, "RATE_WINDOW_MS")?;
         nonzero(args.heartbeat_ms, "HEARTBEAT_MS")?;
+        if args.flush_delay_ms > MAX_FLUSH_DELAY_MS {
+            return Err(ConfigError::FlushDelay(args.flush_delay_ms));
+        }
         nonzero(args.abuse_limit.into(), "ABUSE_LIMIT")?;
         nonzero(args.abuse_window_ms, "ABUSE_WINDOW_MS")?;
         nonzero(args.outbox_max_bytes as u64, "OUTBOX_MAX_BYTES")?;
@@ -772,6 +781,20 @@ mod tests {
         assert_eq!(s.listen_addr.ip().to_string(), "127.0.0.1");
         assert!(s.serve_page && s.admin_addr.is_none());
         assert_eq!(s.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn the_flush_window_is_bounded() {
+        let parse =
+            |args: &[&str]| Settings::from_args(Args::parse_from([&["roomcast"], args].concat()));
+        let delay = |args: &[&str]| parse(args).map(|s| s.flush_delay);
+        assert_eq!(delay(&[]).ok(), Some(Duration::from_millis(10)));
+        assert_eq!(delay(&["--flush-delay-ms", "0"]).ok(), Some(Duration::ZERO));
+        assert!(delay(&["--flush-delay-ms", "1000"]).is_ok());
+        assert!(matches!(
+            delay(&["--flush-delay-ms", "1001"]),
+            Err(ConfigError::FlushDelay(1001))
+        ));
     }
 
     #[test]
