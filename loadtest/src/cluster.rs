@@ -245,15 +245,9 @@ pub fn storm(target: &Target, c: &Common, a: &StormArgs) -> anyhow::Result<Repor
     need_pid(&mut r, target);
     let specs = layout(a.rooms, a.members, 1, 0, 0);
     let base = specs.len() as u32;
-    let storm_specs: Vec<ConnSpec> = (0..a.storm)
-        .map(|i| ConnSpec {
-            room: a.rooms + i % a.storm_rooms.max(1),
-            id: base + i,
-            role: Role::Churn,
-            publisher: None,
-            node: 0,
-        })
-        .collect();
+    let storm_specs = extra_conns(base, a.storm, Role::Churn, |i| {
+        a.rooms + i % a.storm_rooms.max(1)
+    });
     let mut w = Workers::start(target, &specs, c.procs, None)?;
     // The storm in load processes of its own, so its connect work does not delay the
     // timestamps of the fan-out's deliveries.

@@ -218,6 +218,25 @@ pub(crate) fn layout(
     v
 }
 
+/// `count` connections of `role` after the first `id_base` ids (which `layout` gave out), none
+/// publishing; connection i joins room `room(i)`.
+pub(crate) fn extra_conns(
+    id_base: u32,
+    count: u32,
+    role: Role,
+    room: impl Fn(u32) -> u32,
+) -> Vec<ConnSpec> {
+    (0..count)
+        .map(|i| ConnSpec {
+            room: room(i),
+            id: id_base + i,
+            role,
+            publisher: None,
+            node: 0,
+        })
+        .collect()
+}
+
 pub(crate) fn publishers_per_worker(specs: &[ConnSpec], workers: &Workers) -> Vec<usize> {
     let n = workers.len();
     (0..n)
@@ -852,15 +871,9 @@ pub fn churn(target: &Target, c: &Common, a: &ChurnArgs) -> anyhow::Result<Repor
     need_pid(&mut r, target);
     let mut specs = layout(a.rooms, a.members, 1, 0, 0);
     let base = specs.len() as u32;
-    for i in 0..a.wave_conns {
-        specs.push(ConnSpec {
-            room: i % a.rooms.max(1),
-            id: base + i,
-            role: Role::Churn,
-            publisher: None,
-            node: 0,
-        });
-    }
+    specs.extend(extra_conns(base, a.wave_conns, Role::Churn, |i| {
+        i % a.rooms.max(1)
+    }));
     let mut w = Workers::start(target, &specs, c.procs, None)?;
     let start_point = RelayPoint::take(target, false);
     let conn = w.connect(
@@ -1152,15 +1165,8 @@ pub fn flood(target: &Target, c: &Common, a: &FloodArgs) -> anyhow::Result<Repor
     need_pid(&mut r, target);
     let specs = layout(a.rooms, a.members, 1, 0, 0);
     let base = specs.len() as u32;
-    let attackers: Vec<ConnSpec> = (0..a.attackers)
-        .map(|i| ConnSpec {
-            room: a.rooms + i,
-            id: base + i,
-            role: Role::Attacker,
-            publisher: None,
-            node: 0,
-        })
-        .collect();
+    // Each attacker in a room of its own.
+    let attackers = extra_conns(base, a.attackers, Role::Attacker, |i| a.rooms + i);
     let mut w = Workers::start(target, &specs, c.procs, None)?;
     // Attackers write as fast as they can: a process of their own keeps that busy thread away
     // from the one that timestamps the victims' deliveries.
