@@ -10,8 +10,10 @@
 //! connection stays open), or a close code — each counted in a metric.
 //!
 //! Limits that need a clock (an incomplete frame's age, a write's lack of progress) are checked
-//! whenever the task wakes, and the heartbeat wakes every connection once per interval, so no
-//! connection keeps a timer of its own.
+//! whenever the task wakes, and the heartbeat wakes every connection that has such a clock
+//! running once per interval, so no connection keeps a timer of its own. An idle plain
+//! connection is not woken by the heartbeat: the sweeper writes its ping to the socket itself
+//! (`Outbox::heartbeat`), and the pong wakes the task like any read.
 //!
 //! With direct TLS the loop is the same: the connection keeps the bare socket and a boxed
 //! [`Session`] (tls.rs), reads records through it and copies the plaintext into the same
@@ -22,6 +24,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, IoSlice};
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -34,7 +37,7 @@ use tokio::time::Instant;
 use crate::address::AddressSlot;
 use crate::audit::{AuditEvent, Dialect as AuditDialect};
 use crate::broker::{Publish, PublishError, Published, Reply};
-use crate::frame::{self, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT};
+use crate::frame::{self, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, PING};
 use crate::hub::{Greeting, Membership, Resume, Room, RoomReservation, Sender};
 use crate::metrics::{AuthFailure, Dialect, Limit};
 use crate::outbox::{Outbox, Pushed};
@@ -378,6 +381,8 @@ struct Connection {
 /// heartbeat and shutdown. (Its `Membership` leaves the room the same way.)
 impl Drop for Connection {
     fn drop(&mut self) {
+        // Before the socket closes with the fields below.
+        self.outbox.forbid_direct_ping();
         if let Some(r) = self.registration.take() {
             self.relay.registry.unregister(r);
         }
@@ -480,6 +485,13 @@ pub(crate) fn spawn(
         pending: None,
         tls: tls.map(Session::new),
     };
+    #[allow(unsafe_code)]
+    if conn.tls.is_none() {
+        // SAFETY: the connection owns the socket and forbids direct pings before it closes it
+        // or writes its close frame (`finish`, `Drop`); everything else it writes is queued in
+        // the outbox first and charged until written.
+        unsafe { conn.outbox.allow_direct_ping(conn.stream.as_raw_fd()) };
+    }
     tracing::debug!(client_id = conn.client_id(), "connected");
     // `early` may be a slice of hyper's whole read buffer: copy what it holds and let the
     // buffer go now, or every idle connection would pin it.
@@ -815,6 +827,7 @@ impl Connection {
         {
             self.inbound = None;
         }
+        self.outbox.set_reading_frame(self.inbound.is_some());
         flow
     }
 
@@ -1219,6 +1232,8 @@ impl Connection {
     /// End the connection: send our close frame (or echo the peer's), then let the peer close,
     /// all within CLOSE_TIMEOUT_MS. Counts the close code, then leaves the room.
     async fn finish(mut self, flow: Flow) {
+        // From here the task writes its close frame itself.
+        self.outbox.forbid_direct_ping();
         let relay = self.relay.clone();
         let (code, send) = match flow {
             Flow::Continue => unreachable!("finish is only called with a terminal flow"),
@@ -1365,9 +1380,6 @@ impl Connection {
 fn millis(d: std::time::Duration) -> u32 {
     d.as_millis().min(u32::MAX as u128 / 2) as u32
 }
-
-/// A server ping with an empty payload, shared by every connection.
-const PING: &[u8] = &[0x80 | OP_PING, 0];
 
 /// A close code as a log label (no spaces), for the access log's closed lines.
 fn close_label(code: u16) -> &'static str {

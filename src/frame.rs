@@ -18,6 +18,9 @@ pub const OP_CLOSE: u8 = 0x8;
 pub const OP_PING: u8 = 0x9;
 pub const OP_PONG: u8 = 0xA;
 
+/// The heartbeat's server ping: an empty payload, the same two bytes for every connection.
+pub const PING: &[u8] = &[0x80 | OP_PING, 0];
+
 /// Largest server frame header: 2 bytes + 8 bytes of extended length (servers never mask).
 pub const MAX_HEADER: usize = 10;
 

@@ -4,7 +4,8 @@
 //! connection's own task drains it with vectored writes. Publishers never await and never touch
 //! the socket. The outbox is bounded in bytes: a push that would pass `OUTBOX_MAX_BYTES` marks the
 //! connection closing with 1013 and drops what it held, so a stalled reader costs at most the
-//! limit. The heartbeat sweeper also works through this struct (flags + wake).
+//! limit. The heartbeat sweeper also works through this struct: it writes the ping itself to an
+//! idle plain socket (see [`Outbox::heartbeat`]) and otherwise sets flags and wakes the task.
 //!
 //! What a queued frame costs is charged, not only its payload: every frame is charged its length
 //! plus [`FRAME_OVERHEAD`] (its `Bytes` slot in the queue and its share of the allocation header),
@@ -19,6 +20,7 @@
 //! inside one `Arc` — see ARCHITECTURE.md for the byte count.
 
 use std::collections::VecDeque;
+use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -28,6 +30,8 @@ use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
 use tokio::time::Instant;
+
+use crate::frame::PING;
 
 /// What a queued frame costs beyond its bytes: its 32-byte `Bytes` slot in the queue and its
 /// share of the shared allocation's header, rounded up. An empty pong is charged 66 bytes, not 2.
@@ -71,6 +75,18 @@ const WORK: u8 = 8;
 /// Frames were pushed without waking the task (a room's flush window will): the next ordinary
 /// push wakes it even though the queue is not empty.
 const HELD: u8 = 16;
+/// The connection holds the start of an incomplete frame: its age (FRAME_TIMEOUT_MS) is checked
+/// when the task wakes, so the heartbeat must wake it rather than ping on its own.
+const READING_FRAME: u8 = 32;
+
+/// What the heartbeat did to a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Beat {
+    /// The ping was written to the socket by the sweeper; the task was not woken.
+    Pinged,
+    /// The task was woken to ping, to check its clocked limits, or to end a silent peer.
+    Woken,
+}
 
 /// What a push did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +98,7 @@ pub enum Pushed {
     Closed,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Queue {
     frames: VecDeque<Bytes>,
     /// Charges of the frames queued here plus those taken by the writer and not yet written.
@@ -95,6 +111,23 @@ struct Queue {
     oldest: Option<Instant>,
     /// Close code the connection's task must close with, once set.
     closing: Option<u16>,
+    /// The plain socket the heartbeat may ping directly, or -1 (TLS, closing, or not allowed).
+    /// Set and cleared under this lock, and the heartbeat writes under it, so the socket cannot
+    /// be closed (and its number reused) while the heartbeat writes.
+    ping_fd: RawFd,
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Queue {
+            frames: VecDeque::new(),
+            queued_bytes: 0,
+            pong_at: None,
+            oldest: None,
+            closing: None,
+            ping_fd: -1,
+        }
+    }
 }
 
 /// A batch taken by the writer.
@@ -323,15 +356,79 @@ impl Outbox {
     }
 
     /// Called by the heartbeat sweeper once per interval. A peer that has not been heard from
-    /// since the previous sweep is marked dead; otherwise a ping is requested.
-    pub fn heartbeat(&self) {
+    /// since the previous sweep is marked dead (and its task woken to end it); otherwise it is
+    /// pinged.
+    ///
+    /// An idle plain connection is pinged by the sweeper itself: when nothing is queued or
+    /// being written (so no frame can be split), no close is under way and no incomplete frame
+    /// waits for its deadline, the two ping bytes go straight to the socket and the task sleeps
+    /// on. Waking a task only for it to write two bytes was most of an idle relay's CPU. The
+    /// peer's pong wakes the task as any read does. Otherwise (TLS, a busy or full socket) the
+    /// task is asked to queue the ping.
+    pub fn heartbeat(&self) -> Beat {
         let prev = self.flags.fetch_and(!ALIVE, Ordering::Relaxed);
         if prev & ALIVE == 0 {
             self.flags.fetch_or(DEAD, Ordering::Relaxed);
+        } else if prev & READING_FRAME == 0 && self.ping_directly() {
+            return Beat::Pinged;
         } else {
             self.flags.fetch_or(PING_DUE, Ordering::Relaxed);
         }
         self.wake();
+        Beat::Woken
+    }
+
+    /// Write the ping to the idle socket (see [`Outbox::heartbeat`]). False when the task must
+    /// send it.
+    #[allow(unsafe_code)]
+    fn ping_directly(&self) -> bool {
+        let mut q = self.lock();
+        if q.ping_fd < 0 || q.closing.is_some() || q.queued_bytes != 0 {
+            return false;
+        }
+        // SAFETY: `allow_direct_ping`'s contract keeps the socket open while `ping_fd` is set,
+        // and clearing it takes this lock, which is held until the write is done.
+        let socket = unsafe { BorrowedFd::borrow_raw(q.ping_fd) };
+        match socket2::SockRef::from(&socket).send_with_flags(PING, libc::MSG_NOSIGNAL) {
+            Ok(n) if n == PING.len() => true,
+            Ok(n) if n > 0 => {
+                // The socket took one byte (it had almost no room): the rest must be next on
+                // the wire, and the queue is empty, so it goes through the queue.
+                Self::push_locked(&mut q, &Bytes::from_static(&PING[n..]), usize::MAX);
+                drop(q);
+                self.wake();
+                true
+            }
+            // Full or broken: the task's own write finds out which.
+            _ => false,
+        }
+    }
+
+    /// Let the heartbeat write its ping straight to this connection's plain socket `fd` while
+    /// the connection is idle (see [`Outbox::heartbeat`]).
+    ///
+    /// # Safety
+    /// `fd` must stay open until [`Outbox::forbid_direct_ping`] has returned, and until then
+    /// everything written to it must go through this outbox (charged until written).
+    #[allow(unsafe_code)]
+    pub unsafe fn allow_direct_ping(&self, fd: RawFd) {
+        self.lock().ping_fd = fd;
+    }
+
+    /// Stop the heartbeat writing to the socket (before the connection writes a close frame of
+    /// its own or closes the socket). Once this returns, no direct ping is under way.
+    pub fn forbid_direct_ping(&self) {
+        self.lock().ping_fd = -1;
+    }
+
+    /// Whether the connection holds the start of an incomplete frame (see `READING_FRAME`).
+    pub fn set_reading_frame(&self, reading: bool) {
+        let set = self.flags.load(Ordering::Relaxed) & READING_FRAME != 0;
+        if reading && !set {
+            self.flags.fetch_or(READING_FRAME, Ordering::Relaxed);
+        } else if !reading && set {
+            self.flags.fetch_and(!READING_FRAME, Ordering::Relaxed);
+        }
     }
 
     /// The peer was declared dead but turned out to be talking (its bytes wait unread): alive.
@@ -375,6 +472,95 @@ mod tests {
         let woke = tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await;
         set_total_budget(usize::MAX);
         assert!(woke.is_ok(), "the crossing charge woke the budget task");
+    }
+
+    /// A connected pair of plain sockets: (the relay's end, the peer's, non-blocking).
+    fn socket_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let peer =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (relay_end, _) = listener.accept().expect("accept");
+        peer.set_nonblocking(true).expect("non-blocking");
+        (relay_end, peer)
+    }
+
+    /// What the peer has received so far.
+    fn received(peer: &mut std::net::TcpStream) -> Vec<u8> {
+        use std::io::Read;
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut buf = [0u8; 64];
+        match peer.read(&mut buf) {
+            Ok(n) => buf[..n].to_vec(),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Vec::new(),
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+
+    fn woken(o: &Outbox) -> bool {
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        o.poll_work(&mut cx).is_ready()
+    }
+
+    #[allow(unsafe_code)]
+    fn allow(o: &Outbox, socket: &std::net::TcpStream) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: every test forbids direct pings (or drops the outbox) before the socket.
+        unsafe { o.allow_direct_ping(socket.as_raw_fd()) };
+    }
+
+    #[test]
+    fn the_heartbeat_pings_an_idle_plain_socket_itself_without_waking_the_task() {
+        let (relay_end, mut peer) = socket_pair();
+        let o = Outbox::default();
+        allow(&o, &relay_end);
+        assert_eq!(o.heartbeat(), Beat::Pinged);
+        assert_eq!(received(&mut peer), PING, "the ping went out");
+        assert!(!woken(&o), "the task was not woken");
+        assert!(!o.take_ping_due(), "and has no ping to send");
+        // No pong came back: the next sweep wakes the task to end the peer.
+        assert_eq!(o.heartbeat(), Beat::Woken);
+        assert!(woken(&o) && o.is_dead());
+        assert!(received(&mut peer).is_empty());
+        o.forbid_direct_ping();
+    }
+
+    #[test]
+    fn the_heartbeat_leaves_the_ping_to_the_task_when_the_socket_is_not_idle() {
+        let (relay_end, mut peer) = socket_pair();
+        let o = Outbox::default();
+        let max = 1 << 20;
+        let beat = |o: &Outbox| {
+            o.mark_alive();
+            let beat = o.heartbeat();
+            (beat, woken(o), o.take_ping_due())
+        };
+        // Never allowed (a TLS connection).
+        assert_eq!(beat(&o), (Beat::Woken, true, true));
+        allow(&o, &relay_end);
+        // A frame queued: the ping must not go ahead of it.
+        o.push(&Bytes::from_static(b"frame"), max);
+        assert_eq!(beat(&o), (Beat::Woken, true, true));
+        // Taken by the writer but not yet (completely) written: the ping could split it.
+        let batch = o.take();
+        assert_eq!(beat(&o), (Beat::Woken, true, true));
+        o.written(batch.frames[0].len(), 1);
+        assert_eq!(beat(&o), (Beat::Pinged, false, false));
+        // An incomplete frame is being read: the task must wake to check its deadline.
+        o.set_reading_frame(true);
+        assert_eq!(beat(&o), (Beat::Woken, true, true));
+        o.set_reading_frame(false);
+        // Closing.
+        o.close(1001);
+        assert_eq!(beat(&o), (Beat::Woken, true, true));
+        let o = Outbox::default();
+        allow(&o, &relay_end);
+        o.forbid_direct_ping();
+        assert_eq!(beat(&o), (Beat::Woken, true, true));
+        assert_eq!(
+            received(&mut peer),
+            PING,
+            "only the one ping went out directly"
+        );
     }
 
     #[tokio::test]

@@ -119,10 +119,11 @@ impl Registry {
             .remove(r.key_plus_one.get() as usize - 1);
     }
 
-    pub(crate) fn for_each_in(&self, shard: usize, f: impl Fn(&Outbox)) {
-        for o in self.shard(shard).iter() {
-            f(o);
-        }
+    /// The outboxes registered in `shard`, into `into` (emptied first): the caller works on
+    /// them without holding the shard's lock, which registering and leaving connections take.
+    pub(crate) fn shard_outboxes(&self, shard: usize, into: &mut Vec<Arc<Outbox>>) {
+        into.clear();
+        into.extend(self.shard(shard).iter().cloned());
     }
 
     /// When the queues of the live connections hold more than `budget`, close the largest ones

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::audit::Audit;
 use crate::config::Settings;
 use crate::metrics::{Limit, TlsFailure};
+use crate::outbox::Beat;
 use crate::relay::{Relay, REGISTRY_SHARDS};
 
 /// How long a plain HTTP request to the TLS port may take to read its 400 before we close.
@@ -443,12 +444,19 @@ async fn heartbeat(relay: Arc<Relay>, stop: CancellationToken) {
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shard = 0;
+    let mut outboxes = Vec::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = interval.tick() => {}
         }
-        relay.registry.for_each_in(shard, |o| o.heartbeat());
+        // Without the shard's lock: an idle connection's ping is written from here.
+        relay.registry.shard_outboxes(shard, &mut outboxes);
+        let pinged = outboxes
+            .drain(..)
+            .filter(|o| o.heartbeat() == Beat::Pinged)
+            .count();
+        relay.metrics.socket_writes.increment(pinged as u64);
         shard = (shard + 1) % REGISTRY_SHARDS;
         if shard == 0 {
             let window_ms = relay.settings.rate_window.as_millis().min(u32::MAX as u128) as u32;
