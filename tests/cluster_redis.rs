@@ -1,7 +1,8 @@
 //! Several relay nodes sharing rooms through a real `redis-server` (Debian's package, started
 //! on a free port by these tests and stopped with them): cross-node delivery in `seq` order,
 //! history and exact resume from any node, requestId de-duplication across nodes, a seq gap
-//! filled from history, garbage on a room channel, and Redis restarting underneath.
+//! filled from history, garbage on a room channel, and Redis restarting underneath. A node
+//! re-states its presence counts in batches of rooms, not one call per room.
 
 mod common;
 
@@ -566,4 +567,64 @@ async fn acked_messages_redis_lost_start_a_new_epoch_on_the_next_resync() {
     assert_eq!(sent["seq"], 2, "{sent}");
     let stored = redis.command(&["get", "rc:{rollback2}:epoch"]);
     assert_eq!(stored.as_text().as_deref(), notice["epoch"].as_str());
+}
+
+/// The presence refresh (every 10 s) keeps a node's counts from expiring, re-stating up to 100
+/// rooms per script call. On a Redis of its own, so the calls counted are this node's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restates_its_presence_in_batches_of_rooms() {
+    let redis = RedisServer::start();
+    let a = node(&redis);
+    wait_ready(&[&a]).await;
+    let rooms: Vec<String> = (0..150).map(|i| format!("restate-{i}")).collect();
+    let mut members = Vec::new();
+    for room in &rooms {
+        members.push(Client::join(&a, "ada", room).await.0);
+    }
+    let expiries = |redis: &RedisServer| -> Vec<Vec<u64>> {
+        rooms
+            .iter()
+            .map(|r| {
+                presence_expiries(&redis.command(&["HGETALL", &format!("rc:{{{r}}}:presence")]))
+            })
+            .collect()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let first: Vec<u64> = loop {
+        let e = expiries(&redis);
+        if e.iter().all(|e| e.len() == 1) {
+            break e.into_iter().map(|e| e[0]).collect();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "entries never written: {e:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let calls_before = script_calls(&redis.command(&["INFO", "commandstats"]));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = expiries(&redis);
+        if now
+            .iter()
+            .zip(&first)
+            .all(|(e, &was)| e.len() == 1 && e[0] > was)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a refresh did not re-state every room\n{}",
+            a.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let calls = script_calls(&redis.command(&["INFO", "commandstats"])) - calls_before;
+    assert!(
+        calls <= 4,
+        "re-stating 150 rooms took {calls} script calls (one per room would be 150)"
+    );
+    assert_eq!(metric(&a, "roomcast_redis_errors_total", &[]).await, 0.0);
+    drop(members);
 }

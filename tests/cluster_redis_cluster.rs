@@ -4,7 +4,8 @@
 //! every master reach every member once, in order; the server API works across nodes; and a
 //! master killed with `kill -9` fails over: its rooms' publishes get `unavailable` until its
 //! replica is promoted, then flow again, every acked message is delivered, and a resume over the
-//! gap is complete or says it is not.
+//! gap is complete or says it is not. A node re-states its presence counts in one script call
+//! per master, not one per room.
 //!
 //! The failover test holds the shared cluster's write lock (the others its read lock), so no
 //! other test's traffic runs through the failover; the cluster keeps serving afterwards with
@@ -758,4 +759,87 @@ async fn the_cluster_nodes_password_is_never_shown() {
         .filter(|l| l.contains("hunter2"))
         .collect();
     assert!(leaks.is_empty(), "log lines show the password: {leaks:?}");
+}
+
+/// Script calls run by the cluster's masters so far.
+fn masters_script_calls(cluster: &RedisCluster) -> u64 {
+    cluster
+        .masters()
+        .iter()
+        .map(|m| script_calls(&cluster.command(m.port, &["INFO", "commandstats"])))
+        .sum()
+}
+
+/// The expiries of a room's presence entries, read from its master.
+fn room_presence_expiries(cluster: &RedisCluster, room: &str) -> Vec<u64> {
+    let key = format!("rc:{{{room}}}:presence");
+    presence_expiries(&cluster.command(master_of_room(cluster, room), &["HGETALL", &key]))
+}
+
+/// The presence refresh (every 10 s) keeps a node's counts from expiring. With rooms on every
+/// master it must re-state them in one call per master (a script over many slots of one
+/// server), not one call per room: that per-room traffic was most of an idle deployment's CPU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restates_its_presence_in_one_call_per_master() {
+    // Alone on the cluster: the script calls counted are this node's.
+    let _exclusive = RedisCluster::exclusive().write().await;
+    let cluster = RedisCluster::shared();
+    let a = node(cluster);
+    wait_ready(&[&a]).await;
+    let rooms = rooms_on_every_master(cluster, "restate", 10);
+    let mut members = Vec::new();
+    for room in &rooms {
+        members.push(Client::join(&a, "ada", room).await.0);
+    }
+    // Every room has the node's entry; then nothing else runs (the joins' updates are done).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let first: Vec<u64> = loop {
+        let expiries: Vec<Vec<u64>> = rooms
+            .iter()
+            .map(|r| room_presence_expiries(cluster, r))
+            .collect();
+        if expiries.iter().all(|e| e.len() == 1) {
+            break expiries.into_iter().map(|e| e[0]).collect();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "entries never written: {expiries:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let calls_before = masters_script_calls(cluster);
+    // The next refresh (within 10 s) moves every room's expiry on.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now: Vec<Vec<u64>> = rooms
+            .iter()
+            .map(|r| room_presence_expiries(cluster, r))
+            .collect();
+        if now
+            .iter()
+            .zip(&first)
+            .all(|(e, &was)| e.len() == 1 && e[0] > was)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a refresh did not re-state every room: before {first:?}, now {now:?}\n{}",
+            a.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let calls = masters_script_calls(cluster) - calls_before;
+    assert!(
+        calls <= 6,
+        "re-stating 30 rooms on 3 masters took {calls} script calls (one per room would be 30)"
+    );
+    for room in &rooms {
+        let key = format!("rc:{{{room}}}:presence");
+        let total = cluster.command(master_of_room(cluster, room), &["HGET", &key, "_total"]);
+        assert_eq!(total.as_text().as_deref(), Some("1"), "{room}");
+    }
+    assert_eq!(metric(&a, "roomcast_redis_errors_total", &[]).await, 0.0);
+    drop(members);
 }

@@ -153,6 +153,22 @@ impl Backend {
         }
     }
 
+    /// The presence script as this deployment runs it. On Redis Cluster it carries the
+    /// `allow-cross-slot-keys` flag (Redis 7): a refresh re-states many rooms on one master in
+    /// one call, and their keys sit in different slots of that master (declared keys must share
+    /// one slot, so the script declares the first and takes the rest as arguments; the flag lets
+    /// it touch those on the same server). One Redis gets the plain body, which older servers
+    /// accept too.
+    pub(super) fn presence_script_body(&self) -> String {
+        match self {
+            Backend::Single(_) => super::wire::PRESENCE_SCRIPT.to_string(),
+            Backend::Cluster(_) => format!(
+                "#!lua flags=allow-cross-slot-keys\n{}",
+                super::wire::PRESENCE_SCRIPT
+            ),
+        }
+    }
+
     /// A connection for commands: a new one (one Redis), or the shared one (Redis Cluster,
     /// made on first success).
     pub(super) async fn connect(&self) -> RedisResult<Connection> {
@@ -277,6 +293,99 @@ pub(super) async fn run_script(
         }
         other => other,
     }
+}
+
+/// Which master holds each hash slot of a Redis Cluster, from `CLUSTER SLOTS`: ranges of
+/// slots and an index per master (its address), to group keys by the server that holds them.
+pub(super) struct SlotOwners {
+    ranges: Vec<(u16, u16, usize)>,
+}
+
+impl SlotOwners {
+    /// The index of the master holding `key`'s slot, if one does.
+    pub(super) fn server_of(&self, key: &str) -> Option<usize> {
+        let slot = key_slot(key.as_bytes());
+        self.ranges
+            .iter()
+            .find(|(start, end, _)| (*start..=*end).contains(&slot))
+            .map(|&(_, _, server)| server)
+    }
+
+    fn parse(reply: &Value) -> Option<SlotOwners> {
+        let Value::Array(entries) = reply else {
+            return None;
+        };
+        let mut masters: Vec<(Vec<u8>, i64)> = Vec::new();
+        let mut ranges = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let Value::Array(fields) = entry else {
+                return None;
+            };
+            let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
+                (fields.first(), fields.get(1), fields.get(2))
+            else {
+                return None;
+            };
+            let host = match master.first() {
+                Some(Value::BulkString(b)) => b.clone(),
+                Some(Value::SimpleString(s)) => s.clone().into_bytes(),
+                _ => return None,
+            };
+            let Some(Value::Int(port)) = master.get(1) else {
+                return None;
+            };
+            let address = (host, *port);
+            let server = match masters.iter().position(|m| *m == address) {
+                Some(i) => i,
+                None => {
+                    masters.push(address);
+                    masters.len() - 1
+                }
+            };
+            ranges.push((
+                u16::try_from(*start).ok()?,
+                u16::try_from(*end).ok()?,
+                server,
+            ));
+        }
+        Some(SlotOwners { ranges })
+    }
+}
+
+/// A key's hash slot as Redis Cluster computes it: CRC16 (XMODEM) of the key, or of its
+/// `{hash tag}` when it has a non-empty one, modulo 16,384.
+fn key_slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        let close = rest.iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    let mut crc: u16 = 0;
+    for &byte in tagged.unwrap_or(key) {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16_384
+}
+
+/// Who holds which slots now (Redis Cluster), asked of any node.
+pub(super) async fn slot_owners(connection: &mut Connection) -> RedisResult<SlotOwners> {
+    let reply: Value = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(connection)
+        .await?;
+    SlotOwners::parse(&reply).ok_or_else(|| {
+        redis::RedisError::from((
+            ErrorKind::Parse,
+            "CLUSTER SLOTS answered in an unexpected shape",
+        ))
+    })
 }
 
 /// What the subscriptions connection received.
@@ -425,6 +534,57 @@ fn classify(push: PushInfo) -> Incoming {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_slots_match_redis_cluster() {
+        // CLUSTER KEYSLOT answers of a Redis 7 server.
+        assert_eq!(key_slot(b"foo"), 12182);
+        assert_eq!(key_slot(b"bar"), 5061);
+        assert_eq!(key_slot(b"hello"), 866);
+        assert_eq!(key_slot(b"test"), 6918);
+        // A hash tag decides; an empty or unclosed one does not.
+        assert_eq!(key_slot(b"rc:{foo}:presence"), 12182);
+        assert_eq!(key_slot(b"{}foo"), 9500);
+        assert_eq!(key_slot(b"{foo"), 13308);
+    }
+
+    #[test]
+    fn slot_owners_group_keys_by_master() {
+        let node = |host: &str, port| {
+            Value::Array(vec![
+                Value::BulkString(host.as_bytes().to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let range = |start, end, master| {
+            Value::Array(vec![
+                Value::Int(start),
+                Value::Int(end),
+                master,
+                node("127.0.0.1", 9999),
+            ])
+        };
+        let reply = Value::Array(vec![
+            range(0, 5460, node("127.0.0.1", 7000)),
+            range(5461, 10922, node("127.0.0.1", 7001)),
+            range(10923, 16000, node("127.0.0.1", 7002)),
+            range(16001, 16383, node("127.0.0.1", 7000)),
+        ]);
+        let owners = SlotOwners::parse(&reply).expect("parses");
+        // Slots 5061, 6918, 12182 and 866 (key_slots_match_redis_cluster).
+        assert_eq!(owners.server_of("rc:{bar}:presence"), Some(0));
+        assert_eq!(owners.server_of("rc:{test}:presence"), Some(1));
+        assert_eq!(owners.server_of("rc:{foo}:presence"), Some(2));
+        assert_eq!(owners.server_of("rc:{hello}:presence"), Some(0));
+        let last = SlotOwners::parse(&Value::Array(vec![range(16001, 16383, node("h", 1))]))
+            .expect("parses");
+        assert_eq!(last.server_of("{}foo"), None);
+        let uncovered =
+            SlotOwners::parse(&Value::Array(vec![range(0, 100, node("h", 1))])).expect("parses");
+        assert_eq!(uncovered.server_of("foo"), None, "a slot nobody holds");
+        assert!(SlotOwners::parse(&Value::Int(1)).is_none());
+    }
 
     #[test]
     fn cluster_pushes_are_classified() {

@@ -1215,3 +1215,41 @@ fn blocking_get(addr: SocketAddr, path: &str) -> Option<String> {
     let (head, body) = response.split_once("\r\n\r\n")?;
     head.starts_with("HTTP/1.1 200").then(|| body.to_string())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Reading the broker's presence state and Redis's command counts
+// ---------------------------------------------------------------------------------------------
+
+/// When the relay nodes' entries in a room's presence hash expire (ms since the epoch), from
+/// an `HGETALL rc:{room}:presence` reply: one per node that has members there.
+pub fn presence_expiries(hgetall: &Resp) -> Vec<u64> {
+    let Resp::Array(Some(items)) = hgetall else {
+        return Vec::new();
+    };
+    items
+        .chunks(2)
+        .filter_map(|pair| {
+            let (field, value) = (pair.first()?.as_text()?, pair.get(1)?.as_text()?);
+            if field == "_total" {
+                return None;
+            }
+            value.split_once(':')?.1.parse().ok()
+        })
+        .collect()
+}
+
+/// Script calls (`EVALSHA` and `EVAL`) a Redis server has run, from its `INFO commandstats`.
+pub fn script_calls(info: &Resp) -> u64 {
+    let text = info.as_text().unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
