@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """Medians of the `cluster` runs here (cluster-100k-runN.json) and of the cross-node fan-out
-runs in ../cluster-fanout (fanout-nN-REDIS-runK.json): python3 summary.py"""
-import glob, json, os, re, statistics
+runs in ../cluster-fanout (fanout-nN-REDIS-runK.json): python3 summary.py
+A later set of `cluster` runs kept in a folder of its own (runN.json or cluster-100k-runN.json):
+python3 summary.py FOLDER (the fan-out table is printed without a folder only)."""
+import glob, json, os, re, statistics, sys
 
 here = os.path.dirname(os.path.abspath(__file__))
+runs_dir = os.path.join(here, sys.argv[1]) if len(sys.argv) > 1 else here
 med = statistics.median
 
-runs = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(here, "cluster-100k-run*.json")))]
+runs = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(runs_dir, "cluster-100k-run*.json"))
+                                          + glob.glob(os.path.join(runs_dir, "run*.json")))]
 if runs:
     def row(label, f, fmt="{:,.0f}"):
         vals = [f(r) for r in runs]
@@ -28,7 +32,7 @@ if runs:
     row("broadcast: p50 per delivery (ms)", lambda r: r["broadcast_latency"]["p50_ms"], "{:,.0f}")
 
 fan = {}
-for f in sorted(glob.glob(os.path.join(here, "..", "cluster-fanout", "fanout-n*-run*.json"))):
+for f in [] if runs_dir != here else sorted(glob.glob(os.path.join(here, "..", "cluster-fanout", "fanout-n*-run*.json"))):
     m = re.search(r"fanout-n(\d+)-(\w+)-run(\d+)", f)
     fan.setdefault((int(m.group(1)), m.group(2)), []).append(json.load(open(f)))
 if fan:
