@@ -4,7 +4,9 @@
 //! them into a buffer owned by the worker thread (`READ_BUF`), parses every complete frame in
 //! place and keeps only the bytes of an incomplete frame. An idle connection therefore holds no
 //! read buffer at all. Writes drain the connection's [`Outbox`] with vectored writes, so every
-//! frame queued since the last write goes out in one system call.
+//! frame queued since the last write goes out in one system call. A frame for an idle plain
+//! connection (nothing queued or half-written) does not wait for the task at all: the fan-out
+//! writes it to the socket itself (`Outbox::push_or_write`), as the heartbeat does its ping.
 //!
 //! Everything a connection can do wrong ends in exactly one visible outcome: an error event (the
 //! connection stays open), or a close code — each counted in a metric.
@@ -382,7 +384,7 @@ struct Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         // Before the socket closes with the fields below.
-        self.outbox.forbid_direct_ping();
+        self.outbox.forbid_direct_writes();
         if let Some(r) = self.registration.take() {
             self.relay.registry.unregister(r);
         }
@@ -487,10 +489,10 @@ pub(crate) fn spawn(
     };
     #[allow(unsafe_code)]
     if conn.tls.is_none() {
-        // SAFETY: the connection owns the socket and forbids direct pings before it closes it
+        // SAFETY: the connection owns the socket and forbids direct writes before it closes it
         // or writes its close frame (`finish`, `Drop`); everything else it writes is queued in
         // the outbox first and charged until written.
-        unsafe { conn.outbox.allow_direct_ping(conn.stream.as_raw_fd()) };
+        unsafe { conn.outbox.allow_direct_writes(conn.stream.as_raw_fd()) };
     }
     tracing::debug!(client_id = conn.client_id(), "connected");
     // `early` may be a slice of hyper's whole read buffer: copy what it holds and let the
@@ -533,7 +535,11 @@ impl Task {
     fn new(conn: Connection, flow: Flow) -> Task {
         match flow {
             Flow::Continue => Task::Running(conn),
-            flow => Task::Closing(Box::pin(conn.finish(flow))),
+            flow => {
+                // From here the task writes its close frame itself (`finish`).
+                conn.outbox.forbid_direct_writes();
+                Task::Closing(Box::pin(conn.finish(flow)))
+            }
         }
     }
 }
@@ -914,7 +920,7 @@ impl Connection {
                     .push_pong(pong, self.relay.settings.outbox_max_bytes)
                 {
                     Pushed::SlowConsumer => self.relay.metrics.slow_consumer_closes.increment(1),
-                    Pushed::Queued | Pushed::Closed => {}
+                    Pushed::Queued | Pushed::Written | Pushed::Closed => {}
                 }
                 Flow::Continue
             }
@@ -1194,9 +1200,8 @@ impl Connection {
             .outbox
             .push(&frame, self.relay.settings.outbox_max_bytes)
         {
-            Pushed::Queued => {}
+            Pushed::Queued | Pushed::Written | Pushed::Closed => {}
             Pushed::SlowConsumer => self.relay.metrics.slow_consumer_closes.increment(1),
-            Pushed::Closed => {}
         }
     }
 
@@ -1208,6 +1213,8 @@ impl Connection {
         let tls_wants_write = self.tls.as_ref().is_some_and(|s| s.wants_write());
         let mut pending = match self.pending.take() {
             Some(mut p) => {
+                // (`begun` needs an empty queue and nothing unwritten, so `p` holds no frame.)
+                p.front_started |= p.frames.is_empty() && batch.begun;
                 p.frames.extend(batch.frames);
                 p.oldest = p.oldest.or(batch.oldest);
                 p
@@ -1215,6 +1222,7 @@ impl Connection {
             None if batch.frames.is_empty() && !tls_wants_write => return Ok(batch.closing),
             None => Box::new(Pending {
                 frames: batch.frames,
+                front_started: batch.begun,
                 oldest: batch.oldest,
                 ..Pending::default()
             }),
@@ -1232,8 +1240,6 @@ impl Connection {
     /// End the connection: send our close frame (or echo the peer's), then let the peer close,
     /// all within CLOSE_TIMEOUT_MS. Counts the close code, then leaves the room.
     async fn finish(mut self, flow: Flow) {
-        // From here the task writes its close frame itself.
-        self.outbox.forbid_direct_ping();
         let relay = self.relay.clone();
         let (code, send) = match flow {
             Flow::Continue => unreachable!("finish is only called with a terminal flow"),
@@ -1312,14 +1318,18 @@ impl Connection {
         }
         if let Some((send, reason)) = send {
             let mut pending = self.pending.take().map(|p| *p).unwrap_or_default();
+            let queued = self.outbox.take();
+            if pending.frames.is_empty() && queued.begun {
+                // The rest of a frame a direct write began (`Outbox::push_or_write`).
+                pending.front_started = true;
+            }
+            pending.frames.extend(queued.frames);
             if send == 1013 || matches!(flow, Flow::PeerClosed(_)) {
                 // A slow consumer's queue is dropped, and a peer that closed gets our close as
                 // soon as practical (RFC 6455 5.5.1) rather than after what was still queued.
                 // Only a partly written frame is finished, so the close starts on a boundary.
                 let keep = usize::from(pending.front_started && !pending.frames.is_empty());
                 pending.frames.truncate(keep);
-            } else {
-                pending.frames.extend(self.outbox.take().frames);
             }
             pending.frames.push_back(frame::close_frame(send, reason));
             // With TLS, the TLS session ends right behind the close frame.

@@ -87,8 +87,18 @@ const PRESENCE_NAMES: usize = 20;
 /// at 10,000 members a frame takes about a millisecond to deliver, so this is a quarter second
 /// of backlog before publishers into the room are told to slow down.
 pub const DELIVERY_QUEUE_MAX: usize = 256;
+/// What [`Hub::push_all`] did: the outboxes that took the frame, and how many of those had it
+/// written to their socket at once.
+struct PushedAll {
+    delivered: usize,
+    written: usize,
+}
+
 /// Outbox pushes one deliverer makes before handing the rest of the queue to a task.
 const DRAIN_PUSHES: usize = 16 * 1024;
+/// What one direct write (a `send` to an idle member's socket, `Outbox::push_or_write`) counts
+/// against `DRAIN_PUSHES`: a system call costs about as much as this many queue pushes.
+const DIRECT_WRITE_COST: usize = 16;
 /// A drained delivery queue keeps at most this capacity.
 const QUEUE_KEEP: usize = 16;
 /// Channel messages kept while a room waits for its snapshot; past it they are dropped (the
@@ -1268,36 +1278,36 @@ impl Hub {
     }
 
     /// Push one shared frame to all its recipients. Counted once per call, not once per
-    /// recipient. Returns the pushes made.
+    /// recipient. Returns the work done, in pushes (a direct write counts `DIRECT_WRITE_COST`).
     fn deliver(&self, room: &Arc<Room>, queued: &Queued) -> usize {
         let frame = &queued.frame;
-        match &queued.to {
+        let (recipients, pushed) = match &queued.to {
             Recipients::Message(members, inner) => {
                 let wake = self.flush_window(room, members);
-                let mut delivered = self.push_all(frame, members.query(), wake);
+                let mut pushed = self.push_all(frame, members.query(), wake);
                 if !members.auth().is_empty() {
                     // Built once per message, for every second-dialect member.
                     if let Some(chat) = protocol::auth::chat_event(inner) {
-                        delivered += self.push_all(&chat, members.auth(), wake);
+                        let more = self.push_all(&chat, members.auth(), wake);
+                        pushed.delivered += more.delivered;
+                        pushed.written += more.written;
                     }
                 }
                 // Members whose outbox took it (not those closing).
-                self.metrics.publish_recipients.record(delivered as f64);
-                members.all.len()
+                self.metrics
+                    .publish_recipients
+                    .record(pushed.delivered as f64);
+                (members.all.len(), pushed)
             }
             Recipients::Members(members) => {
-                self.push_all(frame, members.query(), true);
-                members.query
+                (members.query, self.push_all(frame, members.query(), true))
             }
-            Recipients::List(to) => {
-                self.push_all(frame, to, true);
-                to.len()
-            }
+            Recipients::List(to) => (to.len(), self.push_all(frame, to, true)),
             Recipients::One(outbox) => {
-                self.push_all(frame, std::slice::from_ref(outbox), true);
-                1
+                (1, self.push_all(frame, std::slice::from_ref(outbox), true))
             }
-        }
+        };
+        recipients + pushed.written * (DIRECT_WRITE_COST - 1)
     }
 
     /// Whether a message to `members` wakes them now (see [`FlushWindow`]). False when the room's
@@ -1344,23 +1354,35 @@ impl Hub {
     }
 
     /// Push one shared frame to every outbox in `to`, counted once per call, not once per
-    /// recipient. Returns how many outboxes took it.
+    /// recipient.
     /// `wake`: false when a flush window wakes them later.
-    fn push_all(&self, frame: &Bytes, to: &[Arc<Outbox>], wake: bool) -> usize {
+    ///
+    /// An idle member's frame is written to its socket here (`Outbox::push_or_write`); such a
+    /// write counts as a socket write that waited nothing for the publish-to-write histogram.
+    fn push_all(&self, frame: &Bytes, to: &[Arc<Outbox>], wake: bool) -> PushedAll {
         let max = self.settings.outbox_max_bytes;
         let mut delivered = 0u64;
+        let mut written = 0usize;
         let mut slow = 0u64;
         for outbox in to {
             let pushed = if wake {
-                outbox.push(frame, max)
+                outbox.push_or_write(frame, max)
             } else {
                 outbox.push_quietly(frame, max)
             };
             match pushed {
                 Pushed::Queued => delivered += 1,
+                Pushed::Written => written += 1,
                 Pushed::SlowConsumer => slow += 1,
                 Pushed::Closed => {}
             }
+        }
+        if written > 0 {
+            delivered += written as u64;
+            self.metrics.socket_writes.increment(written as u64);
+            self.metrics
+                .publish_to_write_seconds
+                .record_many(0.0, written);
         }
         self.metrics.frames_delivered.increment(delivered);
         self.metrics
@@ -1369,7 +1391,10 @@ impl Hub {
         if slow > 0 {
             self.metrics.slow_consumer_closes.increment(slow);
         }
-        delivered as usize
+        PushedAll {
+            delivered: delivered as usize,
+            written,
+        }
     }
 
     /// Drop the history of the rooms that published least recently until the process-wide

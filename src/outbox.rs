@@ -92,6 +92,8 @@ pub enum Beat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
     Queued,
+    /// Written to the idle socket at once, without waking the task ([`Outbox::push_or_write`]).
+    Written,
     /// The push would have passed the byte limit: the connection is now closing with 1013.
     SlowConsumer,
     /// The connection is already closing; the frame was dropped.
@@ -111,10 +113,13 @@ struct Queue {
     oldest: Option<Instant>,
     /// Close code the connection's task must close with, once set.
     closing: Option<u16>,
-    /// The plain socket the heartbeat may ping directly, or -1 (TLS, closing, or not allowed).
-    /// Set and cleared under this lock, and the heartbeat writes under it, so the socket cannot
-    /// be closed (and its number reused) while the heartbeat writes.
-    ping_fd: RawFd,
+    /// `frames[0]` is the rest of a frame a direct write began: it is never dropped (a close
+    /// must not cut into it), only taken by the writer.
+    begun: bool,
+    /// The plain socket that pings and frames may be written to directly while the connection
+    /// is idle, or -1 (TLS, closing, or not allowed). Set and cleared under this lock, and direct
+    /// writes happen under it, so the socket cannot be closed (and its number reused) meanwhile.
+    direct_fd: RawFd,
 }
 
 impl Default for Queue {
@@ -125,7 +130,8 @@ impl Default for Queue {
             pong_at: None,
             oldest: None,
             closing: None,
-            ping_fd: -1,
+            begun: false,
+            direct_fd: -1,
         }
     }
 }
@@ -135,6 +141,9 @@ pub struct Batch {
     pub frames: VecDeque<Bytes>,
     pub oldest: Option<Instant>,
     pub closing: Option<u16>,
+    /// The first frame is the rest of a frame already begun on the wire (a direct write the
+    /// socket took only part of): it must be written before anything else, a close included.
+    pub begun: bool,
 }
 
 /// The wake-up is an `AtomicWaker` and a flag rather than a `tokio::sync::Notify`, because
@@ -175,10 +184,15 @@ impl Queue {
         QUEUED_TOTAL.fetch_sub(charged, Ordering::Relaxed);
     }
 
-    /// Drop every frame still queued (the connection is closing as a slow consumer).
+    /// Drop every frame still queued (the connection is closing as a slow consumer), except
+    /// the rest of a frame already begun on the wire.
     fn discard(&mut self) {
-        let freed: usize = self.frames.iter().map(charge).sum();
-        self.frames = VecDeque::new();
+        let keep = usize::from(self.begun && !self.frames.is_empty());
+        let freed: usize = self.frames.iter().skip(keep).map(charge).sum();
+        self.frames.truncate(keep);
+        if keep == 0 {
+            self.frames = VecDeque::new();
+        }
         self.pong_at = None;
         self.sub(freed);
     }
@@ -203,6 +217,33 @@ impl Outbox {
     /// Queue a frame for this connection, enforcing the byte limit. Never blocks on I/O.
     pub fn push(&self, frame: &Bytes, max_bytes: usize) -> Pushed {
         let mut q = self.lock();
+        let (pushed, wake) = Self::push_locked(&mut q, frame, max_bytes);
+        drop(q);
+        if wake || self.flags.load(Ordering::Relaxed) & HELD != 0 {
+            self.wake();
+        }
+        pushed
+    }
+
+    /// `push`, but a frame for an idle connection is written to its socket here and then,
+    /// without waking its task: when nothing is queued or half-written (so nothing can be
+    /// overtaken or split), no close is under way and the socket allows it
+    /// ([`Outbox::allow_direct_writes`]). A fan-out then costs one `send` per member rather than
+    /// a wake-up, a poll and a `writev` of the member's task. A socket that takes part of the
+    /// frame gets the rest through the queue (and its task is woken for it); a full one gets
+    /// the whole frame queued, as by `push`.
+    pub fn push_or_write(&self, frame: &Bytes, max_bytes: usize) -> Pushed {
+        let mut q = self.lock();
+        if Self::may_write_directly(&q) {
+            match Self::write_directly(&q, frame) {
+                Some(n) if n == frame.len() => return Pushed::Written,
+                Some(n) => {
+                    self.push_rest(q, frame.slice(n..));
+                    return Pushed::Written;
+                }
+                None => {}
+            }
+        }
         let (pushed, wake) = Self::push_locked(&mut q, frame, max_bytes);
         drop(q);
         if wake || self.flags.load(Ordering::Relaxed) & HELD != 0 {
@@ -318,6 +359,7 @@ impl Outbox {
             frames: std::mem::take(&mut q.frames),
             oldest: q.oldest.take(),
             closing: q.closing,
+            begun: std::mem::take(&mut q.begun),
         }
     }
 
@@ -380,45 +422,67 @@ impl Outbox {
 
     /// Write the ping to the idle socket (see [`Outbox::heartbeat`]). False when the task must
     /// send it.
-    #[allow(unsafe_code)]
     fn ping_directly(&self) -> bool {
-        let mut q = self.lock();
-        if q.ping_fd < 0 || q.closing.is_some() || q.queued_bytes != 0 {
+        let q = self.lock();
+        if !Self::may_write_directly(&q) {
             return false;
         }
-        // SAFETY: `allow_direct_ping`'s contract keeps the socket open while `ping_fd` is set,
-        // and clearing it takes this lock, which is held until the write is done.
-        let socket = unsafe { BorrowedFd::borrow_raw(q.ping_fd) };
-        match socket2::SockRef::from(&socket).send_with_flags(PING, libc::MSG_NOSIGNAL) {
-            Ok(n) if n == PING.len() => true,
-            Ok(n) if n > 0 => {
-                // The socket took one byte (it had almost no room): the rest must be next on
-                // the wire, and the queue is empty, so it goes through the queue.
-                Self::push_locked(&mut q, &Bytes::from_static(&PING[n..]), usize::MAX);
-                drop(q);
-                self.wake();
+        match Self::write_directly(&q, PING) {
+            Some(n) if n == PING.len() => true,
+            Some(n) => {
+                // The socket took one byte (it had almost no room).
+                self.push_rest(q, Bytes::from_static(&PING[n..]));
                 true
             }
-            // Full or broken: the task's own write finds out which.
-            _ => false,
+            None => false,
         }
     }
 
-    /// Let the heartbeat write its ping straight to this connection's plain socket `fd` while
-    /// the connection is idle (see [`Outbox::heartbeat`]).
-    ///
-    /// # Safety
-    /// `fd` must stay open until [`Outbox::forbid_direct_ping`] has returned, and until then
-    /// everything written to it must go through this outbox (charged until written).
-    #[allow(unsafe_code)]
-    pub unsafe fn allow_direct_ping(&self, fd: RawFd) {
-        self.lock().ping_fd = fd;
+    /// Queue the rest of a frame a direct write began (the queue is empty: it goes first) and
+    /// wake the task to write it. It is marked `begun`: a close never drops or cuts into it.
+    fn push_rest(&self, mut q: std::sync::MutexGuard<'_, Queue>, rest: Bytes) {
+        Self::push_locked(&mut q, &rest, usize::MAX);
+        q.begun = true;
+        drop(q);
+        self.wake();
     }
 
-    /// Stop the heartbeat writing to the socket (before the connection writes a close frame of
-    /// its own or closes the socket). Once this returns, no direct ping is under way.
-    pub fn forbid_direct_ping(&self) {
-        self.lock().ping_fd = -1;
+    /// Whether bytes may go straight to the socket now: it allows it, no close is under way,
+    /// and nothing is queued or taken but not completely written (whose bytes would be
+    /// overtaken or split).
+    fn may_write_directly(q: &Queue) -> bool {
+        q.direct_fd >= 0 && q.closing.is_none() && q.queued_bytes == 0
+    }
+
+    /// One non-blocking `send` of `bytes` to the socket, under the queue's lock (the caller's
+    /// guard; `may_write_directly` said yes). How many bytes it took, or `None` when it took
+    /// none (full, or broken: the task's own write finds out which).
+    #[allow(unsafe_code)]
+    fn write_directly(q: &Queue, bytes: &[u8]) -> Option<usize> {
+        // SAFETY: `allow_direct_writes`'s contract keeps the socket open while `direct_fd` is set,
+        // and clearing it takes the lock our caller holds until the write is done.
+        let socket = unsafe { BorrowedFd::borrow_raw(q.direct_fd) };
+        match socket2::SockRef::from(&socket).send_with_flags(bytes, libc::MSG_NOSIGNAL) {
+            Ok(n) if n > 0 => Some(n),
+            _ => None,
+        }
+    }
+
+    /// Let the heartbeat's ping and fan-out frames go straight to this connection's plain socket
+    /// `fd` while the connection is idle (see [`Outbox::heartbeat`], [`Outbox::push_or_write`]).
+    ///
+    /// # Safety
+    /// `fd` must stay open until [`Outbox::forbid_direct_writes`] has returned, and until then
+    /// everything written to it must go through this outbox (charged until written).
+    #[allow(unsafe_code)]
+    pub unsafe fn allow_direct_writes(&self, fd: RawFd) {
+        self.lock().direct_fd = fd;
+    }
+
+    /// Stop direct writes to the socket (before the connection writes a close frame of its own
+    /// or closes the socket). Once this returns, none is under way.
+    pub fn forbid_direct_writes(&self) {
+        self.lock().direct_fd = -1;
     }
 
     /// Whether the connection holds the start of an incomplete frame (see `READING_FRAME`).
@@ -480,6 +544,8 @@ mod tests {
         let peer =
             std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (relay_end, _) = listener.accept().expect("accept");
+        // As tokio keeps the relay's sockets: a send never blocks.
+        relay_end.set_nonblocking(true).expect("non-blocking");
         peer.set_nonblocking(true).expect("non-blocking");
         (relay_end, peer)
     }
@@ -504,8 +570,8 @@ mod tests {
     #[allow(unsafe_code)]
     fn allow(o: &Outbox, socket: &std::net::TcpStream) {
         use std::os::fd::AsRawFd;
-        // SAFETY: every test forbids direct pings (or drops the outbox) before the socket.
-        unsafe { o.allow_direct_ping(socket.as_raw_fd()) };
+        // SAFETY: every test forbids direct writes (or drops the outbox) before the socket.
+        unsafe { o.allow_direct_writes(socket.as_raw_fd()) };
     }
 
     #[test]
@@ -521,7 +587,73 @@ mod tests {
         assert_eq!(o.heartbeat(), Beat::Woken);
         assert!(woken(&o) && o.is_dead());
         assert!(received(&mut peer).is_empty());
-        o.forbid_direct_ping();
+        o.forbid_direct_writes();
+    }
+
+    #[test]
+    fn a_frame_for_an_idle_socket_is_written_at_once_and_never_overtakes_a_queued_one() {
+        let (relay_end, mut peer) = socket_pair();
+        let o = Outbox::default();
+        let max = 1 << 20;
+        let (first, second) = (Bytes::from_static(b"first"), Bytes::from_static(b"second"));
+        // Without a socket to write to (TLS), it is queued like any push.
+        assert_eq!(o.push_or_write(&first, max), Pushed::Queued);
+        assert!(woken(&o));
+        o.written(first.len(), o.take().frames.len());
+        allow(&o, &relay_end);
+        assert_eq!(o.push_or_write(&first, max), Pushed::Written);
+        assert_eq!(received(&mut peer), b"first");
+        assert!(!woken(&o), "the task was not woken");
+        assert_eq!(o.queued_bytes(), 0, "nothing is charged for it");
+        // Something queued first (a greeting, a pong): the frame queues behind it.
+        o.push(&first, max);
+        assert_eq!(o.push_or_write(&second, max), Pushed::Queued);
+        assert!(received(&mut peer).is_empty());
+        let batch = o.take();
+        assert_eq!(batch.frames, [first.clone(), second.clone()]);
+        // Taken by the writer but not written yet: still queued behind it.
+        assert_eq!(o.push_or_write(&second, max), Pushed::Queued);
+        o.written(first.len() + second.len(), 2);
+        o.take();
+        o.written(second.len(), 1);
+        // Closing: nothing more goes out.
+        o.close(1000);
+        assert_eq!(o.push_or_write(&first, max), Pushed::Closed);
+        assert!(received(&mut peer).is_empty());
+        o.forbid_direct_writes();
+    }
+
+    #[test]
+    fn the_rest_of_a_frame_the_socket_took_part_of_survives_a_slow_consumer_close() {
+        let (relay_end, peer) = socket_pair();
+        // Small kernel buffers, and the peer never reads: a big frame goes out only in part.
+        socket2::SockRef::from(&relay_end)
+            .set_send_buffer_size(4096)
+            .expect("SO_SNDBUF");
+        socket2::SockRef::from(&peer)
+            .set_recv_buffer_size(4096)
+            .expect("SO_RCVBUF");
+        let o = Outbox::default();
+        allow(&o, &relay_end);
+        let big = Bytes::from(vec![b'x'; 1 << 20]);
+        let max = (1 << 20) + 2 * FRAME_OVERHEAD;
+        assert_eq!(o.push_or_write(&big, max), Pushed::Written);
+        assert!(woken(&o), "the task is woken for the rest");
+        let rest = o.queued_bytes() - FRAME_OVERHEAD;
+        assert!(
+            rest > 0 && rest < big.len(),
+            "the socket took part: {rest} left"
+        );
+        // The next frame passes the limit: the queue is dropped, but not the rest of the
+        // frame already begun (a close frame cutting into it would corrupt the stream).
+        assert_eq!(o.push_or_write(&big, max), Pushed::SlowConsumer);
+        let batch = o.take();
+        assert_eq!(batch.closing, Some(1013));
+        assert!(batch.begun);
+        assert_eq!(batch.frames.len(), 1);
+        assert_eq!(batch.frames[0].len(), rest);
+        o.forbid_direct_writes();
+        drop(peer);
     }
 
     #[test]
@@ -554,7 +686,7 @@ mod tests {
         assert_eq!(beat(&o), (Beat::Woken, true, true));
         let o = Outbox::default();
         allow(&o, &relay_end);
-        o.forbid_direct_ping();
+        o.forbid_direct_writes();
         assert_eq!(beat(&o), (Beat::Woken, true, true));
         assert_eq!(
             received(&mut peer),

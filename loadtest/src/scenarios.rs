@@ -523,7 +523,7 @@ pub(crate) fn put_phase(r: &mut Report, p: &str, ph: &Phase) {
     );
     r.opt(
         &k("relay_write_syscalls_per_delivery"),
-        "relay write/writev calls per delivery (/proc io)",
+        "relay write/writev calls per delivery (/proc io; a `send` to an idle socket is not one: see writes per frame)",
         ph.relay_syscw
             .filter(|_| ph.deliveries > 0)
             .map(|c| c as f64 / ph.deliveries as f64),
