@@ -88,6 +88,10 @@ pub enum Beat {
     Woken,
 }
 
+/// `Queue::pong_at` when no pong waits (a plain `u32`, not an `Option`: it keeps the outbox
+/// in its size class).
+const NO_PONG: u32 = u32::MAX;
+
 /// What a push did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
@@ -105,10 +109,10 @@ struct Queue {
     frames: VecDeque<Bytes>,
     /// Charges of the frames queued here plus those taken by the writer and not yet written.
     queued_bytes: usize,
-    /// Index in `frames` of the queued pong, if one waits. Frames are only appended until
+    /// Index in `frames` of the queued pong, or `NO_PONG`. Frames are only appended until
     /// `take` empties the queue, and the pong is re-queued at the back when replaced, so the
     /// index stays right.
-    pong_at: Option<u32>,
+    pong_at: u32,
     /// When the oldest unwritten frame was queued (for the publish-to-write histogram).
     oldest: Option<Instant>,
     /// Close code the connection's task must close with, once set.
@@ -127,7 +131,7 @@ impl Default for Queue {
         Queue {
             frames: VecDeque::new(),
             queued_bytes: 0,
-            pong_at: None,
+            pong_at: NO_PONG,
             oldest: None,
             closing: None,
             begun: false,
@@ -193,7 +197,7 @@ impl Queue {
         if keep == 0 {
             self.frames = VecDeque::new();
         }
-        self.pong_at = None;
+        self.pong_at = NO_PONG;
         self.sub(freed);
     }
 }
@@ -300,7 +304,8 @@ impl Outbox {
     /// peer that pings faster than it reads has one pong queued, not one per ping.
     pub fn push_pong(&self, frame: Bytes, max_bytes: usize) -> Pushed {
         let mut q = self.lock();
-        if let Some(at) = q.pong_at.take() {
+        let at = std::mem::replace(&mut q.pong_at, NO_PONG);
+        if at != NO_PONG {
             if let Some(old) = q.frames.remove(at as usize) {
                 q.sub(charge(&old));
             }
@@ -308,7 +313,7 @@ impl Outbox {
         let at = q.frames.len() as u32;
         let (pushed, wake) = Self::push_locked(&mut q, &frame, max_bytes);
         if pushed == Pushed::Queued {
-            q.pong_at = Some(at);
+            q.pong_at = at;
         }
         drop(q);
         if wake {
@@ -353,7 +358,7 @@ impl Outbox {
     /// Take everything queued (the writer keeps it until written).
     pub fn take(&self) -> Batch {
         let mut q = self.lock();
-        q.pong_at = None;
+        q.pong_at = NO_PONG;
         self.flags.fetch_and(!HELD, Ordering::Relaxed);
         Batch {
             frames: std::mem::take(&mut q.frames),
