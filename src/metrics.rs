@@ -575,7 +575,7 @@ fn describe() {
     );
     describe_histogram!(
         PUBLISH_TO_WRITE_SECONDS,
-        "Time from a frame being queued to the write that sent it (oldest frame of each write)."
+        "Time from a frame being queued to the write that sent it (oldest frame of each write; 0 for a frame written at once to an idle connection)."
     );
     describe_gauge!(
         OUTBOX_QUEUED_BYTES,
