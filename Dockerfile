@@ -44,6 +44,8 @@ RUN apt-get update \
 COPY --from=build /out/roomcast /out/roomcast-smoke /usr/local/bin/
 USER 10001:10001
 ENV PORT=8080
+# Freed memory goes back at once (docs/BENCHMARKS.md, "Churn and the allocator's purge delay").
+ENV MIMALLOC_PURGE_DELAY=0
 EXPOSE 8080
 STOPSIGNAL SIGTERM
 # A shell for ${PORT}; any failure is "unhealthy" (1), as docker expects.
