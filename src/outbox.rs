@@ -220,7 +220,17 @@ impl Outbox {
 
     /// Queue a frame for this connection, enforcing the byte limit. Never blocks on I/O.
     pub fn push(&self, frame: &Bytes, max_bytes: usize) -> Pushed {
-        let mut q = self.lock();
+        self.queue_and_wake(self.lock(), frame, max_bytes)
+    }
+
+    /// `push` with the lock taken: queue, then wake the task if it has not been woken for
+    /// what is queued (or a flush window held frames back from it).
+    fn queue_and_wake(
+        &self,
+        mut q: std::sync::MutexGuard<'_, Queue>,
+        frame: &Bytes,
+        max_bytes: usize,
+    ) -> Pushed {
         let (pushed, wake) = Self::push_locked(&mut q, frame, max_bytes);
         drop(q);
         if wake || self.flags.load(Ordering::Relaxed) & HELD != 0 {
@@ -237,7 +247,7 @@ impl Outbox {
     /// frame gets the rest through the queue (and its task is woken for it); a full one gets
     /// the whole frame queued, as by `push`.
     pub fn push_or_write(&self, frame: &Bytes, max_bytes: usize) -> Pushed {
-        let mut q = self.lock();
+        let q = self.lock();
         if Self::may_write_directly(&q) {
             match Self::write_directly(&q, frame) {
                 Some(n) if n == frame.len() => return Pushed::Written,
@@ -248,12 +258,7 @@ impl Outbox {
                 None => {}
             }
         }
-        let (pushed, wake) = Self::push_locked(&mut q, frame, max_bytes);
-        drop(q);
-        if wake || self.flags.load(Ordering::Relaxed) & HELD != 0 {
-            self.wake();
-        }
-        pushed
+        self.queue_and_wake(q, frame, max_bytes)
     }
 
     /// `push`, without waking the connection's task unless the push closed it (a slow
