@@ -105,12 +105,7 @@ pub fn cluster(target: &Target, c: &Common, a: &ClusterArgs) -> anyhow::Result<R
     std::thread::sleep(Duration::from_millis(300));
     let before = RelayPoint::take(target, false);
     let redis_before = deploy::redis_used_memory(target);
-    let conn = w.connect(
-        &[Role::Member],
-        c.connect_rate,
-        c.connect_in_flight,
-        c.connect_timeout_ms,
-    )?;
+    let conn = w.connect(&[Role::Member], c)?;
     eprintln!(
         "cluster: {} of {} joined over {} node(s); waiting for presence traffic to settle",
         conn.ok,
@@ -252,12 +247,7 @@ pub fn storm(target: &Target, c: &Common, a: &StormArgs) -> anyhow::Result<Repor
     // The storm in load processes of its own, so its connect work does not delay the
     // timestamps of the fan-out's deliveries.
     let mut sw = Workers::start(target, &storm_specs, 0, None)?;
-    let conn = w.connect(
-        &[Role::Member],
-        c.connect_rate,
-        c.connect_in_flight,
-        c.connect_timeout_ms,
-    )?;
+    let conn = w.connect(&[Role::Member], c)?;
     w.settle(Duration::from_millis(1000), Duration::from_secs(30))?;
     let pubs = publishers_per_worker(&specs, &w);
     eprintln!(

@@ -222,19 +222,19 @@ impl Workers {
         self.each(&cmds)
     }
 
+    /// Open the connections of `roles`, at the run's connect rate, in-flight bound and timeout
+    /// (`--connect-rate`, `--connect-in-flight`, `--connect-timeout-ms`) shared over the workers.
     pub fn connect(
         &mut self,
         roles: &[Role],
-        total_rate: f64,
-        max_in_flight: usize,
-        timeout_ms: u64,
+        common: &crate::scenarios::Common,
     ) -> anyhow::Result<Connected> {
         let n = self.procs.len() as f64;
         let replies = self.all(Command::Connect {
             roles: roles.to_vec(),
-            rate_per_s: total_rate / n,
-            max_in_flight: (max_in_flight as f64 / n).ceil() as usize,
-            timeout_ms,
+            rate_per_s: common.connect_rate / n,
+            max_in_flight: (common.connect_in_flight as f64 / n).ceil() as usize,
+            timeout_ms: common.connect_timeout_ms,
         })?;
         let mut c = Connected {
             ok: 0,

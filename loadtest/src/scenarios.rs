@@ -599,12 +599,7 @@ pub fn idle(target: &Target, c: &Common, a: &IdleArgs) -> anyhow::Result<Report>
     std::thread::sleep(Duration::from_millis(300));
     let before = RelayPoint::take(target, false);
     let client0 = own_cpu_us();
-    let conn = w.connect(
-        &[Role::Member],
-        c.connect_rate,
-        c.connect_in_flight,
-        c.connect_timeout_ms,
-    )?;
+    let conn = w.connect(&[Role::Member], c)?;
     eprintln!(
         "idle: {} joined, waiting for presence traffic to settle",
         conn.ok
@@ -665,12 +660,7 @@ pub fn fanout(target: &Target, c: &Common, a: &FanoutArgs) -> anyhow::Result<Rep
     need_pid(&mut r, target);
     let specs = layout(a.rooms, a.members, a.publishers.min(a.members), 0, 0);
     let mut w = Workers::start(target, &specs, c.procs, None)?;
-    let conn = w.connect(
-        &[Role::Member],
-        c.connect_rate,
-        c.connect_in_flight,
-        c.connect_timeout_ms,
-    )?;
+    let conn = w.connect(&[Role::Member], c)?;
     w.settle(Duration::from_millis(1000), Duration::from_secs(30))?;
     eprintln!(
         "fanout: {} joined; publishing {} msg/s for {} ms",
@@ -709,12 +699,7 @@ pub fn saturate(target: &Target, c: &Common, a: &SaturateArgs) -> anyhow::Result
     need_pid(&mut r, target);
     let specs = layout(a.rooms, a.members, a.publishers.min(a.members), 0, 0);
     let mut w = Workers::start(target, &specs, c.procs, None)?;
-    let conn = w.connect(
-        &[Role::Member],
-        c.connect_rate,
-        c.connect_in_flight,
-        c.connect_timeout_ms,
-    )?;
+    let conn = w.connect(&[Role::Member], c)?;
     w.settle(Duration::from_millis(1000), Duration::from_secs(30))?;
     let pubs = publishers_per_worker(&specs, &w);
     let mut steps = Vec::new();
@@ -876,12 +861,7 @@ pub fn churn(target: &Target, c: &Common, a: &ChurnArgs) -> anyhow::Result<Repor
     }));
     let mut w = Workers::start(target, &specs, c.procs, None)?;
     let start_point = RelayPoint::take(target, false);
-    let conn = w.connect(
-        &[Role::Member],
-        c.connect_rate,
-        c.connect_in_flight,
-        c.connect_timeout_ms,
-    )?;
+    let conn = w.connect(&[Role::Member], c)?;
     w.settle(Duration::from_millis(1000), Duration::from_secs(30))?;
     let pubs = publishers_per_worker(&specs, &w);
     // Publish for longer than the waves can take; stopped explicitly after the last wave.
@@ -898,12 +878,7 @@ pub fn churn(target: &Target, c: &Common, a: &ChurnArgs) -> anyhow::Result<Repor
     let mut opened = 0;
     let t0 = Instant::now();
     for k in 0..a.waves {
-        let cn = w.connect(
-            &[Role::Churn],
-            c.connect_rate,
-            c.connect_in_flight,
-            c.connect_timeout_ms,
-        )?;
+        let cn = w.connect(&[Role::Churn], c)?;
         opened += cn.ok;
         merge_counts(&mut failed_total, &cn.failed);
         let with_wave = RelayPoint::take(target, false);
@@ -1033,12 +1008,7 @@ pub fn slow(target: &Target, c: &Common, a: &SlowArgs) -> anyhow::Result<Report>
     let total = a.members + a.slow;
     let specs = layout(a.rooms, total, 1, a.slow, 0);
     let mut w = Workers::start(target, &specs, c.procs, Some(a.slow_rcvbuf))?;
-    let conn = w.connect(
-        &[Role::Member],
-        c.connect_rate,
-        c.connect_in_flight,
-        c.connect_timeout_ms,
-    )?;
+    let conn = w.connect(&[Role::Member], c)?;
     w.settle(Duration::from_millis(1000), Duration::from_secs(30))?;
     let pubs = publishers_per_worker(&specs, &w);
     eprintln!("slow: phase 1, {} healthy members only", conn.ok);
@@ -1051,12 +1021,7 @@ pub fn slow(target: &Target, c: &Common, a: &SlowArgs) -> anyhow::Result<Report>
         a.text_bytes,
         a.members as u64,
     )?;
-    let slow_conn = w.connect(
-        &[Role::Slow],
-        c.connect_rate,
-        c.connect_in_flight,
-        c.connect_timeout_ms,
-    )?;
+    let slow_conn = w.connect(&[Role::Slow], c)?;
     w.settle(Duration::from_millis(500), Duration::from_secs(10))?;
     eprintln!(
         "slow: phase 2, with {} members that never read",
@@ -1171,18 +1136,8 @@ pub fn flood(target: &Target, c: &Common, a: &FloodArgs) -> anyhow::Result<Repor
     // Attackers write as fast as they can: a process of their own keeps that busy thread away
     // from the one that timestamps the victims' deliveries.
     let mut atk = Workers::start(target, &attackers, 1, None)?;
-    let conn = w.connect(
-        &[Role::Member],
-        c.connect_rate,
-        c.connect_in_flight,
-        c.connect_timeout_ms,
-    )?;
-    let atk_conn = atk.connect(
-        &[Role::Attacker],
-        c.connect_rate,
-        c.connect_in_flight,
-        c.connect_timeout_ms,
-    )?;
+    let conn = w.connect(&[Role::Member], c)?;
+    let atk_conn = atk.connect(&[Role::Attacker], c)?;
     w.settle(Duration::from_millis(1000), Duration::from_secs(30))?;
     let pubs = publishers_per_worker(&specs, &w);
     eprintln!(
