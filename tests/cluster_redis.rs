@@ -589,38 +589,12 @@ async fn a_node_restates_its_presence_in_batches_of_rooms() {
             })
             .collect()
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let first: Vec<u64> = loop {
-        let e = expiries(&redis);
-        if e.iter().all(|e| e.len() == 1) {
-            break e.into_iter().map(|e| e[0]).collect();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "entries never written: {e:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let calls_before = script_calls(&redis.command(&["INFO", "commandstats"]));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let now = expiries(&redis);
-        if now
-            .iter()
-            .zip(&first)
-            .all(|(e, &was)| e.len() == 1 && e[0] > was)
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "a refresh did not re-state every room\n{}",
-            a.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let calls = script_calls(&redis.command(&["INFO", "commandstats"])) - calls_before;
+    let calls = count_across_a_presence_refresh(
+        || expiries(&redis),
+        || script_calls(&redis.command(&["INFO", "commandstats"])),
+        || a.logs(),
+    )
+    .await;
     assert!(
         calls <= 4,
         "re-stating 150 rooms took {calls} script calls (one per room would be 150)"

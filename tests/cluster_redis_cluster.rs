@@ -791,46 +791,15 @@ async fn a_node_restates_its_presence_in_one_call_per_master() {
     for room in &rooms {
         members.push(Client::join(&a, "ada", room).await.0);
     }
-    // Every room has the node's entry; then nothing else runs (the joins' updates are done).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let first: Vec<u64> = loop {
-        let expiries: Vec<Vec<u64>> = rooms
+    let expiries = || -> Vec<Vec<u64>> {
+        rooms
             .iter()
             .map(|r| room_presence_expiries(cluster, r))
-            .collect();
-        if expiries.iter().all(|e| e.len() == 1) {
-            break expiries.into_iter().map(|e| e[0]).collect();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "entries never written: {expiries:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+            .collect()
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let calls_before = masters_script_calls(cluster);
-    // The next refresh (within 10 s) moves every room's expiry on.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let now: Vec<Vec<u64>> = rooms
-            .iter()
-            .map(|r| room_presence_expiries(cluster, r))
-            .collect();
-        if now
-            .iter()
-            .zip(&first)
-            .all(|(e, &was)| e.len() == 1 && e[0] > was)
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "a refresh did not re-state every room: before {first:?}, now {now:?}\n{}",
-            a.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let calls = masters_script_calls(cluster) - calls_before;
+    let calls =
+        count_across_a_presence_refresh(expiries, || masters_script_calls(cluster), || a.logs())
+            .await;
     assert!(
         calls <= 6,
         "re-stating 30 rooms on 3 masters took {calls} script calls (one per room would be 30)"

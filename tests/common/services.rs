@@ -1253,3 +1253,45 @@ pub fn script_calls(info: &Resp) -> u64 {
         })
         .sum()
 }
+
+/// Count something across one presence refresh of a relay node: wait until every room has the
+/// node's entry (`expiries` reads one list per room, `presence_expiries`), take `count()` once
+/// the joins' own updates are done, then wait until a refresh has moved every room's expiry on
+/// (within 15 s: the refresh runs every 10 s). Returns how much `count()` grew meanwhile.
+pub async fn count_across_a_presence_refresh(
+    expiries: impl Fn() -> Vec<Vec<u64>>,
+    count: impl Fn() -> u64,
+    logs: impl Fn() -> String,
+) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let first: Vec<u64> = loop {
+        let e = expiries();
+        if e.iter().all(|e| e.len() == 1) {
+            break e.into_iter().map(|e| e[0]).collect();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "entries never written: {e:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = count();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = expiries();
+        if now
+            .iter()
+            .zip(&first)
+            .all(|(e, &was)| e.len() == 1 && e[0] > was)
+        {
+            return count() - before;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a refresh did not re-state every room: before {first:?}, now {now:?}\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
