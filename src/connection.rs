@@ -24,12 +24,10 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::future::Future;
-use std::io::{self, IoSlice};
-use std::os::fd::AsRawFd;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::io::{self, IoSlice, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::task::Context;
 
 use bytes::{Buf, Bytes};
 use tokio::io::AsyncWriteExt;
@@ -46,42 +44,45 @@ use crate::outbox::{Outbox, Pushed};
 use crate::protocol::auth::{self as second, Command, Invalid};
 use crate::protocol::{self, ClientMessage, ErrorCode};
 use crate::rate::Window;
+use crate::reactor::{Reactors, Source, Step};
 use crate::relay::{ConnectionPermit, Credential, Registration, Relay};
+use crate::socket::Socket;
 use crate::ticket::Grant;
 use crate::tls::{Received, Session};
 
 /// Per worker thread read buffer. Large enough to take many frames in one read; never held
 /// across an await, so it is shared by every connection the thread serves.
 const READ_BUF_BYTES: usize = 64 * 1024;
-/// Reads per wake before yielding to other connections (fairness under a flood): a socket that
-/// is still readable after this many reads waits its turn behind the runtime's other tasks.
+/// Reads per poll before yielding to other connections (fairness under a flood): a socket that
+/// is still readable after this many reads waits its turn behind its reactor's other
+/// connections.
 const READS_PER_WAKE: usize = 8;
+/// Rounds of read, work and write per poll: an outbox that refills as fast as it drains (a
+/// member of a busy room) still lets its reactor's other connections go.
+const ROUNDS_PER_POLL: usize = 16;
 /// Bytes a closing connection's peer may still send before we stop waiting for its close.
 const CLOSE_DISCARD_BYTES: usize = 64 * 1024;
 /// Frames gathered into one vectored write.
 const IOV_MAX: usize = 64;
 
 /// Read what the socket holds into `buf`. A read that leaves room in `buf` has drained the
-/// socket (the reactor is edge-triggered), so it clears the socket's read readiness at once, as
-/// tokio's own `poll_read` does, instead of spending a second `recv` to learn it: one system
-/// call per wake instead of two, which is most of a pong's cost on an idle connection. Safe
-/// against a race: `try_io` clears only the readiness it saw before the read, so bytes that
-/// arrive meanwhile bring a new readiness event with them.
-fn read_draining(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+/// socket (its epoll registration is edge-triggered), so it clears `readable` at once instead of
+/// spending a second `recv` to learn it: one system call per wake instead of two, which is most
+/// of a pong's cost on an idle connection. Safe against a race: bytes that arrive after the
+/// read bring a new edge with them, which sets `readable` again.
+fn read_draining(
+    stream: &std::net::TcpStream,
+    buf: &mut [u8],
+    readable: &mut bool,
+) -> io::Result<usize> {
     use std::io::Read;
-    let mut short = None;
-    let r = stream.try_io(tokio::io::Interest::READABLE, || {
-        let n = (&*socket2::SockRef::from(stream)).read(buf)?;
-        if n > 0 && n < buf.len() {
-            short = Some(n);
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(n)
-    });
-    match short {
-        Some(n) => Ok(n),
-        None => r,
+    let r = (&*stream).read(buf);
+    match &r {
+        Ok(n) if *n > 0 && *n < buf.len() => *readable = false,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => *readable = false,
+        _ => {}
     }
+    r
 }
 
 thread_local! {
@@ -140,7 +141,7 @@ impl Chat {
 
 /// How the read side wants the connection to go on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Flow {
+pub(crate) enum Flow {
     Continue,
     /// We close with this code (a close frame is sent).
     Close(u16),
@@ -228,14 +229,14 @@ impl Pending {
     /// written as the socket takes them).
     fn write_to(
         &mut self,
-        stream: &TcpStream,
+        socket: Socket<'_>,
         tls: Option<&mut Session>,
         outbox: &Outbox,
         metrics: &crate::metrics::Metrics,
     ) -> io::Result<()> {
         let all_written = match tls {
-            None => self.write_plain(stream, outbox, metrics)?,
-            Some(session) => self.write_tls(stream, session, outbox, metrics)?,
+            None => self.write_plain(socket, outbox, metrics)?,
+            Some(session) => self.write_tls(socket, session, outbox, metrics)?,
         };
         if !all_written {
             // The socket is full: the latency is recorded by the write that finishes.
@@ -267,13 +268,13 @@ impl Pending {
     /// Returns whether everything was written.
     fn write_plain(
         &mut self,
-        stream: &TcpStream,
+        mut socket: Socket<'_>,
         outbox: &Outbox,
         metrics: &crate::metrics::Metrics,
     ) -> io::Result<bool> {
         while !self.frames.is_empty() {
             let (slices, count) = self.slices();
-            let written = match stream.try_write_vectored(&slices[..count]) {
+            let written = match socket.write_vectored(&slices[..count]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
@@ -292,14 +293,14 @@ impl Pending {
     /// whether everything (frames and records) was written.
     fn write_tls(
         &mut self,
-        stream: &TcpStream,
+        socket: Socket<'_>,
         session: &mut Session,
         outbox: &Outbox,
         metrics: &crate::metrics::Metrics,
     ) -> io::Result<bool> {
         loop {
             while session.wants_write() {
-                match session.write_to(stream) {
+                match session.write_to(socket) {
                     Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                     Ok(_) => metrics.socket_writes.increment(1),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
@@ -351,13 +352,19 @@ impl Pending {
     }
 }
 
-/// One open WebSocket. This struct is the task's whole state while the connection is idle,
-/// so every field is here for a reason; ARCHITECTURE.md has the byte count.
-struct Connection {
+/// One open WebSocket. This struct, in its reactor's slab, is the connection's whole state while
+/// it is idle, so every field is here for a reason; ARCHITECTURE.md has the byte count.
+pub(crate) struct Connection {
     /// The relay, reached through this connection's slot (MAX_CONNECTIONS): one pointer for
     /// both, and the slot is released exactly when the connection is dropped.
     relay: ConnectionPermit,
-    stream: TcpStream,
+    /// The bare socket, in the reactor's epoll set. Taken only by `finish`, which hands it to
+    /// tokio for the close handshake.
+    stream: Option<std::net::TcpStream>,
+    /// The socket's readiness: set by the reactor on an epoll edge, cleared when a read or a
+    /// write finds it drained or full. Nothing is written while `writable` is false.
+    readable: bool,
+    writable: bool,
     outbox: Arc<Outbox>,
     /// Also who this connection is; leaves every room when dropped.
     rooms: Rooms,
@@ -398,8 +405,29 @@ impl Drop for Connection {
     }
 }
 
-/// Open a connection after the upgrade and give it a task of its own. `early` holds bytes the
-/// client sent right behind its upgrade request (decrypted, with TLS; rustls may hold more).
+/// The reactors of this process, started on the runtime of the first connection (and again if
+/// that runtime has gone, which only happens to tests that run relays one after another).
+static REACTORS: Mutex<Option<Arc<Reactors<Connection>>>> = Mutex::new(None);
+
+/// The running reactors, one per runtime worker.
+fn reactors() -> io::Result<Arc<Reactors<Connection>>> {
+    let mut slot = REACTORS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(reactors) = slot.as_ref().filter(|r| r.is_running()) {
+        return Ok(reactors.clone());
+    }
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    let reactors = Arc::new(Reactors::start(workers)?);
+    *slot = Some(reactors.clone());
+    Ok(reactors)
+}
+
+/// Start the reactors on the current runtime (the first connection would otherwise).
+pub(crate) fn start_reactors() -> io::Result<()> {
+    reactors().map(drop)
+}
+
+/// Open a connection after the upgrade and hand it to a reactor. `early` holds bytes the client
+/// sent right behind its upgrade request (decrypted, with TLS; rustls may hold more).
 pub(crate) fn spawn(
     relay: Arc<Relay>,
     stream: TcpStream,
@@ -471,9 +499,20 @@ pub(crate) fn spawn(
     }
     relay.metrics.connections_opened.increment(1);
     let address = who.address;
+    // Out of tokio's reactor (which frees its registration) and into ours below.
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::debug!(error = %e, "socket could not leave tokio's reactor");
+            return;
+        }
+    };
     let mut conn = Connection {
         relay: permit,
-        stream,
+        stream: Some(stream),
+        readable: false,
+        // A fresh socket takes writes (its first edge will say so too).
+        writable: true,
         outbox,
         rooms,
         may_publish,
@@ -492,7 +531,7 @@ pub(crate) fn spawn(
         // SAFETY: the connection owns the socket and forbids direct writes before it closes it
         // or writes its close frame (`finish`, `Drop`); everything else it writes is queued in
         // the outbox first and charged until written.
-        unsafe { conn.outbox.allow_direct_writes(conn.stream.as_raw_fd()) };
+        unsafe { conn.outbox.allow_direct_writes(conn.fd()) };
     }
     tracing::debug!(client_id = conn.client_id(), "connected");
     // `early` may be a slice of hyper's whole read buffer: copy what it holds and let the
@@ -515,75 +554,55 @@ pub(crate) fn spawn(
             flow = READ_BUF.with(|cell| conn.on_plaintext(&mut cell.borrow_mut()));
         }
     }
-    relay.tracker.spawn(Task::new(conn, flow));
-}
-
-/// A connection's task: its loop while it runs, then its close. Written by hand rather than
-/// as an `async fn` because tokio allocates each task as one cell aligned to 128 bytes (header,
-/// this future, trailer): an `async fn` future holds its arguments twice (rust-lang/rust#62958)
-/// plus the state of every await, which put the cell in the 512-byte class. This enum is the
-/// `Connection` and nothing else while the connection is open, so the cell fits 256 bytes
-/// (`budget` test, ARCHITECTURE.md).
-enum Task {
-    Running(Connection),
-    /// Closing needs timers and a scratch buffer; boxing keeps them out of the open task.
-    Closing(Pin<Box<dyn Future<Output = ()> + Send>>),
-    Done,
-}
-
-impl Task {
-    fn new(conn: Connection, flow: Flow) -> Task {
-        match flow {
-            Flow::Continue => Task::Running(conn),
-            flow => {
-                // From here the task writes its close frame itself (`finish`).
-                conn.outbox.forbid_direct_writes();
-                Task::Closing(Box::pin(conn.finish(flow)))
-            }
-        }
+    if flow != Flow::Continue {
+        return conn.exit(flow);
+    }
+    match reactors() {
+        Ok(reactors) => reactors.add(conn),
+        Err(e) => tracing::error!(error = %e, "no reactor for the connection; dropping it"),
     }
 }
 
-impl Future for Task {
-    type Output = ();
+impl Source for Connection {
+    type Exit = Flow;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.get_mut();
-        loop {
-            match this {
-                Task::Running(conn) => {
-                    let flow = std::task::ready!(conn.poll_run(cx));
-                    let Task::Running(conn) = std::mem::replace(this, Task::Done) else {
-                        unreachable!("matched Running above");
-                    };
-                    *this = Task::new(conn, flow);
-                }
-                Task::Closing(finish) => {
-                    std::task::ready!(finish.as_mut().poll(cx));
-                    *this = Task::Done;
-                }
-                Task::Done => return Poll::Ready(()),
-            }
-        }
+    fn fd(&self) -> RawFd {
+        self.socket().as_raw_fd()
+    }
+
+    fn readiness(&mut self, readable: bool, writable: bool) {
+        self.readable |= readable;
+        self.writable |= writable;
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Step<Flow> {
+        self.poll_run(cx)
+    }
+
+    /// Off to the close handshake, a task of its own (it needs timers; it is short-lived).
+    fn exit(self, flow: Flow) {
+        // From here the closing task writes the close frame itself.
+        self.outbox.forbid_direct_writes();
+        let tracker = self.relay.tracker.clone();
+        tracker.spawn(self.finish(flow));
     }
 }
 
 impl Connection {
-    /// The connection's loop, polled by its [`Task`]. It waits on the outbox's waker slot and
-    /// the socket's own readiness slots, so the task stores no futures while idle. Ready with
-    /// the flow that ends the connection.
-    fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Flow> {
-        loop {
-            let ready = match std::task::ready!(self.poll_ready(cx)) {
-                Ok(ready) => ready,
-                Err(_) => return Poll::Ready(Flow::Dropped),
+    /// The connection's loop, polled by its reactor when the socket reports readiness or the
+    /// outbox wakes it. Waits on the outbox's waker slot and the socket's readiness flags, so
+    /// nothing is stored while idle. Exits with the flow that ends the connection.
+    fn poll_run(&mut self, cx: &mut Context<'_>) -> Step<Flow> {
+        for _ in 0..ROUNDS_PER_POLL {
+            let Some(ready) = self.ready(cx) else {
+                return Step::Wait;
             };
             let mut more_to_read = false;
             if ready.readable {
                 let flow;
                 (flow, more_to_read) = self.read_ready();
                 if flow != Flow::Continue {
-                    return Poll::Ready(flow);
+                    return Step::Exit(flow);
                 }
             }
             if ready.work {
@@ -594,7 +613,7 @@ impl Connection {
                         self.outbox.revive();
                     } else {
                         self.relay.metrics.heartbeat_terminations.increment(1);
-                        return Poll::Ready(Flow::Silent);
+                        return Step::Exit(Flow::Silent);
                     }
                 }
                 if self.outbox.take_ping_due() {
@@ -602,63 +621,48 @@ impl Connection {
                 }
             }
             if let Some(limit) = self.limit_passed() {
-                return Poll::Ready(Flow::Limit(limit));
+                return Step::Exit(Flow::Limit(limit));
             }
             if self.auth_overdue() {
                 self.relay.metrics.auth_failed(AuthFailure::Timeout);
                 let address = Some(self.address.ip());
                 self.relay
                     .audit_auth_refused(address, AuditDialect::Auth, "timeout", 4401);
-                return Poll::Ready(Flow::CloseWith(4401, "auth required"));
+                return Step::Exit(Flow::CloseWith(4401, "auth required"));
             }
             match self.flush() {
                 Ok(None) => {}
-                Ok(Some(code)) => return Poll::Ready(Flow::Close(code)),
-                Err(_) => return Poll::Ready(Flow::Dropped),
+                Ok(Some(code)) => return Step::Exit(Flow::Close(code)),
+                Err(_) => return Step::Exit(Flow::Dropped),
             }
             if more_to_read {
-                // Still readable after READS_PER_WAKE reads: let other connections run first.
-                // A fresh `yield_now` polled once hands our waker to the scheduler, which wakes
-                // it only after the other ready tasks and the I/O driver had their turn (waking
-                // ourselves would requeue us before the driver is polled). Dropping the future
-                // keeps that deferred wake-up; nothing is stored in the task.
-                let _ = std::pin::pin!(tokio::task::yield_now()).poll(cx);
-                return Poll::Pending;
+                // Still readable after READS_PER_WAKE reads: the other connections go first.
+                return Step::Again;
             }
         }
+        // Its outbox keeps filling as fast as it drains: the others go first.
+        Step::Again
     }
 
-    /// Ready when the outbox has work, the socket is readable (unless reading is paused), or a
-    /// pending write can go on. Each wake spends tokio's cooperative budget, so a member of a busy
-    /// room whose outbox is always ready still yields to the other tasks on its worker.
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Ready>> {
-        let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
-        let mut ready = Ready {
+    /// What there is to do: the outbox has work, the socket is readable (unless reading is
+    /// paused), or a pending write can go on. `None`: nothing until readiness or a wake.
+    fn ready(&mut self, cx: &mut Context<'_>) -> Option<Ready> {
+        let ready = Ready {
             work: self.outbox.poll_work(cx).is_ready(),
-            ..Ready::default()
+            // A peer whose answers pile up unwritten is not read from until they drain: its own
+            // requests (pings, publishes with acks) must not push it into the slow-consumer
+            // limit.
+            readable: self.readable && !self.reading_paused(),
+            writable: self.writable && self.pending.is_some(),
         };
-        // A peer whose answers pile up unwritten is not read from until they drain: its own
-        // requests (pings, publishes with acks) must not push it into the slow-consumer limit.
-        if !self.reading_paused() {
-            match self.stream.poll_read_ready(cx) {
-                Poll::Ready(Ok(())) => ready.readable = true,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {}
-            }
-        }
-        if self.pending.is_some() {
-            match self.stream.poll_write_ready(cx) {
-                Poll::Ready(Ok(())) => ready.writable = true,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {}
-            }
-        }
-        if ready.work || ready.readable || ready.writable {
-            coop.made_progress();
-            Poll::Ready(Ok(ready))
-        } else {
-            Poll::Pending
-        }
+        (ready.work || ready.readable || ready.writable).then_some(ready)
+    }
+
+    /// The bare socket (present until `finish` takes it).
+    fn socket(&self) -> &std::net::TcpStream {
+        self.stream
+            .as_ref()
+            .expect("only finish takes the socket, and it owns the connection")
     }
 
     fn reading_paused(&self) -> bool {
@@ -670,7 +674,7 @@ impl Connection {
     /// does not take it for dead. (If it never drains, WRITE_STALL_MS ends it.)
     fn has_unread_bytes(&self) -> bool {
         let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
-        matches!(socket2::SockRef::from(&self.stream).peek(&mut byte), Ok(n) if n > 0)
+        matches!(socket2::SockRef::from(self.socket()).peek(&mut byte), Ok(n) if n > 0)
     }
 
     /// A first-dialect connection's id, or 0 (for logs).
@@ -730,24 +734,32 @@ impl Connection {
         for _ in 0..READS_PER_WAKE {
             let flow = READ_BUF.with(|cell| {
                 let mut buf = cell.borrow_mut();
+                let stream = self
+                    .stream
+                    .as_ref()
+                    .expect("open connections keep their socket");
                 let Some(session) = &mut self.tls else {
-                    return match read_draining(&self.stream, &mut buf[..]) {
+                    return match read_draining(stream, &mut buf[..], &mut self.readable) {
                         Ok(0) => Some(Flow::Dropped),
                         Ok(n) => Some(self.on_bytes(&mut buf[..n])),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
                         Err(_) => Some(Flow::Dropped),
                     };
                 };
-                match session.read_from(&self.stream) {
+                match session.read_from(Socket::Bare(stream)) {
                     Ok(Received::Records) => Some(self.on_plaintext(&mut buf)),
                     Ok(Received::Eof) => Some(Flow::Dropped),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.readable = false;
+                        None
+                    }
                     // A broken socket, or a TLS protocol error (rustls sent its alert).
                     Err(_) => Some(Flow::Dropped),
                 }
             });
             match flow {
                 None => return (Flow::Continue, false),
+                Some(Flow::Continue) if !self.readable => return (Flow::Continue, false),
                 Some(Flow::Continue) => {}
                 Some(other) => return (other, false),
             }
@@ -1227,11 +1239,19 @@ impl Connection {
                 ..Pending::default()
             }),
         };
-        if batch.closing.is_none() {
+        // A socket known to be full is not tried again before its next edge (no system call
+        // per wake for a slow reader, as tokio's readiness would spare it).
+        if batch.closing.is_none() && self.writable {
             let tls = self.tls.as_deref_mut();
-            pending.write_to(&self.stream, tls, &self.outbox, &self.relay.metrics)?;
+            let stream = self.stream.as_ref();
+            let socket = Socket::Bare(stream.expect("open connections keep their socket"));
+            pending.write_to(socket, tls, &self.outbox, &self.relay.metrics)?;
         }
         if !pending.is_done(self.tls.as_deref()) {
+            if batch.closing.is_none() {
+                // Only a full socket leaves anything unwritten: wait for its next edge.
+                self.writable = false;
+            }
             self.pending = Some(pending);
         }
         Ok(batch.closing)
@@ -1257,6 +1277,8 @@ impl Connection {
             }
         };
         relay.metrics.connection_closed(code);
+        // Back to tokio for the handshake's waits (the reactor dropped it from its set).
+        let stream = self.stream.take().map(TcpStream::from_std);
         let (by, why) = match flow {
             Flow::Continue => unreachable!("checked above"),
             Flow::Dropped => ("none", "dropped"),
@@ -1316,6 +1338,9 @@ impl Connection {
             Rooms::One(m) => m.leave(),
             Rooms::Many(chat) => chat.rooms.iter().for_each(Membership::leave),
         }
+        let Some(Ok(stream)) = stream else {
+            return;
+        };
         if let Some((send, reason)) = send {
             let mut pending = self.pending.take().map(|p| *p).unwrap_or_default();
             let queued = self.outbox.take();
@@ -1339,11 +1364,11 @@ impl Connection {
             let peer_closed = matches!(flow, Flow::PeerClosed(_));
             let tls = self.tls.as_deref_mut();
             let done = pending
-                .write_to(&self.stream, tls, &self.outbox, &relay.metrics)
+                .write_to(Socket::Tokio(&stream), tls, &self.outbox, &relay.metrics)
                 .is_err()
                 || (peer_closed && pending.is_done(self.tls.as_deref()));
             if !done {
-                let handshake = self.close_handshake(pending, !peer_closed);
+                let handshake = self.close_handshake(stream, pending, !peer_closed);
                 let _ = tokio::time::timeout(relay.settings.close_timeout, handshake).await;
             }
         }
@@ -1353,20 +1378,26 @@ impl Connection {
     /// and wait for the peer to close (discarding what it still sends).
     async fn close_handshake(
         &mut self,
+        mut stream: TcpStream,
         mut pending: Pending,
         wait_for_peer: bool,
     ) -> io::Result<()> {
         while !pending.is_done(self.tls.as_deref()) {
             let tls = self.tls.as_deref_mut();
-            pending.write_to(&self.stream, tls, &self.outbox, &self.relay.metrics)?;
+            pending.write_to(
+                Socket::Tokio(&stream),
+                tls,
+                &self.outbox,
+                &self.relay.metrics,
+            )?;
             if !pending.is_done(self.tls.as_deref()) {
-                self.stream.writable().await?;
+                stream.writable().await?;
             }
         }
         if !wait_for_peer {
             return Ok(());
         }
-        self.stream.shutdown().await?;
+        stream.shutdown().await?;
         // A peer that answers our close sends a few bytes more at most; one that keeps flooding
         // is dropped after CLOSE_DISCARD_BYTES. Each read spends tokio's cooperative budget, so a
         // flooding peer cannot keep this task on its worker (readiness and `try_read` alone do
@@ -1375,8 +1406,8 @@ impl Connection {
         let mut discarded = 0;
         while discarded < CLOSE_DISCARD_BYTES {
             tokio::task::coop::consume_budget().await;
-            self.stream.readable().await?;
-            match self.stream.try_read(&mut scratch) {
+            stream.readable().await?;
+            match stream.try_read(&mut scratch) {
                 Ok(0) => return Ok(()),
                 Ok(n) => discarded += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -1429,25 +1460,13 @@ mod budget {
     #[test]
     fn idle_connection_state_stays_within_budget() {
         let conn = std::mem::size_of::<super::Connection>();
-        let task = std::mem::size_of::<super::Task>();
+        let slot = std::mem::size_of::<Option<super::Connection>>();
         let outbox = std::mem::size_of::<crate::outbox::Outbox>();
-        eprintln!("Connection = {conn} B, Task = {task} B, Outbox = {outbox} B");
-        // The budget is the release layout: tokio's `TcpStream` is 32 B there, 40 B in a debug
-        // build.
-        let debug_extra = std::mem::size_of::<tokio::net::TcpStream>() - 32;
-        let (conn, task) = (conn - debug_extra, task - debug_extra);
+        eprintln!("Connection = {conn} B, slab slot = {slot} B, Outbox = {outbox} B");
+        // The connection lives in its reactor's slab, inline: no task, no tokio registration.
         assert!(
-            conn <= 144,
-            "Connection grew to {conn} B; update ARCHITECTURE.md's budget"
-        );
-        // tokio 1.x's task cell, 128-byte aligned: a 32 B header, the scheduler handle and task
-        // id (16 B), the stage's tag (8 B), the future (our `Task` inside the TaskTracker's
-        // wrapper, +8 B) and a 48 B trailer. With a `Task` of 144 B that is 256 B; one byte
-        // more and the cell takes 384 B, which mimalloc serves from its 512-byte class (a
-        // 384-byte block is not 128-aligned, so an aligned request over-allocates).
-        assert!(
-            task <= 144,
-            "the connection's Task grew to {task} B: its tokio cell passes 256 B"
+            slot <= 120,
+            "a slab slot grew to {slot} B; update ARCHITECTURE.md's budget"
         );
         assert!(
             outbox <= 112,

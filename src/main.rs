@@ -73,6 +73,7 @@ fn main() -> anyhow::Result<()> {
             // the certificate.
             let shutdown = stop_signals()?;
             on_sighup(relay_audit.clone(), settings.tls.clone())?;
+            server::start_reactors().context("starting the connection reactors")?;
             let mut stdout = std::io::stdout().lock();
             let url = roomcast::config::start_url(addr, settings.tls.is_some());
             writeln!(stdout, "roomcast listening on {url} (max connections {max}, open-file limit {nofile})")?;

@@ -43,6 +43,15 @@ pub enum ServerError {
     LocalAddr(#[from] std::io::Error),
     #[error(transparent)]
     Broker(#[from] crate::broker_redis::RedisBrokerError),
+    #[error("starting the connection reactors: {0}")]
+    Reactors(std::io::Error),
+}
+
+/// Start the reactors that hold open connections (one per runtime worker) on the current
+/// runtime, if they are not running yet. `serve` does it before it accepts; the binary does it
+/// before it says it is listening, so their epoll descriptors are there from the start.
+pub fn start_reactors() -> std::io::Result<()> {
+    crate::connection::start_reactors()
 }
 
 /// Serve on `listener` until `shutdown` resolves, then drain (see [`serve`]; no admin listener,
@@ -114,6 +123,7 @@ where
     N: Future<Output = ()>,
 {
     let relay = Relay::new(settings, prometheus, audit)?;
+    start_reactors().map_err(ServerError::Reactors)?;
     let stop = CancellationToken::new();
     let background = [
         tokio::spawn(heartbeat(relay.clone(), stop.clone())),

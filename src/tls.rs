@@ -22,13 +22,13 @@ use std::io::{self, IoSlice, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use crate::socket::Socket;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ServerConfig, ServerConnection};
-use tokio::net::TcpStream;
 
 /// Bytes of encrypted records rustls may hold for one connection before `encrypt` takes no more
 /// (`ServerConnection::set_buffer_limit`). Frames it has not taken stay in the connection's
@@ -203,13 +203,13 @@ impl Session {
     /// `WouldBlock` when the socket had nothing (which also clears tokio's readiness), any
     /// other error for a broken socket or a TLS protocol error (rustls' alert is sent first, if
     /// the socket takes it).
-    pub fn read_from(&mut self, stream: &TcpStream) -> io::Result<Received> {
-        let n = self.conn.read_tls(&mut Socket(stream))?;
+    pub fn read_from(&mut self, mut socket: Socket<'_>) -> io::Result<Received> {
+        let n = self.conn.read_tls(&mut socket)?;
         if n == 0 {
             return Ok(Received::Eof);
         }
         if let Err(e) = self.conn.process_new_packets() {
-            let _ = self.conn.write_tls(&mut Socket(stream));
+            let _ = self.conn.write_tls(&mut socket);
             return Err(io::Error::new(io::ErrorKind::InvalidData, e));
         }
         Ok(Received::Records)
@@ -233,38 +233,13 @@ impl Session {
     }
 
     /// Write encrypted records to the socket (one vectored system call).
-    pub fn write_to(&mut self, stream: &TcpStream) -> io::Result<usize> {
-        self.conn.write_tls(&mut Socket(stream))
+    pub fn write_to(&mut self, mut socket: Socket<'_>) -> io::Result<usize> {
+        self.conn.write_tls(&mut socket)
     }
 
     /// Queue the close_notify alert (written by `write_to`).
     pub fn send_close_notify(&mut self) {
         self.conn.send_close_notify();
-    }
-}
-
-/// `Read`/`Write` on a shared `TcpStream` without waiting, for rustls' `read_tls`/`write_tls`.
-/// A `WouldBlock` here clears the socket's readiness in tokio, exactly like the plain path's
-/// `try_read`/`try_write_vectored`.
-struct Socket<'a>(&'a TcpStream);
-
-impl Read for Socket<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.try_read(buf)
-    }
-}
-
-impl Write for Socket<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.try_write(buf)
-    }
-
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        self.0.try_write_vectored(bufs)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 

@@ -242,10 +242,19 @@ fn print_pages() {
         let e = by_size.entry(block_size).or_default();
         *e = (e.0 + 1, e.1 + committed, e.2 + used * block_size);
     }
-    eprintln!("mimalloc pages by block size (committed KiB / in live blocks KiB):");
+    // (Blocks of a MiB and more: this function's own list.)
+    let (committed, used) = by_size
+        .range(..1 << 20)
+        .fold((0, 0), |(c, u), (_, &(_, pc, pu))| (c + pc, u + pu));
+    eprintln!(
+        "mimalloc pages: {} KiB committed, {} KiB in live blocks",
+        committed / 1024,
+        used / 1024
+    );
+    eprintln!("by block size, where large or with a large hole (committed KiB / live KiB):");
     for (block_size, (pages, committed, used)) in by_size {
-        // (Blocks of a MiB and more: this function's own list.)
-        if committed > 256 * 1024 && block_size < 1 << 20 {
+        let large = committed > 256 * 1024 || committed - used > 64 * 1024;
+        if large && block_size < 1 << 20 {
             eprintln!(
                 "  {block_size:>6} B: {pages:>3} pages, {:>6} / {:>6} KiB",
                 committed / 1024,

@@ -1,0 +1,481 @@
+//! Where open connections wait: one reactor per runtime worker, each an epoll set and a slab of
+//! connections driven by a single tokio task.
+//!
+//! A task per connection costs a tokio task cell and a tokio I/O registration (`ScheduledIo`),
+//! two 128-aligned 256-byte blocks: more than half of what an idle connection held
+//! (ARCHITECTURE.md, "Per-connection memory budget"). Here a connection is a value in its
+//! reactor's slab and its socket is registered, edge-triggered, in the reactor's own epoll set,
+//! which tokio watches as one `AsyncFd`. The rest of the relay stays on tokio: the reactor's
+//! task is one task among the others, and yields after [`POLLS_PER_TURN`] connection polls.
+//!
+//! A connection is polled when its socket reports readiness or when something wakes it. The
+//! waker a connection hands out (to its outbox) carries no allocation: it is the reactor's
+//! number and the connection's slot, and waking it puts the slot on the reactor's ready list
+//! and wakes the reactor's task once. A wake for a slot whose connection has left (or a new one
+//! in the same slot) costs one poll that finds nothing to do.
+//!
+//! A connection stays on the reactor that took it; [`Reactors::add`] spreads new connections
+//! over the reactors in turn. What a connection does when it leaves (its close handshake, with
+//! timers) is its own business ([`Source::exit`]).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
+
+use futures_util::task::AtomicWaker;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+/// Connection polls per turn of a reactor's task, after which it yields to the runtime's other
+/// tasks (the HTTP stage, deliverers, the broker) and to tokio's I/O driver.
+pub const POLLS_PER_TURN: usize = 128;
+/// epoll events taken per `epoll_wait`.
+const EVENTS_PER_WAIT: usize = 256;
+/// Slab slots are allocated this many at a time (never moved, so no doubling copies).
+const CHUNK: usize = 256;
+/// Reactors a process can start in its life (a relay starts one per runtime worker).
+const MAX_REACTORS: usize = 4096;
+
+/// What the reactor asks of a connection.
+pub trait Source: Send + Unpin + 'static {
+    /// Why the connection left the reactor.
+    type Exit: Send;
+    /// The socket, registered in the reactor's epoll set while the connection is in the slab.
+    fn fd(&self) -> RawFd;
+    /// epoll reported an edge: the socket became readable and/or writable (hang-ups and errors
+    /// count as both, so the next read or write finds them).
+    fn readiness(&mut self, readable: bool, writable: bool);
+    /// Do what the socket's readiness and the connection's own work allow, without blocking.
+    /// Wakes of `cx`'s waker poll the connection again.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Step<Self::Exit>;
+    /// The connection left the slab and the epoll set (after `Step::Exit`).
+    fn exit(self, exit: Self::Exit);
+}
+
+/// The outcome of one poll of a connection.
+pub enum Step<E> {
+    /// Nothing more to do until readiness or a wake.
+    Wait,
+    /// More to do, after the other connections had their turn.
+    Again,
+    /// The connection is done here.
+    Exit(E),
+}
+
+/// One reactor per runtime worker; new connections go to each in turn.
+pub struct Reactors<T> {
+    all: Box<[Arc<Shared<T>>]>,
+    next: AtomicUsize,
+}
+
+/// What other threads reach of a reactor.
+struct Shared<T> {
+    wakeups: &'static Wakeups,
+    /// Connections handed over, not yet in the slab.
+    incoming: Mutex<Vec<T>>,
+    /// False once the reactor's task is gone (its runtime shut down).
+    running: AtomicBool,
+}
+
+/// A reactor's ready list and its task's waker. Slot wakers find it by number in `WAKEUPS`,
+/// so they carry no pointer; it is never freed (one per reactor, a few per process).
+struct Wakeups {
+    id: u32,
+    ready: Mutex<Vec<u32>>,
+    task: AtomicWaker,
+}
+
+static WAKEUPS: [OnceLock<&'static Wakeups>; MAX_REACTORS] =
+    [const { OnceLock::new() }; MAX_REACTORS];
+static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+
+impl Wakeups {
+    fn new() -> io::Result<&'static Wakeups> {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        if id >= MAX_REACTORS {
+            return Err(io::Error::other(
+                "too many reactors started in this process",
+            ));
+        }
+        let wakeups: &'static Wakeups = Box::leak(Box::new(Wakeups {
+            id: id as u32,
+            ready: Mutex::new(Vec::new()),
+            task: AtomicWaker::new(),
+        }));
+        let _ = WAKEUPS[id].set(wakeups);
+        Ok(wakeups)
+    }
+
+    fn wake_slot(&self, slot: u32) {
+        let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        let first = ready.is_empty();
+        ready.push(slot);
+        drop(ready);
+        if first {
+            self.task.wake();
+        }
+    }
+
+    /// The waker of one slot: the reactor's number and the slot, packed in the data pointer.
+    fn slot_waker(&self, slot: u32) -> Waker {
+        let data = ((self.id as usize) << 32 | slot as usize) as *const ();
+        // SAFETY: the vtable's functions only read `data` as a number; nothing is owned.
+        #[allow(unsafe_code)]
+        unsafe {
+            Waker::from_raw(RawWaker::new(data, &SLOT_WAKER))
+        }
+    }
+}
+
+static SLOT_WAKER: RawWakerVTable =
+    RawWakerVTable::new(clone_slot_waker, wake_slot, wake_slot, drop_slot_waker);
+
+#[allow(unsafe_code)]
+unsafe fn clone_slot_waker(data: *const ()) -> RawWaker {
+    RawWaker::new(data, &SLOT_WAKER)
+}
+
+#[allow(unsafe_code)]
+unsafe fn wake_slot(data: *const ()) {
+    let packed = data as usize;
+    if let Some(wakeups) = WAKEUPS.get(packed >> 32).and_then(OnceLock::get) {
+        wakeups.wake_slot(packed as u32);
+    }
+}
+
+#[allow(unsafe_code)]
+unsafe fn drop_slot_waker(_: *const ()) {}
+
+impl<T: Source> Reactors<T> {
+    /// Start `count` reactors on the current tokio runtime.
+    pub fn start(count: usize) -> io::Result<Reactors<T>> {
+        let all = (0..count.max(1))
+            .map(|_| Run::start())
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Reactors {
+            all: all.into_boxed_slice(),
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Every reactor's task still runs.
+    pub fn is_running(&self) -> bool {
+        self.all.iter().all(|s| s.running.load(Ordering::Acquire))
+    }
+
+    /// Hand a connection to the next reactor. It is polled once there even without readiness.
+    pub fn add(&self, conn: T) {
+        let n = self.next.fetch_add(1, Ordering::Relaxed) % self.all.len();
+        let shared = &self.all[n];
+        let mut incoming = shared.incoming.lock().unwrap_or_else(|p| p.into_inner());
+        incoming.push(conn);
+        drop(incoming);
+        shared.wakeups.task.wake();
+    }
+}
+
+/// A slab whose slots never move: chunks of `CHUNK`, allocated as needed.
+struct Slab<T> {
+    chunks: Vec<Box<[Option<T>]>>,
+    free: Vec<u32>,
+    used: usize,
+}
+
+impl<T> Slab<T> {
+    fn insert(&mut self, value: T) -> u32 {
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                let slot = self.chunks.len() * CHUNK;
+                self.chunks
+                    .push((0..CHUNK).map(|_| None).collect::<Vec<_>>().into());
+                self.free
+                    .extend((slot as u32 + 1..(slot + CHUNK) as u32).rev());
+                slot as u32
+            }
+        };
+        self.chunks[slot as usize / CHUNK][slot as usize % CHUNK] = Some(value);
+        self.used += 1;
+        slot
+    }
+
+    fn get_mut(&mut self, slot: u32) -> Option<&mut T> {
+        let slot = slot as usize;
+        self.chunks.get_mut(slot / CHUNK)?[slot % CHUNK].as_mut()
+    }
+
+    fn remove(&mut self, slot: u32) -> Option<T> {
+        let s = slot as usize;
+        let value = self.chunks.get_mut(s / CHUNK)?[s % CHUNK].take()?;
+        self.free.push(slot);
+        self.used -= 1;
+        Some(value)
+    }
+}
+
+/// A reactor's task: its epoll set, its slab and its lists.
+struct Run<T> {
+    shared: Arc<Shared<T>>,
+    epoll: AsyncFd<OwnedFd>,
+    slab: Slab<T>,
+    /// Slots to poll in this turn.
+    ready: Vec<u32>,
+    /// Slots that asked to be polled again after the others.
+    again: Vec<u32>,
+    events: Vec<libc::epoll_event>,
+}
+
+impl<T> Drop for Run<T> {
+    fn drop(&mut self) {
+        self.shared.running.store(false, Ordering::Release);
+    }
+}
+
+impl<T: Source> Run<T> {
+    fn start() -> io::Result<Arc<Shared<T>>> {
+        #[allow(unsafe_code)]
+        // SAFETY: plain system call; the descriptor it returns is owned by the `OwnedFd`.
+        let epoll = unsafe {
+            let fd = libc::epoll_create1(libc::EPOLL_CLOEXEC);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            OwnedFd::from_raw_fd(fd)
+        };
+        let shared = Arc::new(Shared {
+            wakeups: Wakeups::new()?,
+            incoming: Mutex::new(Vec::new()),
+            running: AtomicBool::new(true),
+        });
+        #[allow(unsafe_code)]
+        // SAFETY: the `AsyncFd` owns the descriptor, so it is deregistered before it closes.
+        let epoll = unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }
+            .map_err(io::Error::from)?;
+        let run = Run {
+            shared: shared.clone(),
+            epoll,
+            slab: Slab {
+                chunks: Vec::new(),
+                free: Vec::new(),
+                used: 0,
+            },
+            ready: Vec::new(),
+            again: Vec::new(),
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT],
+        };
+        tokio::spawn(run);
+        Ok(shared)
+    }
+
+    fn epoll_ctl(&self, op: libc::c_int, fd: RawFd, slot: u32) -> io::Result<()> {
+        let mut event = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+            u64: slot as u64,
+        };
+        #[allow(unsafe_code)]
+        // SAFETY: both descriptors are open (the epoll set is ours, `fd` belongs to a connection
+        // in the slab); `event` lives across the call.
+        let r = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &mut event) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Move handed-over connections into the slab and the epoll set.
+    fn take_incoming(&mut self) {
+        let incoming = {
+            let mut list = self
+                .shared
+                .incoming
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if list.is_empty() {
+                return;
+            }
+            std::mem::take(&mut *list)
+        };
+        for conn in incoming {
+            let fd = conn.fd();
+            let slot = self.slab.insert(conn);
+            match self.epoll_ctl(libc::EPOLL_CTL_ADD, fd, slot) {
+                // Polled once: it may have work queued already (its greeting).
+                Ok(()) => self.ready.push(slot),
+                Err(e) => {
+                    tracing::warn!(error = %e, "epoll_ctl(ADD) failed; dropping the connection");
+                    self.slab.remove(slot);
+                }
+            }
+        }
+    }
+
+    /// Take one batch of epoll events, if the set has any.
+    fn take_events(&mut self, cx: &mut Context<'_>) {
+        let mut guard = match self.epoll.poll_read_ready(cx) {
+            Poll::Ready(Ok(guard)) => guard,
+            Poll::Ready(Err(e)) => {
+                tracing::error!(error = %e, "reactor: epoll readiness failed");
+                return;
+            }
+            Poll::Pending => return,
+        };
+        let n = loop {
+            #[allow(unsafe_code)]
+            // SAFETY: `events` has room for EVENTS_PER_WAIT entries; timeout 0 never blocks.
+            let n = unsafe {
+                libc::epoll_wait(
+                    guard.get_inner().as_raw_fd(),
+                    self.events.as_mut_ptr(),
+                    EVENTS_PER_WAIT as libc::c_int,
+                    0,
+                )
+            };
+            if n >= 0 {
+                break n as usize;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                tracing::error!(error = %e, "reactor: epoll_wait failed");
+                return;
+            }
+        };
+        if n < EVENTS_PER_WAIT {
+            // Drained: the next edge of the set's readiness wakes us.
+            guard.clear_ready();
+        }
+        drop(guard);
+        for i in 0..n {
+            let (bits, data) = (self.events[i].events, self.events[i].u64);
+            let slot = data as u32;
+            let Some(conn) = self.slab.get_mut(slot) else {
+                continue;
+            };
+            let broken = (libc::EPOLLHUP | libc::EPOLLERR) as u32;
+            let readable = bits & (libc::EPOLLIN | libc::EPOLLRDHUP) as u32 != 0;
+            let writable = bits & libc::EPOLLOUT as u32 != 0;
+            let broken = bits & broken != 0;
+            conn.readiness(readable || broken, writable || broken);
+            self.ready.push(slot);
+        }
+    }
+
+    fn poll_slot(&mut self, slot: u32) {
+        let Some(conn) = self.slab.get_mut(slot) else {
+            return;
+        };
+        let waker = self.shared.wakeups.slot_waker(slot);
+        let mut cx = Context::from_waker(&waker);
+        match conn.poll(&mut cx) {
+            Step::Wait => {}
+            Step::Again => self.again.push(slot),
+            Step::Exit(exit) => {
+                let conn = self.slab.remove(slot).expect("polled above");
+                // Before the connection may close its socket.
+                let _ = self.epoll_ctl(libc::EPOLL_CTL_DEL, conn.fd(), slot);
+                conn.exit(exit);
+            }
+        }
+    }
+}
+
+impl<T: Source> std::future::Future for Run<T> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let mut polls = 0;
+        let mut batch = Vec::new();
+        loop {
+            // Registered before the lists are read, so a wake after the reads is not lost.
+            this.shared.wakeups.task.register(cx.waker());
+            this.take_incoming();
+            this.ready.append(&mut this.again);
+            {
+                let mut woken = this
+                    .shared
+                    .wakeups
+                    .ready
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                this.ready.append(&mut woken);
+            }
+            this.take_events(cx);
+            if this.ready.is_empty() {
+                return Poll::Pending;
+            }
+            std::mem::swap(&mut batch, &mut this.ready);
+            for (i, &slot) in batch.iter().enumerate() {
+                if polls == POLLS_PER_TURN {
+                    this.ready.extend_from_slice(&batch[i..]);
+                    // Let the runtime's other tasks and its I/O driver go first. A fresh
+                    // `yield_now` polled once hands our waker to the scheduler, which wakes us
+                    // after them (waking ourselves would requeue us before the driver is
+                    // polled); dropping the future keeps that deferred wake-up.
+                    let _ = std::pin::pin!(tokio::task::yield_now()).poll(cx);
+                    return Poll::Pending;
+                }
+                polls += 1;
+                this.poll_slot(slot);
+            }
+            batch.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slab_reuses_freed_slots_and_never_moves_the_others() {
+        let mut slab = Slab {
+            chunks: Vec::new(),
+            free: Vec::new(),
+            used: 0,
+        };
+        let slots: Vec<u32> = (0..CHUNK as u32 + 3).map(|i| slab.insert(i)).collect();
+        assert_eq!(slots, (0..CHUNK as u32 + 3).collect::<Vec<_>>());
+        assert_eq!(slab.chunks.len(), 2);
+        assert_eq!(slab.remove(5), Some(5));
+        assert_eq!(slab.remove(5), None);
+        assert_eq!(slab.get_mut(5), None);
+        assert_eq!(slab.insert(99), 5);
+        assert_eq!(slab.get_mut(5), Some(&mut 99));
+        assert_eq!(
+            slab.get_mut(CHUNK as u32 + 2),
+            Some(&mut (CHUNK as u32 + 2))
+        );
+        assert_eq!(slab.get_mut(10_000), None);
+        assert_eq!(slab.used, CHUNK + 3);
+    }
+
+    #[test]
+    fn a_slot_waker_puts_its_slot_on_its_reactors_ready_list_and_wakes_the_task_once() {
+        let wakeups = Wakeups::new().expect("a reactor number");
+        let (task_waker, woken) = counting_waker();
+        wakeups.task.register(&task_waker);
+        let waker = wakeups.slot_waker(7);
+        waker.wake_by_ref();
+        let copy = waker.clone();
+        drop(waker);
+        copy.wake();
+        wakeups.slot_waker(9).wake();
+        assert_eq!(*wakeups.ready.lock().unwrap(), vec![7, 7, 9]);
+        // The task's waker is taken by the first wake; it registers again when it runs.
+        assert_eq!(woken.load(Ordering::SeqCst), 1);
+    }
+
+    fn counting_waker() -> (Waker, Arc<AtomicUsize>) {
+        struct Count(Arc<AtomicUsize>);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(AtomicUsize::new(0));
+        (Waker::from(Arc::new(Count(count.clone()))), count)
+    }
+}
