@@ -30,6 +30,8 @@ pub const HANDSHAKES_PER_WORKER: u32 = 500;
 /// The longest flush window FLUSH_DELAY_MS may set: past it a busy room's messages would wait
 /// longer than anyone would call real-time.
 pub const MAX_FLUSH_DELAY_MS: u64 = 1_000;
+/// The largest OUTBOX_MAX_BYTES (1 GiB): a connection's charge is counted in 32 bits.
+pub const MAX_OUTBOX_BYTES: usize = 1 << 30;
 
 /// Raw command-line / environment input, before validation.
 #[derive(Debug, Parser)]
@@ -89,7 +91,8 @@ pub struct Args {
     /// Length of the abuse window in milliseconds.
     #[arg(long, env = "ABUSE_WINDOW_MS", default_value_t = 10_000)]
     pub abuse_window_ms: u64,
-    /// Outbound bytes queued per connection before it is closed as a slow consumer (1013).
+    /// Outbound bytes queued per connection before it is closed as a slow consumer (1013); at
+    /// most 1 GiB.
     #[arg(long, env = "OUTBOX_MAX_BYTES", default_value_t = 256 * 1024)]
     pub outbox_max_bytes: usize,
     /// Kernel send buffer per WebSocket, in bytes (0: kernel autotuning, which lets one stalled
@@ -376,6 +379,8 @@ pub enum ConfigError {
     EmptyAuditLog,
     #[error("FLUSH_DELAY_MS must be at most {MAX_FLUSH_DELAY_MS} (a busy room's message waits up to this long), got {0}")]
     FlushDelay(u64),
+    #[error("OUTBOX_MAX_BYTES must be at most {MAX_OUTBOX_BYTES} (1 GiB), got {0}")]
+    OutboxTooLarge(usize),
     #[error("AUDIT_QUEUE_MAX must be between 1 and {AUDIT_QUEUE_MAX_LIMIT}, got {0}")]
     AuditQueueOutOfRange(usize),
     #[error(
@@ -528,6 +533,9 @@ impl Settings {
         nonzero(args.abuse_limit.into(), "ABUSE_LIMIT")?;
         nonzero(args.abuse_window_ms, "ABUSE_WINDOW_MS")?;
         nonzero(args.outbox_max_bytes as u64, "OUTBOX_MAX_BYTES")?;
+        if args.outbox_max_bytes > MAX_OUTBOX_BYTES {
+            return Err(ConfigError::OutboxTooLarge(args.outbox_max_bytes));
+        }
         nonzero(args.presence_interval_ms, "PRESENCE_INTERVAL_MS")?;
         nonzero(args.max_rooms as u64, "MAX_ROOMS")?;
         nonzero(args.max_text_chars as u64, "MAX_TEXT_CHARS")?;
@@ -794,6 +802,19 @@ mod tests {
         assert!(matches!(
             delay(&["--flush-delay-ms", "1001"]),
             Err(ConfigError::FlushDelay(1001))
+        ));
+    }
+
+    #[test]
+    fn outbox_max_bytes_is_at_most_a_gibibyte() {
+        let max = |v: &str| {
+            Settings::from_args(Args::parse_from(["roomcast", "--outbox-max-bytes", v]))
+                .map(|s| s.outbox_max_bytes)
+        };
+        assert_eq!(max("1073741824").ok(), Some(1 << 30));
+        assert!(matches!(
+            max("1073741825"),
+            Err(ConfigError::OutboxTooLarge(1_073_741_825))
         ));
     }
 

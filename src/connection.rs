@@ -1468,8 +1468,10 @@ mod budget {
             slot <= 120,
             "a slab slot grew to {slot} B; update ARCHITECTURE.md's budget"
         );
+        // In its `Arc` (16 B of counts) the outbox is a 112-byte block; 97 B would take it to
+        // mimalloc's 128-byte class.
         assert!(
-            outbox <= 112,
+            outbox <= 96,
             "Outbox grew to {outbox} B; update ARCHITECTURE.md's budget"
         );
     }
