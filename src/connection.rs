@@ -579,12 +579,15 @@ impl Source for Connection {
         self.poll_run(cx)
     }
 
-    /// Off to the close handshake, a task of its own (it needs timers; it is short-lived).
+    /// Close now; what has to wait (a full socket, the peer's answer to our close) goes on in a
+    /// short-lived task of its own, which has the timers.
     fn exit(self, flow: Flow) {
-        // From here the closing task writes the close frame itself.
+        // From here the close writes its frame itself.
         self.outbox.forbid_direct_writes();
-        let tracker = self.relay.tracker.clone();
-        tracker.spawn(self.finish(flow));
+        if let Some(closing) = self.close(flow) {
+            let tracker = closing.conn.relay.tracker.clone();
+            tracker.spawn(closing.finish());
+        }
     }
 }
 
@@ -662,7 +665,7 @@ impl Connection {
     fn socket(&self) -> &std::net::TcpStream {
         self.stream
             .as_ref()
-            .expect("only finish takes the socket, and it owns the connection")
+            .expect("only a Closing takes the socket, and it owns the connection")
     }
 
     fn reading_paused(&self) -> bool {
@@ -1257,9 +1260,12 @@ impl Connection {
         Ok(batch.closing)
     }
 
-    /// End the connection: send our close frame (or echo the peer's), then let the peer close,
-    /// all within CLOSE_TIMEOUT_MS. Counts the close code, then leaves the room.
-    async fn finish(mut self, flow: Flow) {
+    /// End the connection: count the close code, leave the rooms, send our close frame (or echo
+    /// the peer's). Returns what still has to wait: the rest of the close frame, and when we
+    /// started the close, the peer's answer (`Closing`, within CLOSE_TIMEOUT_MS). Done at once in
+    /// the common cases (a peer that closed and gets its echo, a dropped socket), so a wave of
+    /// thousands of closes does not become thousands of tasks.
+    fn close(mut self, flow: Flow) -> Option<Closing> {
         let relay = self.relay.clone();
         let (code, send) = match flow {
             Flow::Continue => unreachable!("finish is only called with a terminal flow"),
@@ -1277,8 +1283,6 @@ impl Connection {
             }
         };
         relay.metrics.connection_closed(code);
-        // Back to tokio for the handshake's waits (the reactor dropped it from its set).
-        let stream = self.stream.take().map(TcpStream::from_std);
         let (by, why) = match flow {
             Flow::Continue => unreachable!("checked above"),
             Flow::Dropped => ("none", "dropped"),
@@ -1338,9 +1342,6 @@ impl Connection {
             Rooms::One(m) => m.leave(),
             Rooms::Many(chat) => chat.rooms.iter().for_each(Membership::leave),
         }
-        let Some(Ok(stream)) = stream else {
-            return;
-        };
         if let Some((send, reason)) = send {
             let mut pending = self.pending.take().map(|p| *p).unwrap_or_default();
             let queued = self.outbox.take();
@@ -1363,15 +1364,20 @@ impl Connection {
             // (RFC 6455 7.1.1: the server closes first), with no timer and no wait for its FIN.
             let peer_closed = matches!(flow, Flow::PeerClosed(_));
             let tls = self.tls.as_deref_mut();
+            let socket = Socket::Bare(self.stream.as_ref().expect("closing takes it only later"));
             let done = pending
-                .write_to(Socket::Tokio(&stream), tls, &self.outbox, &relay.metrics)
+                .write_to(socket, tls, &self.outbox, &relay.metrics)
                 .is_err()
                 || (peer_closed && pending.is_done(self.tls.as_deref()));
             if !done {
-                let handshake = self.close_handshake(stream, pending, !peer_closed);
-                let _ = tokio::time::timeout(relay.settings.close_timeout, handshake).await;
+                return Some(Closing {
+                    conn: self,
+                    pending,
+                    wait_for_peer: !peer_closed,
+                });
             }
         }
+        None
     }
 
     /// Write the remaining frames and the close frame; when we started the close, shut our side
@@ -1402,12 +1408,13 @@ impl Connection {
         // is dropped after CLOSE_DISCARD_BYTES. Each read spends tokio's cooperative budget, so a
         // flooding peer cannot keep this task on its worker (readiness and `try_read` alone do
         // not), and CLOSE_TIMEOUT_MS is checked whenever the budget runs out.
-        let mut scratch = [0u8; 4096];
         let mut discarded = 0;
         while discarded < CLOSE_DISCARD_BYTES {
             tokio::task::coop::consume_budget().await;
             stream.readable().await?;
-            match stream.try_read(&mut scratch) {
+            // Into the thread's read buffer, between awaits: the task keeps no buffer.
+            let read = READ_BUF.with(|cell| stream.try_read(&mut cell.borrow_mut()));
+            match read {
                 Ok(0) => return Ok(()),
                 Ok(n) => discarded += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -1415,6 +1422,27 @@ impl Connection {
             }
         }
         Ok(())
+    }
+}
+
+/// A close that has to wait, in a task of its own: for the socket to take the close frame, and
+/// when we started the close, for the peer's answer. The socket goes back to tokio for it.
+struct Closing {
+    conn: Connection,
+    pending: Pending,
+    wait_for_peer: bool,
+}
+
+impl Closing {
+    async fn finish(mut self) {
+        let Some(Ok(stream)) = self.conn.stream.take().map(TcpStream::from_std) else {
+            return;
+        };
+        let timeout = self.conn.relay.settings.close_timeout;
+        let handshake = self
+            .conn
+            .close_handshake(stream, self.pending, self.wait_for_peer);
+        let _ = tokio::time::timeout(timeout, handshake).await;
     }
 }
 
