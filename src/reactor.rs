@@ -20,6 +20,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -368,14 +369,24 @@ impl<T: Source> Run<T> {
         };
         let waker = self.shared.wakeups.slot_waker(slot);
         let mut cx = Context::from_waker(&waker);
-        match conn.poll(&mut cx) {
-            Step::Wait => {}
-            Step::Again => self.again.push(slot),
-            Step::Exit(exit) => {
+        // A bug that panics in one connection's code ends that connection, not its reactor
+        // and every other connection on it (as it would end only its task when each connection
+        // had one). The panic itself is reported by the panic hook.
+        let step = catch_unwind(AssertUnwindSafe(|| conn.poll(&mut cx)));
+        match step {
+            Ok(Step::Wait) => {}
+            Ok(Step::Again) => self.again.push(slot),
+            Ok(Step::Exit(exit)) => {
                 let conn = self.slab.remove(slot).expect("polled above");
                 // Before the connection may close its socket.
                 let _ = self.epoll_ctl(libc::EPOLL_CTL_DEL, conn.fd(), slot);
-                conn.exit(exit);
+                let _ = catch_unwind(AssertUnwindSafe(|| conn.exit(exit)));
+            }
+            Err(_) => {
+                let conn = self.slab.remove(slot).expect("polled above");
+                let _ = self.epoll_ctl(libc::EPOLL_CTL_DEL, conn.fd(), slot);
+                tracing::error!("a connection panicked; it is dropped");
+                let _ = catch_unwind(AssertUnwindSafe(|| drop(conn)));
             }
         }
     }
@@ -466,6 +477,89 @@ mod tests {
         assert_eq!(*wakeups.ready.lock().unwrap(), vec![7, 7, 9]);
         // The task's waker is taken by the first wake; it registers again when it runs.
         assert_eq!(woken.load(Ordering::SeqCst), 1);
+    }
+
+    /// A stand-in connection: counts its polls, keeps the last waker, panics if told to.
+    struct Probe {
+        socket: std::os::unix::net::UnixStream,
+        panics: bool,
+        polls: Arc<AtomicUsize>,
+        waker: Arc<Mutex<Option<Waker>>>,
+    }
+
+    impl Source for Probe {
+        type Exit = ();
+
+        fn fd(&self) -> RawFd {
+            self.socket.as_raw_fd()
+        }
+
+        fn readiness(&mut self, _: bool, _: bool) {}
+
+        fn poll(&mut self, cx: &mut Context<'_>) -> Step<()> {
+            self.polls.fetch_add(1, Ordering::SeqCst);
+            *self.waker.lock().unwrap() = Some(cx.waker().clone());
+            assert!(!self.panics, "a probe that panics");
+            Step::Wait
+        }
+
+        fn exit(self, _: ()) {}
+    }
+
+    fn probe(panics: bool) -> (Probe, std::os::unix::net::UnixStream) {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        ours.set_nonblocking(true).expect("nonblocking");
+        let probe = Probe {
+            socket: ours,
+            panics,
+            polls: Arc::new(AtomicUsize::new(0)),
+            waker: Arc::new(Mutex::new(None)),
+        };
+        (probe, theirs)
+    }
+
+    async fn polls_reach(polls: &AtomicUsize, n: usize) -> bool {
+        for _ in 0..200 {
+            if polls.load(Ordering::SeqCst) >= n {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_polled_on_readiness_and_on_a_wake_and_a_panicking_one_ends_alone() {
+        let reactors = Reactors::<Probe>::start(1).expect("a reactor");
+        let (bad, _bad_peer) = probe(true);
+        let (good, mut good_peer) = probe(false);
+        let (bad_polls, polls, waker) = (bad.polls.clone(), good.polls.clone(), good.waker.clone());
+        reactors.add(bad);
+        reactors.add(good);
+        assert!(
+            polls_reach(&bad_polls, 1).await,
+            "the panicking probe was polled"
+        );
+        assert!(
+            polls_reach(&polls, 1).await,
+            "a new connection is polled once"
+        );
+        let before = polls.load(Ordering::SeqCst);
+        std::io::Write::write_all(&mut good_peer, b"x").expect("write");
+        assert!(
+            polls_reach(&polls, before + 1).await,
+            "readable: polled again"
+        );
+        let before = polls.load(Ordering::SeqCst);
+        let slot_waker = waker.lock().unwrap().clone().expect("a waker");
+        slot_waker.wake();
+        assert!(polls_reach(&polls, before + 1).await, "woken: polled again");
+        assert!(reactors.is_running(), "the reactor outlived the panic");
+        assert_eq!(
+            bad_polls.load(Ordering::SeqCst),
+            1,
+            "the panicking probe left the slab"
+        );
     }
 
     fn counting_waker() -> (Waker, Arc<AtomicUsize>) {
