@@ -1,21 +1,23 @@
-//! One WebSocket connection after the upgrade: its task, its reads, its writes, its close.
+//! One WebSocket connection after the upgrade: its reads, its writes, its close.
 //!
-//! Reads are readiness-based: the task waits on the bare socket and, when bytes arrive, reads
-//! them into a buffer owned by the worker thread (`READ_BUF`), parses every complete frame in
-//! place and keeps only the bytes of an incomplete frame. An idle connection therefore holds no
-//! read buffer at all. Writes drain the connection's [`Outbox`] with vectored writes, so every
-//! frame queued since the last write goes out in one system call. A frame for an idle plain
-//! connection (nothing queued or half-written) does not wait for the task at all: the fan-out
-//! writes it to the socket itself (`Outbox::push_or_write`), as the heartbeat does its ping.
+//! A connection is not a task: it lives in the slab of one of the relay's reactors
+//! (reactor.rs), whose epoll set holds its bare socket, and is polled when the socket reports
+//! readiness or its [`Outbox`] wakes it. Reads are readiness-based: when bytes arrive they are
+//! read into a buffer owned by the worker thread (`READ_BUF`), every complete frame is parsed in
+//! place and only the bytes of an incomplete frame are kept. An idle connection therefore holds
+//! no read buffer at all. Writes drain the outbox with vectored writes, so every frame queued
+//! since the last write goes out in one system call. A frame for an idle plain connection
+//! (nothing queued or half-written) does not wait for a poll at all: the fan-out writes it to
+//! the socket itself (`Outbox::push_or_write`), as the heartbeat does its ping.
 //!
 //! Everything a connection can do wrong ends in exactly one visible outcome: an error event (the
 //! connection stays open), or a close code — each counted in a metric.
 //!
 //! Limits that need a clock (an incomplete frame's age, a write's lack of progress) are checked
-//! whenever the task wakes, and the heartbeat wakes every connection that has such a clock
-//! running once per interval, so no connection keeps a timer of its own. An idle plain
+//! whenever the connection is polled, and the heartbeat wakes every connection that has such a
+//! clock running once per interval, so no connection keeps a timer of its own. An idle plain
 //! connection is not woken by the heartbeat: the sweeper writes its ping to the socket itself
-//! (`Outbox::heartbeat`), and the pong wakes the task like any read.
+//! (`Outbox::heartbeat`), and the pong wakes the connection like any read.
 //!
 //! With direct TLS the loop is the same: the connection keeps the bare socket and a boxed
 //! [`Session`] (tls.rs), reads records through it and copies the plaintext into the same
@@ -157,7 +159,7 @@ pub(crate) enum Flow {
     Limit(Limit),
 }
 
-/// What woke the connection's task (several at once, so a busy outbox never starves reading).
+/// What a poll found to do (several at once, so a busy outbox never starves reading).
 #[derive(Default)]
 struct Ready {
     work: bool,
@@ -386,7 +388,7 @@ pub(crate) struct Connection {
     tls: Option<Box<Session>>,
 }
 
-/// Unregistering is a guard, so a connection task that panics is still forgotten by the
+/// Unregistering is a guard, so a connection that panics is still forgotten by the
 /// heartbeat and shutdown. (Its `Membership` leaves the room the same way.)
 impl Drop for Connection {
     fn drop(&mut self) {
@@ -463,7 +465,7 @@ pub(crate) fn spawn(
         }
         Entry::Auth => {
             // The auth deadline needs a wake-up of its own (the heartbeat is too coarse for it):
-            // a short-lived timer that only nudges the task, which then checks the clock.
+            // a short-lived timer task that only nudges the connection, which checks the clock.
             // Not tracked: shutdown must not wait for it (it holds only a weak handle).
             let weak = Arc::downgrade(&outbox);
             let timeout = relay.settings.auth_timeout;
@@ -545,7 +547,7 @@ pub(crate) fn spawn(
     drop(early);
     if let Some(session) = &conn.tls {
         if session.wants_write() {
-            // Records rustls still holds from the HTTP stage go out on the task's first wake.
+            // Records rustls still holds from the HTTP stage go out on the first poll.
             conn.outbox.nudge();
         }
         if flow == Flow::Continue {

@@ -226,6 +226,8 @@ struct Run<T> {
     ready: Vec<u32>,
     /// Slots that asked to be polled again after the others.
     again: Vec<u32>,
+    /// The list being polled (swapped with `ready`, so neither is reallocated per turn).
+    polling: Vec<u32>,
     events: Vec<libc::epoll_event>,
 }
 
@@ -265,6 +267,7 @@ impl<T: Source> Run<T> {
             },
             ready: Vec::new(),
             again: Vec::new(),
+            polling: Vec::new(),
             events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT],
         };
         tokio::spawn(run);
@@ -398,7 +401,6 @@ impl<T: Source> std::future::Future for Run<T> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
         let mut polls = 0;
-        let mut batch = Vec::new();
         loop {
             // Registered before the lists are read, so a wake after the reads is not lost.
             this.shared.wakeups.task.register(cx.waker());
@@ -417,10 +419,12 @@ impl<T: Source> std::future::Future for Run<T> {
             if this.ready.is_empty() {
                 return Poll::Pending;
             }
-            std::mem::swap(&mut batch, &mut this.ready);
+            let mut batch = std::mem::replace(&mut this.ready, std::mem::take(&mut this.polling));
             for (i, &slot) in batch.iter().enumerate() {
                 if polls == POLLS_PER_TURN {
                     this.ready.extend_from_slice(&batch[i..]);
+                    batch.clear();
+                    this.polling = batch;
                     // Let the runtime's other tasks and its I/O driver go first. A fresh
                     // `yield_now` polled once hands our waker to the scheduler, which wakes us
                     // after them (waking ourselves would requeue us before the driver is
@@ -432,6 +436,7 @@ impl<T: Source> std::future::Future for Run<T> {
                 this.poll_slot(slot);
             }
             batch.clear();
+            this.polling = batch;
         }
     }
 }
