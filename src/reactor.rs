@@ -239,6 +239,13 @@ impl<T> Drop for Run<T> {
 
 impl<T: Source> Run<T> {
     fn start() -> io::Result<Arc<Shared<T>>> {
+        let run = Run::new()?;
+        let shared = run.shared.clone();
+        tokio::spawn(run);
+        Ok(shared)
+    }
+
+    fn new() -> io::Result<Run<T>> {
         #[allow(unsafe_code)]
         // SAFETY: plain system call; the descriptor it returns is owned by the `OwnedFd`.
         let epoll = unsafe {
@@ -258,7 +265,7 @@ impl<T: Source> Run<T> {
         let epoll = unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }
             .map_err(io::Error::from)?;
         let run = Run {
-            shared: shared.clone(),
+            shared,
             epoll,
             slab: Slab {
                 chunks: Vec::new(),
@@ -270,8 +277,7 @@ impl<T: Source> Run<T> {
             polling: Vec::new(),
             events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT],
         };
-        tokio::spawn(run);
-        Ok(shared)
+        Ok(run)
     }
 
     fn epoll_ctl(&self, op: libc::c_int, fd: RawFd, slot: u32) -> io::Result<()> {
@@ -316,15 +322,18 @@ impl<T: Source> Run<T> {
         }
     }
 
-    /// Take one batch of epoll events, if the set has any.
-    fn take_events(&mut self, cx: &mut Context<'_>) {
+    /// Take one batch of epoll events, if the set has any. Returns `Pending` only once the set's
+    /// readiness was found cleared, which is when the task's waker is registered for the next
+    /// edge: a `Ready` that brought no events (the events were already taken) registers
+    /// nothing, so the caller must ask again before it sleeps.
+    fn take_events(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let mut guard = match self.epoll.poll_read_ready(cx) {
             Poll::Ready(Ok(guard)) => guard,
             Poll::Ready(Err(e)) => {
                 tracing::error!(error = %e, "reactor: epoll readiness failed");
-                return;
+                return Poll::Pending;
             }
-            Poll::Pending => return,
+            Poll::Pending => return Poll::Pending,
         };
         let n = loop {
             #[allow(unsafe_code)]
@@ -343,7 +352,7 @@ impl<T: Source> Run<T> {
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
                 tracing::error!(error = %e, "reactor: epoll_wait failed");
-                return;
+                return Poll::Pending;
             }
         };
         if n < EVENTS_PER_WAIT {
@@ -364,6 +373,7 @@ impl<T: Source> Run<T> {
             conn.readiness(readable || broken, writable || broken);
             self.ready.push(slot);
         }
+        Poll::Ready(())
     }
 
     fn poll_slot(&mut self, slot: u32) {
@@ -415,9 +425,15 @@ impl<T: Source> std::future::Future for Run<T> {
                     .unwrap_or_else(|p| p.into_inner());
                 this.ready.append(&mut woken);
             }
-            this.take_events(cx);
-            if this.ready.is_empty() {
+            if this.take_events(cx).is_pending() && this.ready.is_empty() {
+                // Every source of work was looked at after the waker was registered (the
+                // lists) or registered it itself (the epoll set's readiness).
                 return Poll::Pending;
+            }
+            if this.ready.is_empty() {
+                // The set was ready but held nothing (its events were taken already): ask
+                // again, so its readiness is cleared and our waker registered.
+                continue;
             }
             let mut batch = std::mem::replace(&mut this.ready, std::mem::take(&mut this.polling));
             for (i, &slot) in batch.iter().enumerate() {
@@ -564,6 +580,54 @@ mod tests {
             bad_polls.load(Ordering::SeqCst),
             1,
             "the panicking probe left the slab"
+        );
+    }
+
+    /// The defect: an epoll set reported ready whose events had already been taken (so the
+    /// `epoll_wait` found none) ended the turn without the task's waker registered for the
+    /// set's next edge, and the reactor slept through its connections' events until something
+    /// else woke it (100,000 connections over six nodes: deliveries 13–25 s late, some never).
+    #[tokio::test]
+    async fn a_readiness_that_brings_no_events_still_leaves_the_reactor_waiting_for_the_next() {
+        use std::future::Future;
+        let mut run = Run::<Probe>::new().expect("a reactor");
+        let (probe, mut peer) = probe(false);
+        let polls = probe.polls.clone();
+        run.shared.incoming.lock().unwrap().push(probe);
+        let (waker, woken) = counting_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut run).poll(&mut cx).is_pending());
+        assert_eq!(
+            polls.load(Ordering::SeqCst),
+            1,
+            "the new connection was polled"
+        );
+        let settle = || tokio::time::sleep(std::time::Duration::from_millis(50));
+
+        std::io::Write::write_all(&mut peer, b"x").expect("write");
+        settle().await;
+        assert_eq!(woken.load(Ordering::SeqCst), 1, "an edge wakes the reactor");
+        // Its event is taken behind the reactor's back: the set is still marked ready in tokio,
+        // but holds nothing now.
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 4];
+        #[allow(unsafe_code)]
+        // SAFETY: a live epoll descriptor and a buffer of four events.
+        let n = unsafe { libc::epoll_wait(run.epoll.as_raw_fd(), events.as_mut_ptr(), 4, 0) };
+        assert_eq!(n, 1);
+        assert!(Pin::new(&mut run).poll(&mut cx).is_pending());
+
+        std::io::Write::write_all(&mut peer, b"y").expect("write");
+        settle().await;
+        assert_eq!(
+            woken.load(Ordering::SeqCst),
+            2,
+            "the next edge must wake the reactor again"
+        );
+        assert!(Pin::new(&mut run).poll(&mut cx).is_pending());
+        assert_eq!(
+            polls.load(Ordering::SeqCst),
+            2,
+            "and its connection is polled"
         );
     }
 
