@@ -1,11 +1,12 @@
 //! The outbox: the part of a connection that other threads may touch.
 //!
-//! Publishers push shared frames (`Bytes`) into a connection's outbox and wake its task; the
-//! connection's own task drains it with vectored writes. Publishers never await and never touch
-//! the socket. The outbox is bounded in bytes: a push that would pass `OUTBOX_MAX_BYTES` marks the
-//! connection closing with 1013 and drops what it held, so a stalled reader costs at most the
-//! limit. The heartbeat sweeper also works through this struct: it writes the ping itself to an
-//! idle plain socket (see [`Outbox::heartbeat`]) and otherwise sets flags and wakes the task.
+//! Publishers push shared frames (`Bytes`) into a connection's outbox and wake the connection,
+//! which drains it with vectored writes when its reactor polls it. Publishers never await and
+//! never touch the socket (except the direct write to an idle one, below). The outbox is
+//! bounded in bytes: a push that would pass `OUTBOX_MAX_BYTES` marks the connection closing with
+//! 1013 and drops what it held, so a stalled reader costs at most the limit. The heartbeat
+//! sweeper also works through this struct: it writes the ping itself to an idle plain socket
+//! (see [`Outbox::heartbeat`]) and otherwise sets flags and wakes the connection.
 //!
 //! What a queued frame costs is charged, not only its payload: every frame is charged its length
 //! plus [`FRAME_OVERHEAD`] (its `Bytes` slot in the queue and its share of the allocation header),
@@ -70,21 +71,21 @@ fn charge(frame: &Bytes) -> usize {
 const ALIVE: u8 = 1;
 const PING_DUE: u8 = 2;
 const DEAD: u8 = 4;
-/// Something was pushed or requested since the connection's task last looked.
+/// Something was pushed or requested since the connection last looked.
 const WORK: u8 = 8;
-/// Frames were pushed without waking the task (a room's flush window will): the next ordinary
+/// Frames were pushed without waking the connection (a room's flush window will): the next ordinary
 /// push wakes it even though the queue is not empty.
 const HELD: u8 = 16;
 /// The connection holds the start of an incomplete frame: its age (FRAME_TIMEOUT_MS) is checked
-/// when the task wakes, so the heartbeat must wake it rather than ping on its own.
+/// when the connection is polled, so the heartbeat must wake it rather than ping on its own.
 const READING_FRAME: u8 = 32;
 
 /// What the heartbeat did to a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Beat {
-    /// The ping was written to the socket by the sweeper; the task was not woken.
+    /// The ping was written to the socket by the sweeper; the connection was not woken.
     Pinged,
-    /// The task was woken to ping, to check its clocked limits, or to end a silent peer.
+    /// The connection was woken to ping, to check its clocked limits, or to end a silent peer.
     Woken,
 }
 
@@ -126,7 +127,8 @@ const NO_PONG: u32 = u32::MAX;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
     Queued,
-    /// Written to the idle socket at once, without waking the task ([`Outbox::push_or_write`]).
+    /// Written to the idle socket at once, without waking the connection
+    /// ([`Outbox::push_or_write`]).
     Written,
     /// The push would have passed the byte limit: the connection is now closing with 1013.
     SlowConsumer,
@@ -148,7 +150,7 @@ struct Queue {
     /// [`Stamp`]: 4 bytes instead of an `Option<Instant>`'s 16 keep the outbox in the 112-byte
     /// class.
     oldest: Stamp,
-    /// Close code the connection's task must close with, once set.
+    /// Close code the connection must close with, once set.
     closing: Option<u16>,
     /// `frames[0]` is the rest of a frame a direct write began: it is never dropped (a close
     /// must not cut into it), only taken by the writer.
@@ -184,7 +186,7 @@ pub struct Batch {
 }
 
 /// The wake-up is an `AtomicWaker` and a flag rather than a `tokio::sync::Notify`, because
-/// waiting on a `Notify` needs a `Notified` future stored in every connection's task (tens of
+/// waiting on a `Notify` needs a `Notified` future stored for every connection (tens of
 /// bytes per idle connection); a waker slot is polled without storing anything.
 #[derive(Debug)]
 pub struct Outbox {
@@ -256,7 +258,7 @@ impl Outbox {
         self.queue_and_wake(self.lock(), frame, max_bytes)
     }
 
-    /// `push` with the lock taken: queue, then wake the task if it has not been woken for
+    /// `push` with the lock taken: queue, then wake the connection if it has not been woken for
     /// what is queued (or a flush window held frames back from it).
     fn queue_and_wake(
         &self,
@@ -273,11 +275,11 @@ impl Outbox {
     }
 
     /// `push`, but a frame for an idle connection is written to its socket here and then,
-    /// without waking its task: when nothing is queued or half-written (so nothing can be
+    /// without waking the connection: when nothing is queued or half-written (so nothing can be
     /// overtaken or split), no close is under way and the socket allows it
     /// ([`Outbox::allow_direct_writes`]). A fan-out then costs one `send` per member rather than
     /// a wake-up, a poll and a `writev` of the member's task. A socket that takes part of the
-    /// frame gets the rest through the queue (and its task is woken for it); a full one gets
+    /// frame gets the rest through the queue (and the connection is woken for it); a full one gets
     /// the whole frame queued, as by `push`.
     pub fn push_or_write(&self, frame: &Bytes, max_bytes: usize) -> Pushed {
         let q = self.lock();
@@ -294,7 +296,7 @@ impl Outbox {
         self.queue_and_wake(q, frame, max_bytes)
     }
 
-    /// `push`, without waking the connection's task unless the push closed it (a slow
+    /// `push`, without waking the connection unless the push closed it (a slow
     /// consumer): a room's flush window wakes it later (`hub::FlushWindow`).
     pub fn push_quietly(&self, frame: &Bytes, max_bytes: usize) -> Pushed {
         let mut q = self.lock();
@@ -309,7 +311,7 @@ impl Outbox {
         pushed
     }
 
-    /// `push` under the lock; also says whether the task needs waking.
+    /// `push` under the lock; also says whether the connection needs waking.
     fn push_locked(q: &mut Queue, frame: &Bytes, max_bytes: usize) -> (Pushed, bool) {
         if q.closing.is_some() {
             return (Pushed::Closed, false);
@@ -322,7 +324,7 @@ impl Outbox {
         let was_idle = q.frames.is_empty();
         if q.frames.capacity() == 0 {
             // Room for one frame, not the four a `VecDeque` takes by default: most pushes to an
-            // idle connection are one frame that its task writes and drops at once, and four
+            // idle connection are one frame that the connection writes and drops at once, and four
             // `Bytes` are 128 B, the size class of every connection's own outbox. When thousands
             // join at once, presence puts one such queue on every member, and the holes those
             // leave between long-lived outboxes kept about 100 B per connection resident
@@ -387,7 +389,7 @@ impl Outbox {
         self.waker.wake();
     }
 
-    /// Wake the connection's task so it checks its clocked limits (an auth deadline) or writes
+    /// Wake the connection so it checks its clocked limits (an auth deadline) or writes
     /// what its TLS session holds, with nothing queued.
     pub fn nudge(&self) {
         self.wake();
@@ -441,15 +443,15 @@ impl Outbox {
     }
 
     /// Called by the heartbeat sweeper once per interval. A peer that has not been heard from
-    /// since the previous sweep is marked dead (and its task woken to end it); otherwise it is
-    /// pinged.
+    /// since the previous sweep is marked dead (and the connection woken to end it); otherwise
+    /// it is pinged.
     ///
     /// An idle plain connection is pinged by the sweeper itself: when nothing is queued or
     /// being written (so no frame can be split), no close is under way and no incomplete frame
-    /// waits for its deadline, the two ping bytes go straight to the socket and the task sleeps
-    /// on. Waking a task only for it to write two bytes was most of an idle relay's CPU. The
-    /// peer's pong wakes the task as any read does. Otherwise (TLS, a busy or full socket) the
-    /// task is asked to queue the ping.
+    /// waits for its deadline, the two ping bytes go straight to the socket and the connection
+    /// sleeps on. Waking a connection only for it to write two bytes was most of an idle relay's
+    /// CPU. The peer's pong wakes the connection as any read does. Otherwise (TLS, a busy or full
+    /// socket) the connection is asked to queue the ping.
     pub fn heartbeat(&self) -> Beat {
         let prev = self.flags.fetch_and(!ALIVE, Ordering::Relaxed);
         if prev & ALIVE == 0 {
@@ -463,8 +465,8 @@ impl Outbox {
         Beat::Woken
     }
 
-    /// Write the ping to the idle socket (see [`Outbox::heartbeat`]). False when the task must
-    /// send it.
+    /// Write the ping to the idle socket (see [`Outbox::heartbeat`]). False when the connection
+    /// must send it.
     fn ping_directly(&self) -> bool {
         let q = self.lock();
         if !Self::may_write_directly(&q) {
@@ -482,7 +484,7 @@ impl Outbox {
     }
 
     /// Queue the rest of a frame a direct write began (the queue is empty: it goes first) and
-    /// wake the task to write it. It is marked `begun`: a close never drops or cuts into it.
+    /// wake the connection to write it. It is marked `begun`: a close never drops or cuts into it.
     fn push_rest(&self, mut q: std::sync::MutexGuard<'_, Queue>, rest: Bytes) {
         Self::push_locked(&mut q, &rest, usize::MAX);
         q.begun = true;
@@ -499,7 +501,7 @@ impl Outbox {
 
     /// One non-blocking `send` of `bytes` to the socket, under the queue's lock (the caller's
     /// guard; `may_write_directly` said yes). How many bytes it took, or `None` when it took
-    /// none (full, or broken: the task's own write finds out which).
+    /// none (full, or broken: the connection.s own write finds out which).
     #[allow(unsafe_code)]
     fn write_directly(q: &Queue, bytes: &[u8]) -> Option<usize> {
         // SAFETY: `allow_direct_writes`'s contract keeps the socket open while `direct_fd` is set,

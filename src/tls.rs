@@ -200,7 +200,7 @@ impl Session {
     }
 
     /// Read what the socket has (rustls reads at most 4 KiB per call) and decrypt it.
-    /// `WouldBlock` when the socket had nothing (which also clears tokio's readiness), any
+    /// `WouldBlock` when the socket had nothing (the caller clears its readiness), any
     /// other error for a broken socket or a TLS protocol error (rustls' alert is sent first, if
     /// the socket takes it).
     pub fn read_from(&mut self, mut socket: Socket<'_>) -> io::Result<Received> {
