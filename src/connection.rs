@@ -360,8 +360,8 @@ pub(crate) struct Connection {
     /// The relay, reached through this connection's slot (MAX_CONNECTIONS): one pointer for
     /// both, and the slot is released exactly when the connection is dropped.
     relay: ConnectionPermit,
-    /// The bare socket, in the reactor's epoll set. Taken only by `finish`, which hands it to
-    /// tokio for the close handshake.
+    /// The bare socket, in the reactor's epoll set. Taken only by `Closing::finish`, which hands
+    /// it to tokio for the close handshake.
     stream: Option<std::net::TcpStream>,
     /// The socket's readiness: set by the reactor on an epoll edge, cleared when a read or a
     /// write finds it drained or full. Nothing is written while `writable` is false.

@@ -182,7 +182,6 @@ impl<T: Source> Reactors<T> {
 struct Slab<T> {
     chunks: Vec<Box<[Option<T>]>>,
     free: Vec<u32>,
-    used: usize,
 }
 
 impl<T> Slab<T> {
@@ -199,7 +198,6 @@ impl<T> Slab<T> {
             }
         };
         self.chunks[slot as usize / CHUNK][slot as usize % CHUNK] = Some(value);
-        self.used += 1;
         slot
     }
 
@@ -212,7 +210,6 @@ impl<T> Slab<T> {
         let s = slot as usize;
         let value = self.chunks.get_mut(s / CHUNK)?[s % CHUNK].take()?;
         self.free.push(slot);
-        self.used -= 1;
         Some(value)
     }
 }
@@ -270,7 +267,6 @@ impl<T: Source> Run<T> {
             slab: Slab {
                 chunks: Vec::new(),
                 free: Vec::new(),
-                used: 0,
             },
             ready: Vec::new(),
             again: Vec::new(),
@@ -366,10 +362,9 @@ impl<T: Source> Run<T> {
             let Some(conn) = self.slab.get_mut(slot) else {
                 continue;
             };
-            let broken = (libc::EPOLLHUP | libc::EPOLLERR) as u32;
             let readable = bits & (libc::EPOLLIN | libc::EPOLLRDHUP) as u32 != 0;
             let writable = bits & libc::EPOLLOUT as u32 != 0;
-            let broken = bits & broken != 0;
+            let broken = bits & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0;
             conn.readiness(readable || broken, writable || broken);
             self.ready.push(slot);
         }
@@ -466,7 +461,6 @@ mod tests {
         let mut slab = Slab {
             chunks: Vec::new(),
             free: Vec::new(),
-            used: 0,
         };
         let slots: Vec<u32> = (0..CHUNK as u32 + 3).map(|i| slab.insert(i)).collect();
         assert_eq!(slots, (0..CHUNK as u32 + 3).collect::<Vec<_>>());
@@ -481,7 +475,6 @@ mod tests {
             Some(&mut (CHUNK as u32 + 2))
         );
         assert_eq!(slab.get_mut(10_000), None);
-        assert_eq!(slab.used, CHUNK + 3);
     }
 
     #[test]
