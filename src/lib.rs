@@ -29,6 +29,7 @@ pub mod rate;
 pub mod reactor;
 pub mod relay;
 pub mod server;
+pub mod slab;
 pub mod socket;
 pub mod ticket;
 pub mod tls;

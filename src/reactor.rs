@@ -30,13 +30,13 @@ use futures_util::task::AtomicWaker;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
+use crate::slab::Slab;
+
 /// Connection polls per turn of a reactor's task, after which it yields to the runtime's other
 /// tasks (the HTTP stage, deliverers, the broker) and to tokio's I/O driver.
 pub const POLLS_PER_TURN: usize = 128;
 /// epoll events taken per `epoll_wait`.
 const EVENTS_PER_WAIT: usize = 256;
-/// Slab slots are allocated this many at a time (never moved, so no doubling copies).
-const CHUNK: usize = 256;
 /// Reactors a process can start in its life (a relay starts one per runtime worker).
 const MAX_REACTORS: usize = 4096;
 
@@ -85,8 +85,76 @@ struct Shared<T> {
 /// so they carry no pointer; it is never freed (one per reactor, a few per process).
 struct Wakeups {
     id: u32,
-    ready: Mutex<Vec<u32>>,
-    task: AtomicWaker,
+    ready: ReadyList,
+}
+
+/// Slots woken since the reactor's task last looked, and that task's waker, woken when the list
+/// stops being empty. Generic over its lock and its waker cell only so that a loom model runs
+/// this very code (`tests::loom_*`); the relay uses a `Mutex` and an `AtomicWaker`.
+struct ReadyList<L = Mutex<Vec<u32>>, W = AtomicWaker> {
+    slots: L,
+    task: W,
+}
+
+/// The lock around a ready list.
+trait SlotLock: Default {
+    fn with<R>(&self, f: impl FnOnce(&mut Vec<u32>) -> R) -> R;
+}
+
+/// Where the reactor's task leaves its waker.
+trait TaskCell: Default {
+    fn register(&self, waker: &Waker);
+    fn wake(&self);
+}
+
+impl SlotLock for Mutex<Vec<u32>> {
+    fn with<R>(&self, f: impl FnOnce(&mut Vec<u32>) -> R) -> R {
+        f(&mut self.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl TaskCell for AtomicWaker {
+    fn register(&self, waker: &Waker) {
+        AtomicWaker::register(self, waker);
+    }
+    fn wake(&self) {
+        AtomicWaker::wake(self);
+    }
+}
+
+impl<L: SlotLock, W: TaskCell> Default for ReadyList<L, W> {
+    fn default() -> Self {
+        ReadyList {
+            slots: L::default(),
+            task: W::default(),
+        }
+    }
+}
+
+impl<L: SlotLock, W: TaskCell> ReadyList<L, W> {
+    /// Put `slot` on the list; the first slot on an empty list wakes the task (the task takes
+    /// the whole list, so later ones find it awake or about to look).
+    fn push(&self, slot: u32) {
+        let first = self.slots.with(|slots| {
+            slots.push(slot);
+            slots.len() == 1
+        });
+        if first {
+            self.task.wake();
+        }
+    }
+
+    /// The task's side: leave `waker`, then move the woken slots into `into`. A push after the
+    /// waker is registered either lands in `into` or wakes it.
+    fn take(&self, waker: &Waker, into: &mut Vec<u32>) {
+        self.task.register(waker);
+        self.slots.with(|slots| into.append(slots));
+    }
+
+    /// Wake the task for work that is not a slot (a connection handed over).
+    fn wake_task(&self) {
+        self.task.wake();
+    }
 }
 
 static WAKEUPS: [OnceLock<&'static Wakeups>; MAX_REACTORS] =
@@ -103,21 +171,10 @@ impl Wakeups {
         }
         let wakeups: &'static Wakeups = Box::leak(Box::new(Wakeups {
             id: id as u32,
-            ready: Mutex::new(Vec::new()),
-            task: AtomicWaker::new(),
+            ready: ReadyList::default(),
         }));
         let _ = WAKEUPS[id].set(wakeups);
         Ok(wakeups)
-    }
-
-    fn wake_slot(&self, slot: u32) {
-        let mut ready = self.ready.lock().unwrap_or_else(|p| p.into_inner());
-        let first = ready.is_empty();
-        ready.push(slot);
-        drop(ready);
-        if first {
-            self.task.wake();
-        }
     }
 
     /// The waker of one slot: the reactor's number and the slot, packed in the data pointer.
@@ -143,7 +200,7 @@ unsafe fn clone_slot_waker(data: *const ()) -> RawWaker {
 unsafe fn wake_slot(data: *const ()) {
     let packed = data as usize;
     if let Some(wakeups) = WAKEUPS.get(packed >> 32).and_then(OnceLock::get) {
-        wakeups.wake_slot(packed as u32);
+        wakeups.ready.push(packed as u32);
     }
 }
 
@@ -174,43 +231,7 @@ impl<T: Source> Reactors<T> {
         let mut incoming = shared.incoming.lock().unwrap_or_else(|p| p.into_inner());
         incoming.push(conn);
         drop(incoming);
-        shared.wakeups.task.wake();
-    }
-}
-
-/// A slab whose slots never move: chunks of `CHUNK`, allocated as needed.
-struct Slab<T> {
-    chunks: Vec<Box<[Option<T>]>>,
-    free: Vec<u32>,
-}
-
-impl<T> Slab<T> {
-    fn insert(&mut self, value: T) -> u32 {
-        let slot = match self.free.pop() {
-            Some(slot) => slot,
-            None => {
-                let slot = self.chunks.len() * CHUNK;
-                self.chunks
-                    .push((0..CHUNK).map(|_| None).collect::<Vec<_>>().into());
-                self.free
-                    .extend((slot as u32 + 1..(slot + CHUNK) as u32).rev());
-                slot as u32
-            }
-        };
-        self.chunks[slot as usize / CHUNK][slot as usize % CHUNK] = Some(value);
-        slot
-    }
-
-    fn get_mut(&mut self, slot: u32) -> Option<&mut T> {
-        let slot = slot as usize;
-        self.chunks.get_mut(slot / CHUNK)?[slot % CHUNK].as_mut()
-    }
-
-    fn remove(&mut self, slot: u32) -> Option<T> {
-        let s = slot as usize;
-        let value = self.chunks.get_mut(s / CHUNK)?[s % CHUNK].take()?;
-        self.free.push(slot);
-        Some(value)
+        shared.wakeups.ready.wake_task();
     }
 }
 
@@ -264,10 +285,7 @@ impl<T: Source> Run<T> {
         let run = Run {
             shared,
             epoll,
-            slab: Slab {
-                chunks: Vec::new(),
-                free: Vec::new(),
-            },
+            slab: Slab::default(),
             ready: Vec::new(),
             again: Vec::new(),
             polling: Vec::new(),
@@ -407,19 +425,11 @@ impl<T: Source> std::future::Future for Run<T> {
         let this = self.get_mut();
         let mut polls = 0;
         loop {
-            // Registered before the lists are read, so a wake after the reads is not lost.
-            this.shared.wakeups.task.register(cx.waker());
+            // The waker is registered before the lists are read, so a wake after the reads is
+            // not lost.
+            this.shared.wakeups.ready.take(cx.waker(), &mut this.ready);
             this.take_incoming();
             this.ready.append(&mut this.again);
-            {
-                let mut woken = this
-                    .shared
-                    .wakeups
-                    .ready
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                this.ready.append(&mut woken);
-            }
             if this.take_events(cx).is_pending() && this.ready.is_empty() {
                 // Every source of work was looked at after the waker was registered (the
                 // lists) or registered it itself (the epoll set's readiness).
@@ -457,40 +467,95 @@ mod tests {
     use super::*;
 
     #[test]
-    fn slab_reuses_freed_slots_and_never_moves_the_others() {
-        let mut slab = Slab {
-            chunks: Vec::new(),
-            free: Vec::new(),
-        };
-        let slots: Vec<u32> = (0..CHUNK as u32 + 3).map(|i| slab.insert(i)).collect();
-        assert_eq!(slots, (0..CHUNK as u32 + 3).collect::<Vec<_>>());
-        assert_eq!(slab.chunks.len(), 2);
-        assert_eq!(slab.remove(5), Some(5));
-        assert_eq!(slab.remove(5), None);
-        assert_eq!(slab.get_mut(5), None);
-        assert_eq!(slab.insert(99), 5);
-        assert_eq!(slab.get_mut(5), Some(&mut 99));
-        assert_eq!(
-            slab.get_mut(CHUNK as u32 + 2),
-            Some(&mut (CHUNK as u32 + 2))
-        );
-        assert_eq!(slab.get_mut(10_000), None);
-    }
-
-    #[test]
     fn a_slot_waker_puts_its_slot_on_its_reactors_ready_list_and_wakes_the_task_once() {
         let wakeups = Wakeups::new().expect("a reactor number");
         let (task_waker, woken) = counting_waker();
-        wakeups.task.register(&task_waker);
+        let mut slots = Vec::new();
+        wakeups.ready.take(&task_waker, &mut slots);
         let waker = wakeups.slot_waker(7);
         waker.wake_by_ref();
         let copy = waker.clone();
         drop(waker);
         copy.wake();
         wakeups.slot_waker(9).wake();
-        assert_eq!(*wakeups.ready.lock().unwrap(), vec![7, 7, 9]);
         // The task's waker is taken by the first wake; it registers again when it runs.
         assert_eq!(woken.load(Ordering::SeqCst), 1);
+        wakeups.ready.take(&task_waker, &mut slots);
+        assert_eq!(slots, vec![7, 7, 9]);
+    }
+
+    type LoomList = ReadyList<loom::sync::Mutex<Vec<u32>>, loom::future::AtomicWaker>;
+
+    impl SlotLock for loom::sync::Mutex<Vec<u32>> {
+        fn with<R>(&self, f: impl FnOnce(&mut Vec<u32>) -> R) -> R {
+            f(&mut self.lock().expect("not poisoned"))
+        }
+    }
+
+    impl TaskCell for loom::future::AtomicWaker {
+        fn register(&self, waker: &Waker) {
+            self.register_by_ref(waker);
+        }
+        fn wake(&self) {
+            loom::future::AtomicWaker::wake(self);
+        }
+    }
+
+    /// The reactor's task as `Run::poll` uses the list: take, and sleep when nothing came
+    /// until `want` slots have been seen. A lost wake-up leaves it asleep, which loom reports
+    /// as a deadlock.
+    fn loom_task(list: &LoomList, want: usize) -> Vec<u32> {
+        let mut seen = Vec::new();
+        loom::future::block_on(std::future::poll_fn(|cx| {
+            list.take(cx.waker(), &mut seen);
+            if seen.len() == want {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        }));
+        seen
+    }
+
+    /// Every interleaving with up to three preemptions (tokio's own loom tests use two): the
+    /// full search of the two-waker model takes minutes in a debug build.
+    fn loom_model(f: impl Fn() + Sync + Send + 'static) {
+        let mut model = loom::model::Builder::new();
+        model.preemption_bound = Some(3);
+        model.check(f);
+    }
+
+    #[test]
+    fn loom_a_slot_woken_from_another_thread_is_never_lost() {
+        loom_model(|| {
+            let list = Arc::new(LoomList::default());
+            let waker = {
+                let list = list.clone();
+                loom::thread::spawn(move || list.push(3))
+            };
+            assert_eq!(loom_task(&list, 1), vec![3]);
+            waker.join().expect("waker thread");
+        });
+    }
+
+    #[test]
+    fn loom_two_wakers_racing_the_task_are_both_seen() {
+        loom_model(|| {
+            let list = Arc::new(LoomList::default());
+            let wakers: Vec<_> = [1, 2]
+                .into_iter()
+                .map(|slot| {
+                    let list = list.clone();
+                    loom::thread::spawn(move || list.push(slot))
+                })
+                .collect();
+            let mut seen = loom_task(&list, 2);
+            seen.sort_unstable();
+            assert_eq!(seen, vec![1, 2]);
+            for w in wakers {
+                w.join().expect("waker thread");
+            }
+        });
     }
 
     /// A stand-in connection: counts its polls, keeps the last waker, panics if told to.
