@@ -43,6 +43,7 @@
 //! next refresh anywhere publishes the new count.
 
 mod backend;
+mod chain;
 mod wire;
 
 use std::collections::{HashMap, VecDeque};
@@ -56,6 +57,7 @@ use redis::{Script, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use self::chain::Chains;
 use crate::broker::{Broker, Publish, PublishError, Published, Reply};
 use crate::hub::{Follower, Hub, Room};
 use crate::metrics::Metrics;
@@ -732,9 +734,8 @@ fn resync_all(shared: &Shared) -> VecDeque<RoomCommand> {
 /// retried for its room alone, through the hub, the other shards being fine.
 struct ClusterOps {
     rooms: ClusterRooms,
-    /// The last change of each channel; the next one waits for it. Finished ones are pruned.
-    last: HashMap<String, tokio::task::JoinHandle<()>>,
-    prune_at: usize,
+    /// Each channel's unfinished change; the next one waits for it.
+    chains: Chains,
     /// Unsubscribes we sent whose confirmation has not come back yet, by channel: any other end
     /// of a shard subscription is the server's (its slot moved).
     own_unsubscribes: Arc<std::sync::Mutex<HashMap<String, usize>>>,
@@ -745,8 +746,7 @@ impl ClusterOps {
     fn new(rooms: ClusterRooms) -> ClusterOps {
         ClusterOps {
             rooms,
-            last: HashMap::new(),
-            prune_at: 1024,
+            chains: Chains::default(),
             own_unsubscribes: Arc::default(),
             control: None,
         }
@@ -757,7 +757,7 @@ impl ClusterOps {
         match command {
             RoomCommand::Sync(room, generation) => {
                 let channel = shared.keys(room.name()).channel;
-                self.chain(channel.clone(), async move {
+                self.chains.run(channel.clone(), async move {
                     let subscribe = rooms.subscribe_room(&channel);
                     match tokio::time::timeout(shared.settings.timeout, subscribe).await {
                         Ok(Ok(())) => read_snapshot(shared, rooms.reads(), room, generation).await,
@@ -773,7 +773,7 @@ impl ClusterOps {
             RoomCommand::Release(room) => {
                 let channel = shared.keys(room.name()).channel;
                 let own = self.own_unsubscribes.clone();
-                self.chain(channel.clone(), async move {
+                self.chains.run(channel.clone(), async move {
                     if shared.hub.wants_following(&room) {
                         return;
                     }
@@ -816,26 +816,6 @@ impl ClusterOps {
     fn took_own_unsubscribe(&self, channel: &[u8]) -> bool {
         let channel = String::from_utf8_lossy(channel);
         take_one(&mut lock(&self.own_unsubscribes), &channel)
-    }
-
-    /// Run `op` after the channel's previous change.
-    fn chain(
-        &mut self,
-        channel: String,
-        op: impl std::future::Future<Output = ()> + Send + 'static,
-    ) {
-        let previous = self.last.remove(&channel);
-        let handle = tokio::spawn(async move {
-            if let Some(previous) = previous {
-                let _ = previous.await;
-            }
-            op.await;
-        });
-        self.last.insert(channel, handle);
-        if self.last.len() >= self.prune_at {
-            self.last.retain(|_, h| !h.is_finished());
-            self.prune_at = (self.last.len() * 2).max(1024);
-        }
     }
 }
 
