@@ -1038,13 +1038,13 @@ impl Hub {
     }
 
     /// A presence event from the networked broker's channel: to this node's members.
-    pub fn deliver_remote_presence(
+    pub fn deliver_remote_presence<N: AsRef<str>>(
         self: &Arc<Self>,
         room_name: &str,
         online: u64,
         message: &str,
-        joined: &[String],
-        left: &[String],
+        joined: &[N],
+        left: &[N],
     ) {
         let Some(room) = self.rooms.get(room_name).map(|r| r.clone()) else {
             return;
@@ -1057,9 +1057,7 @@ impl Hub {
             if st.queue.len() >= REMOTE_QUEUE_MAX {
                 return; // the next presence event carries the count again
             }
-            let names = |v: &[String]| v.iter().map(|n| Arc::from(n.as_str())).collect::<Vec<_>>();
-            let frame =
-                protocol::presence_event(message, online as usize, &names(joined), &names(left));
+            let frame = protocol::presence_event(message, online as usize, joined, left);
             let to = Recipients::Members(st.transient_snapshot());
             st.queue.push_back(Queued { frame, to });
         }

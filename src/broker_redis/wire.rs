@@ -4,6 +4,8 @@
 //! Every key and the channel of a room carry the room's name as a `{hash tag}`, so they fall in
 //! one slot and the publish script stays atomic on Redis Cluster.
 
+use std::borrow::Cow;
+
 use redis::Value;
 
 use crate::hub::RoomSnapshot;
@@ -91,8 +93,8 @@ pub(super) struct ChannelPresence<'a> {
     /// Members of the room on every live node.
     pub online: u64,
     pub message: &'a str,
-    pub joined: Vec<String>,
-    pub left: Vec<String>,
+    pub joined: Vec<Cow<'a, str>>,
+    pub left: Vec<Cow<'a, str>>,
 }
 
 pub(super) fn parse_channel_presence(payload: &[u8]) -> Option<ChannelPresence<'_>> {

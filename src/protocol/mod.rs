@@ -529,18 +529,22 @@ pub fn names_json(names: &[std::sync::Arc<str>]) -> String {
 }
 
 /// A JSON array of names from another node; `None` unless it is one (at most 20 kept).
-pub fn parse_names(json: &str) -> Option<Vec<String>> {
-    let mut names: Vec<String> = serde_json::from_str(json).ok()?;
-    names.truncate(20);
-    Some(names)
+pub fn parse_names(json: &str) -> Option<Vec<Cow<'_, str>>> {
+    // Borrowed from `json` unless a name holds an escape: a presence event from another node
+    // allocates nothing per name.
+    // (serde borrows a `Cow` only as a field of its own, not inside a `Vec`.)
+    #[derive(Deserialize)]
+    struct Name<'a>(#[serde(borrow)] Cow<'a, str>);
+    let names: Vec<Name<'_>> = serde_json::from_str(json).ok()?;
+    Some(names.into_iter().take(20).map(|n| n.0).collect())
 }
 
 /// `{"type":"presence","message":M,"online":N,"joined":[..],"left":[..]}`
-pub fn presence_event(
+pub fn presence_event<N: AsRef<str>>(
     message: &str,
     online: usize,
-    joined: &[std::sync::Arc<str>],
-    left: &[std::sync::Arc<str>],
+    joined: &[N],
+    left: &[N],
 ) -> Bytes {
     text_frame(|out| {
         out.extend_from_slice(b"{\"type\":\"presence\",\"message\":");
@@ -553,7 +557,7 @@ pub fn presence_event(
                 if i > 0 {
                     out.push(b',');
                 }
-                write_json_str(out, n);
+                write_json_str(out, n.as_ref());
             }
             out.push(b']');
         }
@@ -769,5 +773,23 @@ mod tests {
             remote.frame, local.frame,
             "the frame is byte-identical on every node"
         );
+    }
+
+    #[test]
+    fn names_from_another_node_are_borrowed_unless_escaped() {
+        let json = names_json(&["ada".into(), "zoë \"z\"".into()]);
+        let names = parse_names(&json).expect("an array of names");
+        assert_eq!(names, ["ada", "zoë \"z\""]);
+        assert!(
+            matches!(names[0], Cow::Borrowed(_)),
+            "a plain name is not copied"
+        );
+        assert!(
+            matches!(names[1], Cow::Owned(_)),
+            "an escaped one is unescaped"
+        );
+        let many = names_json(&(0..30).map(|i| format!("u{i}").into()).collect::<Vec<_>>());
+        assert_eq!(parse_names(&many).expect("array").len(), 20);
+        assert_eq!(parse_names("{}"), None);
     }
 }
