@@ -305,7 +305,7 @@ impl Broker for RedisBroker {
         &self,
         room: &str,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<u64>> + Send + '_>> {
-        let key = self.shared.keys(room).presence;
+        let key = wire::presence_key(room);
         Box::pin(async move {
             let read = async {
                 let mut c = self.shared.backend.connect().await?;
@@ -756,7 +756,7 @@ impl ClusterOps {
         let (shared, mut rooms) = (shared.clone(), self.rooms.clone());
         match command {
             RoomCommand::Sync(room, generation) => {
-                let channel = shared.keys(room.name()).channel;
+                let channel = wire::channel_name(room.name());
                 self.chains.run(channel.clone(), async move {
                     let subscribe = rooms.subscribe_room(&channel);
                     match tokio::time::timeout(shared.settings.timeout, subscribe).await {
@@ -771,7 +771,7 @@ impl ClusterOps {
                 });
             }
             RoomCommand::Release(room) => {
-                let channel = shared.keys(room.name()).channel;
+                let channel = wire::channel_name(room.name());
                 let own = self.own_unsubscribes.clone();
                 self.chains.run(channel.clone(), async move {
                     if shared.hub.wants_following(&room) {
@@ -848,7 +848,7 @@ async fn handle_command(
 ) -> Result<(), ()> {
     match command {
         RoomCommand::Sync(room, generation) => {
-            let channel = shared.keys(room.name()).channel;
+            let channel = wire::channel_name(room.name());
             let subscribe = subscriber.subscribe_room(&channel);
             match tokio::time::timeout(shared.settings.timeout, subscribe).await {
                 Ok(Ok(())) => {
@@ -869,7 +869,7 @@ async fn handle_command(
         }
         RoomCommand::Release(room) => {
             if !shared.hub.wants_following(&room) {
-                let channel = shared.keys(room.name()).channel;
+                let channel = wire::channel_name(room.name());
                 let _ = tokio::time::timeout(
                     shared.settings.timeout,
                     subscriber.unsubscribe_room(&channel),
@@ -1051,7 +1051,7 @@ async fn run_refresh(
         };
         let mut by_server: HashMap<Option<usize>, Vec<PresenceJob>> = HashMap::new();
         for job in jobs {
-            let server = owners.server_of(&shared.keys(job.room.name()).presence);
+            let server = owners.server_of(&wire::presence_key(job.room.name()));
             by_server.entry(server).or_default().push(job);
         }
         for (server, jobs) in by_server {
@@ -1113,11 +1113,17 @@ async fn run_presence(
     connection: &mut Connection,
     jobs: &[PresenceJob],
 ) -> Result<(), bool> {
-    let keys: Vec<RoomKeys> = jobs.iter().map(|j| shared.keys(j.room.name())).collect();
-    let Some(first) = keys.first() else {
+    let keys: Vec<(String, String)> = jobs
+        .iter()
+        .map(|j| {
+            let room = j.room.name();
+            (wire::presence_key(room), wire::channel_name(room))
+        })
+        .collect();
+    let Some((first, _)) = keys.first() else {
         return Ok(());
     };
-    let routing_key = [first.presence.as_str()];
+    let routing_key = [first.as_str()];
     let update = run_script(
         connection,
         &shared.presence_script,
@@ -1127,10 +1133,10 @@ async fn run_presence(
             cmd.arg(&shared.node_id)
                 .arg(PRESENCE_TTL.as_millis() as u64)
                 .arg(shared.backend.publish_command());
-            for (job, keys) in jobs.iter().zip(&keys) {
-                cmd.arg(&keys.presence)
+            for (job, (presence, channel)) in jobs.iter().zip(&keys) {
+                cmd.arg(presence)
                     .arg(job.local_members)
-                    .arg(&keys.channel)
+                    .arg(channel)
                     .arg(&job.message)
                     .arg(&job.joined)
                     .arg(&job.left);

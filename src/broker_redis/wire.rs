@@ -35,10 +35,20 @@ impl RoomKeys {
             seq: format!("rc:{{{room}}}:seq"),
             history: format!("rc:{{{room}}}:history"),
             dedupe: format!("rc:{{{room}}}:dedupe"),
-            presence: format!("rc:{{{room}}}:presence"),
-            channel: format!("rc:{{{room}}}:channel"),
+            presence: presence_key(room),
+            channel: channel_name(room),
         }
     }
+}
+
+/// A room's presence hash alone (presence runs once per join or leave: no other key needed).
+pub(super) fn presence_key(room: &str) -> String {
+    format!("rc:{{{room}}}:presence")
+}
+
+/// A room's channel alone (subscribing needs nothing else).
+pub(super) fn channel_name(room: &str) -> String {
+    format!("rc:{{{room}}}:channel")
 }
 
 /// The node-wide control channel: requests every node acts on (the server API's disconnect).
