@@ -179,7 +179,8 @@ impl<T> Slab<T> {
     }
 
     /// Chunks mapped now.
-    pub fn mapped(&self) -> usize {
+    #[cfg(test)]
+    fn mapped(&self) -> usize {
         self.chunks.iter().flatten().count()
     }
 }

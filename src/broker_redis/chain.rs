@@ -7,9 +7,11 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use tokio::task::JoinHandle;
+
+use super::lock;
 
 /// The last unfinished change of each key.
 #[derive(Default)]
@@ -21,10 +23,6 @@ pub(super) struct Chains {
 struct Link {
     id: u64,
     handle: JoinHandle<()>,
-}
-
-fn lock(m: &Mutex<HashMap<String, Link>>) -> MutexGuard<'_, HashMap<String, Link>> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Chains {
