@@ -18,6 +18,7 @@
 //! over the reactors in turn. What a connection does when it leaves (its close handshake, with
 //! timers) is its own business ([`Source::exit`]).
 
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -37,6 +38,11 @@ use crate::slab::Slab;
 pub const POLLS_PER_TURN: usize = 128;
 /// epoll events taken per `epoll_wait`.
 const EVENTS_PER_WAIT: usize = 256;
+/// How long the slab's one empty chunk is kept before it is unmapped: long enough that a
+/// connection coming and going at a chunk's edge maps and unmaps at most once per period.
+const SPARE_CHUNK_HOLD: std::time::Duration = std::time::Duration::from_secs(1);
+/// Slots the ready lists keep room for after a wave has left.
+const LIST_KEEP: usize = 1024;
 /// Reactors a process can start in its life (a relay starts one per runtime worker).
 const MAX_REACTORS: usize = 4096;
 
@@ -247,6 +253,8 @@ struct Run<T> {
     /// The list being polled (swapped with `ready`, so neither is reallocated per turn).
     polling: Vec<u32>,
     events: Vec<libc::epoll_event>,
+    /// Armed while the slab keeps an empty chunk: when it fires, the chunk is unmapped.
+    spare_timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<T> Drop for Run<T> {
@@ -290,6 +298,7 @@ impl<T: Source> Run<T> {
             again: Vec::new(),
             polling: Vec::new(),
             events: vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT],
+            spare_timer: None,
         };
         Ok(run)
     }
@@ -389,6 +398,29 @@ impl<T: Source> Run<T> {
         Poll::Ready(())
     }
 
+    /// Before the task sleeps or yields: give back the slab's kept empty chunk once it has been empty for
+    /// `SPARE_CHUNK_HOLD` (a wave that left), with the room the lists grew to for it.
+    fn release_spare_when_due(&mut self, cx: &mut Context<'_>) {
+        let Some(since) = self.slab.spare_since() else {
+            self.spare_timer = None;
+            return;
+        };
+        let due = tokio::time::Instant::from_std(since + SPARE_CHUNK_HOLD);
+        let timer = self
+            .spare_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.deadline() != due {
+            timer.as_mut().reset(due);
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            self.spare_timer = None;
+            self.slab.release_spare();
+            for list in [&mut self.ready, &mut self.again, &mut self.polling] {
+                list.shrink_to(LIST_KEEP);
+            }
+        }
+    }
+
     fn poll_slot(&mut self, slot: u32) {
         let Some(conn) = self.slab.get_mut(slot) else {
             return;
@@ -418,7 +450,7 @@ impl<T: Source> Run<T> {
     }
 }
 
-impl<T: Source> std::future::Future for Run<T> {
+impl<T: Source> Future for Run<T> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -433,6 +465,7 @@ impl<T: Source> std::future::Future for Run<T> {
             if this.take_events(cx).is_pending() && this.ready.is_empty() {
                 // Every source of work was looked at after the waker was registered (the
                 // lists) or registered it itself (the epoll set's readiness).
+                this.release_spare_when_due(cx);
                 return Poll::Pending;
             }
             if this.ready.is_empty() {
@@ -451,6 +484,7 @@ impl<T: Source> std::future::Future for Run<T> {
                     // after them (waking ourselves would requeue us before the driver is
                     // polled); dropping the future keeps that deferred wake-up.
                     let _ = std::pin::pin!(tokio::task::yield_now()).poll(cx);
+                    this.release_spare_when_due(cx);
                     return Poll::Pending;
                 }
                 polls += 1;
@@ -558,12 +592,14 @@ mod tests {
         });
     }
 
-    /// A stand-in connection: counts its polls, keeps the last waker, panics if told to.
+    /// A stand-in connection: counts its polls, keeps the last waker, panics if told to, and
+    /// leaves when `leave` is set.
     struct Probe {
         socket: std::os::unix::net::UnixStream,
         panics: bool,
         polls: Arc<AtomicUsize>,
         waker: Arc<Mutex<Option<Waker>>>,
+        leave: Arc<AtomicBool>,
     }
 
     impl Source for Probe {
@@ -579,6 +615,9 @@ mod tests {
             self.polls.fetch_add(1, Ordering::SeqCst);
             *self.waker.lock().unwrap() = Some(cx.waker().clone());
             assert!(!self.panics, "a probe that panics");
+            if self.leave.load(Ordering::SeqCst) {
+                return Step::Exit(());
+            }
             Step::Wait
         }
 
@@ -593,6 +632,7 @@ mod tests {
             panics,
             polls: Arc::new(AtomicUsize::new(0)),
             waker: Arc::new(Mutex::new(None)),
+            leave: Arc::new(AtomicBool::new(false)),
         };
         (probe, theirs)
     }
@@ -647,7 +687,6 @@ mod tests {
     /// else woke it (100,000 connections over six nodes: deliveries 13–25 s late, some never).
     #[tokio::test]
     async fn a_readiness_that_brings_no_events_still_leaves_the_reactor_waiting_for_the_next() {
-        use std::future::Future;
         let mut run = Run::<Probe>::new().expect("a reactor");
         let (probe, mut peer) = probe(false);
         let polls = probe.polls.clone();
@@ -687,6 +726,54 @@ mod tests {
             2,
             "and its connection is polled"
         );
+    }
+
+    /// The defect: a slab chunk emptied by connections that left stayed mapped (60 KiB each,
+    /// one per reactor) for as long as the relay ran, a sixth of what a churn left behind.
+    #[tokio::test]
+    async fn a_chunk_left_empty_goes_back_to_the_system_after_the_hold() {
+        let mut run = Run::<Probe>::new().expect("a reactor");
+        let (waker, woken) = counting_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut probes = Vec::new();
+        for _ in 0..=crate::slab::CHUNK {
+            let (probe, peer) = probe(false);
+            let leave = probe.leave.clone();
+            run.shared.incoming.lock().unwrap().push(probe);
+            probes.push((leave, peer));
+        }
+        // A turn polls at most POLLS_PER_TURN connections, and each is polled once as it
+        // arrives and once for its first readiness (writable).
+        for _ in 0..4 * (crate::slab::CHUNK / POLLS_PER_TURN + 1) {
+            let _ = Pin::new(&mut run).poll(&mut cx);
+        }
+        assert_eq!(run.slab.mapped(), 2);
+
+        // The one connection in the second chunk leaves.
+        let (leave, _peer) = probes.pop().expect("the last probe");
+        leave.store(true, Ordering::SeqCst);
+        run.shared
+            .wakeups
+            .slot_waker(crate::slab::CHUNK as u32)
+            .wake();
+        for _ in 0..4 {
+            let _ = Pin::new(&mut run).poll(&mut cx);
+        }
+        assert!(
+            run.slab.spare_since().is_some(),
+            "its chunk is kept for a while"
+        );
+        assert_eq!(run.slab.mapped(), 2);
+
+        let before = woken.load(Ordering::SeqCst);
+        tokio::time::sleep(SPARE_CHUNK_HOLD + std::time::Duration::from_millis(200)).await;
+        assert!(
+            woken.load(Ordering::SeqCst) > before,
+            "the hold's end wakes the reactor"
+        );
+        assert!(Pin::new(&mut run).poll(&mut cx).is_pending());
+        assert_eq!(run.slab.mapped(), 1, "the empty chunk was unmapped");
+        assert_eq!(run.slab.spare_since(), None);
     }
 
     fn counting_waker() -> (Waker, Arc<AtomicUsize>) {

@@ -5,11 +5,14 @@
 //! memory mapping of its own (not a heap block, which would share allocator pages with blocks
 //! that stay), slots are filled lowest first so the long-lived connections pack into the first
 //! chunks, and a chunk that empties is unmapped, except one kept empty so that a connection
-//! coming and going at a chunk's edge does not map and unmap on every join.
+//! coming and going at a chunk's edge does not map and unmap on every join. The kept chunk goes
+//! too once it has stayed empty for a while (the reactor calls `release_spare` on a timer): a
+//! wave that leaves gives back all of its chunks.
 
 use std::marker::PhantomData;
 use std::mem::size_of;
 use std::ptr::NonNull;
+use std::time::Instant;
 
 /// Slots per chunk. With 120-byte slots (a connection) a chunk is 61,440 B: exactly 15 pages.
 pub const CHUNK: usize = 512;
@@ -21,6 +24,8 @@ pub struct Slab<T> {
     chunks: Vec<Option<Chunk<T>>>,
     /// Mapped chunks that hold nothing (at most one is kept).
     empty: usize,
+    /// When the kept empty chunk last became empty.
+    spare_since: Option<Instant>,
 }
 
 /// `CHUNK` slots in one anonymous mapping, and which of them are taken.
@@ -113,6 +118,7 @@ impl<T> Default for Slab<T> {
         Slab {
             chunks: Vec::new(),
             empty: 0,
+            spare_since: None,
         }
     }
 }
@@ -144,6 +150,9 @@ impl<T> Slab<T> {
         chunk.taken[i / 64] |= 1 << (i % 64);
         if chunk.live == 0 {
             self.empty -= 1;
+            if self.empty == 0 {
+                self.spare_since = None;
+            }
         }
         chunk.live += 1;
         *chunk.slot(i) = Some(value);
@@ -168,19 +177,44 @@ impl<T> Slab<T> {
         if chunk.live == 0 {
             if self.empty == 0 {
                 self.empty = 1;
+                self.spare_since = Some(Instant::now());
             } else {
-                self.chunks[n] = None;
-                while self.chunks.last().is_some_and(Option::is_none) {
-                    self.chunks.pop();
-                }
+                self.unmap(n);
             }
         }
         Some(value)
     }
 
+    fn unmap(&mut self, n: usize) {
+        self.chunks[n] = None;
+        while self.chunks.last().is_some_and(Option::is_none) {
+            self.chunks.pop();
+        }
+    }
+
+    /// Since when an empty chunk has been kept, if one is.
+    pub fn spare_since(&self) -> Option<Instant> {
+        self.spare_since
+    }
+
+    /// Unmap the kept empty chunk, if there is one.
+    pub fn release_spare(&mut self) {
+        if self.spare_since.take().is_none() {
+            return;
+        }
+        if let Some(n) = self
+            .chunks
+            .iter()
+            .position(|c| c.as_ref().is_some_and(|c| c.live == 0))
+        {
+            self.unmap(n);
+        }
+        self.empty = 0;
+    }
+
     /// Chunks mapped now.
     #[cfg(test)]
-    fn mapped(&self) -> usize {
+    pub(crate) fn mapped(&self) -> usize {
         self.chunks.iter().flatten().count()
     }
 }
@@ -233,6 +267,45 @@ mod tests {
             slab.remove(slot);
         }
         assert_eq!(slab.mapped(), 3, "the first chunk still holds values");
+    }
+
+    #[test]
+    fn the_kept_empty_chunk_goes_back_when_released() {
+        let mut slab = Slab::default();
+        let steady = slab.insert(0);
+        let wave: Vec<u32> = (0..2 * CHUNK as u32).map(|i| slab.insert(i)).collect();
+        assert_eq!(slab.mapped(), 3);
+        for slot in wave {
+            slab.remove(slot);
+        }
+        assert_eq!(slab.mapped(), 2, "one empty chunk is kept");
+        assert!(slab.spare_since().is_some(), "an empty chunk is kept");
+        slab.release_spare();
+        assert_eq!(slab.mapped(), 1, "only the steady value's chunk is left");
+        assert_eq!(slab.spare_since(), None);
+        assert!(slab.get_mut(steady).is_some());
+
+        // A kept chunk that takes a value again is no longer a spare.
+        let more: Vec<u32> = (0..CHUNK as u32).map(|i| slab.insert(i)).collect();
+        assert_eq!(
+            more[CHUNK - 1],
+            CHUNK as u32,
+            "the first chunk filled, then a second"
+        );
+        slab.remove(more[CHUNK - 1]);
+        assert!(
+            slab.spare_since().is_some(),
+            "the second chunk is kept empty"
+        );
+        slab.remove(more[4]);
+        assert_eq!(slab.insert(1), more[4], "lowest first");
+        assert!(slab.spare_since().is_some());
+        assert_eq!(slab.insert(2), CHUNK as u32);
+        assert_eq!(
+            slab.spare_since(),
+            None,
+            "the kept chunk holds a value again"
+        );
     }
 
     #[test]
