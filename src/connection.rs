@@ -37,6 +37,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::address::AddressSlot;
+use crate::alloc::long_lived;
 use crate::audit::{AuditEvent, Dialect as AuditDialect};
 use crate::broker::{Publish, PublishError, Published, Reply};
 use crate::frame::{self, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, PING};
@@ -438,7 +439,7 @@ pub(crate) fn spawn(
     who: Identity,
     permit: ConnectionPermit,
 ) {
-    let outbox = Arc::new(Outbox::default());
+    let outbox = long_lived(|| Arc::new(Outbox::default()));
     let now_ms = relay.now_ms();
     let mut may_publish = true;
     let rooms = match who.entry {
@@ -450,9 +451,11 @@ pub(crate) fn spawn(
             publish,
         } => {
             may_publish = publish;
-            let sender = Arc::new(Sender {
-                name: name.into(),
-                session,
+            let sender = long_lived(|| {
+                Arc::new(Sender {
+                    name: name.into(),
+                    session,
+                })
             });
             let metrics = relay.metrics.dialect(Dialect::Query);
             metrics.joins.increment(1);
@@ -475,10 +478,12 @@ pub(crate) fn spawn(
                     outbox.nudge();
                 }
             });
-            Rooms::Many(Box::new(Chat {
-                sender: None,
-                grant: None,
-                rooms: Vec::new(),
+            Rooms::Many(long_lived(|| {
+                Box::new(Chat {
+                    sender: None,
+                    grant: None,
+                    rooms: Vec::new(),
+                })
             }))
         }
     };
@@ -1064,9 +1069,11 @@ impl Connection {
                     protocol::DEFAULT_NAME.into(),
                     connection_id.as_u128() & !crate::ticket::TICKET_SESSION_BIT,
                 ),
-                Credential::Ticket(grant) => (grant.user.as_str().into(), grant.session()),
+                Credential::Ticket(grant) => {
+                    (long_lived(|| grant.user.as_str().into()), grant.session())
+                }
             };
-            let sender = Arc::new(Sender { name, session });
+            let sender = long_lived(|| Arc::new(Sender { name, session }));
             let hello = second::auth_ok(&connection_id, &sender.name);
             chat.sender = Some(sender);
             if let Credential::Ticket(grant) = credential {

@@ -814,13 +814,17 @@ impl Hub {
         self.metrics.bytes_sent.increment(bytes as u64);
         match greeting {
             Greeting::Query => {
-                st.members
-                    .insert(client_id, (outbox.clone(), sender.clone()));
+                crate::alloc::long_lived(|| {
+                    st.members
+                        .insert(client_id, (outbox.clone(), sender.clone()))
+                });
             }
             Greeting::Auth { history } => {
                 let told_of_gaps = history || resume.is_some();
-                st.chat_members
-                    .insert(client_id, (outbox.clone(), sender.clone(), told_of_gaps));
+                crate::alloc::long_lived(|| {
+                    st.chat_members
+                        .insert(client_id, (outbox.clone(), sender.clone(), told_of_gaps))
+                });
             }
         }
         st.snapshot = None;

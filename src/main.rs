@@ -15,7 +15,7 @@ use roomcast::tls::Tls;
 use roomcast::{limits, metrics, relay, server};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: roomcast::alloc::RelayAlloc = roomcast::alloc::RelayAlloc;
 
 /// Pending connections the kernel may hold for us during a connect storm.
 const LISTEN_BACKLOG: u32 = 4096;

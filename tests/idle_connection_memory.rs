@@ -1,6 +1,6 @@
 //! What an idle first-dialect connection holds on the relay's heap, counted exactly: this test
-//! binary runs the relay in-process under a counting allocator (mimalloc underneath, as in the
-//! binary), opens idle connections over real sockets, 150 per room in `ROOMS` rooms (as
+//! binary runs the relay in-process under a counting allocator (the relay's own underneath, as in
+//! the binary), opens idle connections over real sockets, 150 per room in `ROOMS` rooms (as
 //! `roomcast-load idle --conns 15000 --rooms 100`), `IN_FLIGHT` upgrades at a time with the
 //! presence they cause read in between (as the load harness does), lets presence settle, and
 //! divides the heap's growth by the connection count. The clients are std sockets that keep
@@ -20,7 +20,7 @@ use std::net::TcpStream;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
-use mimalloc::MiMalloc;
+use roomcast::alloc::RelayAlloc;
 
 /// Connections per room, as in `roomcast-load idle --conns 15000 --rooms 100`.
 const PER_ROOM: usize = 150;
@@ -66,17 +66,17 @@ fn count(layout: Layout, sign: isize) {
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         count(layout, 1);
-        MiMalloc.alloc(layout)
+        RelayAlloc.alloc(layout)
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         count(layout, 1);
-        MiMalloc.alloc_zeroed(layout)
+        RelayAlloc.alloc_zeroed(layout)
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         count(layout, -1);
-        MiMalloc.dealloc(ptr, layout)
+        RelayAlloc.dealloc(ptr, layout)
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
@@ -85,7 +85,7 @@ unsafe impl GlobalAlloc for Counting {
             Layout::from_size_align(new_size, layout.align()).expect("valid layout"),
             1,
         );
-        MiMalloc.realloc(ptr, layout, new_size)
+        RelayAlloc.realloc(ptr, layout, new_size)
     }
 }
 
@@ -227,14 +227,19 @@ fn print_pages() {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .reserve(PAGES_MAX);
-    // SAFETY: the main heap lives for the process; the visitor does not allocate.
-    unsafe {
-        libmimalloc_sys::mi_heap_visit_blocks(
-            mi_heap_main(),
-            false,
-            Some(visit_page),
-            std::ptr::null_mut(),
-        );
+    // SAFETY: both heaps live for the process; the visitor does not allocate.
+    for heap in [
+        unsafe { mi_heap_main() },
+        roomcast::alloc::long_lived_heap(),
+    ] {
+        unsafe {
+            libmimalloc_sys::mi_heap_visit_blocks(
+                heap,
+                false,
+                Some(visit_page),
+                std::ptr::null_mut(),
+            );
+        }
     }
     let pages = std::mem::take(&mut *PAGES.lock().unwrap_or_else(|p| p.into_inner()));
     let mut by_size = std::collections::BTreeMap::<usize, (usize, usize, usize)>::new();
