@@ -111,6 +111,7 @@ fn preset(size: &str) -> anyhow::Result<Preset> {
             hold_ms: 500,
             rate: pick(100, 200) as f64,
             text_bytes: 64,
+            history: 50,
         },
         slow: SlowArgs {
             rooms: 1,

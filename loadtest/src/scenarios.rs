@@ -131,6 +131,10 @@ pub struct ChurnArgs {
     /// Characters of text per message (at most the relay's MAX_TEXT_CHARS).
     #[arg(long, default_value_t = 64)]
     pub text_bytes: usize,
+    /// Messages each room's history holds (the relay's HISTORY_LIMIT): the steady reference is
+    /// taken once every room's history is full, after 1.5 times the time that takes at `rate`.
+    #[arg(long, default_value_t = 50)]
+    pub history: u32,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -868,8 +872,11 @@ pub fn churn(target: &Target, c: &Common, a: &ChurnArgs) -> anyhow::Result<Repor
     let budget_ms = (a.waves as u64 + 2) * (a.hold_ms + 60_000);
     w.reset()?;
     w.publish_start(&pubs, a.rate, budget_ms, a.text_bytes)?;
-    // Let history fill and the steady state establish itself before taking the reference.
-    std::thread::sleep(Duration::from_millis(3000));
+    // Let every room's history fill and the steady state establish itself before taking the
+    // reference: until the histories are full the relay's memory grows with them, waves or not.
+    let fill =
+        Duration::from_secs_f64(1.5 * f64::from(a.history) * f64::from(a.rooms) / a.rate.max(1.0));
+    std::thread::sleep(fill.max(Duration::from_millis(3000)));
     let reference = RelayPoint::take(target, true);
     let peak = PeakRss::start(target.pid);
     let mut waves = Vec::new();
