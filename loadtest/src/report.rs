@@ -205,6 +205,7 @@ fn sum_samples(pids: impl Iterator<Item = u32>) -> Option<ProcSample> {
         any = true;
         total.cpu_us += s.cpu_us;
         total.rss_kb += s.rss_kb;
+        total.anon_kb += s.anon_kb;
         total.syscw = total.syscw.zip(s.syscw).map(|(a, b)| a + b);
     }
     any.then_some(total)
@@ -238,6 +239,10 @@ impl RelayPoint {
 
     pub fn rss_kb(&self) -> Option<u64> {
         self.proc_.map(|p| p.rss_kb)
+    }
+
+    pub fn anon_kb(&self) -> Option<u64> {
+        self.proc_.map(|p| p.anon_kb)
     }
 
     pub fn metric(&self, name: &str) -> Option<f64> {

@@ -574,15 +574,29 @@ pub(crate) fn put_idle_memory(
         "relay RSS with all idle (KiB)",
         after.rss_kb().map(|v| v as f64),
     );
+    let per_conn = |b: Option<u64>, x: Option<u64>| match (b, x) {
+        (Some(b), Some(x)) if joined > 0 => Some((x as f64 - b as f64) * 1024.0 / joined as f64),
+        _ => None,
+    };
     r.opt(
         "relay_bytes_per_idle_conn",
         "relay RSS per idle connection (bytes)",
-        match (before.rss_kb(), after.rss_kb()) {
-            (Some(b), Some(x)) if joined > 0 => {
-                Some((x as f64 - b as f64) * 1024.0 / joined as f64)
-            }
-            _ => None,
-        },
+        per_conn(before.rss_kb(), after.rss_kb()),
+    );
+    r.opt(
+        "relay_anon_before_kb",
+        "relay anonymous RSS before (KiB)",
+        before.anon_kb().map(|v| v as f64),
+    );
+    r.opt(
+        "relay_anon_after_kb",
+        "relay anonymous RSS with all idle (KiB)",
+        after.anon_kb().map(|v| v as f64),
+    );
+    r.opt(
+        "relay_anon_bytes_per_idle_conn",
+        "relay anonymous RSS per idle connection (bytes)",
+        per_conn(before.anon_kb(), after.anon_kb()),
     );
 }
 
@@ -959,6 +973,25 @@ pub fn churn(target: &Target, c: &Common, a: &ChurnArgs) -> anyhow::Result<Repor
         "rss_end_over_reference",
         "RSS end / steady reference",
         ratio,
+    );
+    // The same for the anonymous part alone (the heap and stacks, not the binary's pages).
+    r.opt(
+        "relay_anon_reference_kb",
+        "relay anonymous RSS steady (KiB)",
+        reference.anon_kb().map(|v| v as f64),
+    );
+    r.opt(
+        "relay_anon_end_kb",
+        "relay anonymous RSS end (KiB)",
+        end.anon_kb().map(|v| v as f64),
+    );
+    r.opt(
+        "anon_end_over_reference",
+        "anonymous RSS end / steady reference",
+        match (reference.anon_kb(), end.anon_kb()) {
+            (Some(a0), Some(b)) if a0 > 0 => Some(b as f64 / a0 as f64),
+            _ => None,
+        },
     );
     // After the first wave the allocator has seen the peak working set once; growth past this
     // point across waves would be a leak, while the step from the reference is retention.

@@ -107,11 +107,15 @@ fn clock_ticks_per_s() -> u64 {
 pub struct ProcSample {
     pub cpu_us: u64,
     pub rss_kb: u64,
+    /// The anonymous part of the resident set (RssAnon: the heap and stacks, not the
+    /// binary's pages, which vary by a few hundred KiB between identical runs).
+    pub anon_kb: u64,
     /// Write-type system calls (write/writev; not send/sendmsg) from /proc/PID/io, if readable.
     pub syscw: Option<u64>,
 }
 
-/// Reads `/proc/PID/stat` (utime + stime) and `/proc/PID/status` (VmRSS). None if gone.
+/// Reads `/proc/PID/stat` (utime + stime) and `/proc/PID/status` (VmRSS, RssAnon). None if
+/// gone.
 pub fn sample_process(pid: u32) -> Option<ProcSample> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name is in parentheses and may hold spaces; fields resume after the last ')'.
@@ -122,12 +126,15 @@ pub fn sample_process(pid: u32) -> Option<ProcSample> {
     let stime: u64 = fields.get(12)?.parse().ok()?;
     let cpu_us = (utime + stime) * 1_000_000 / clock_ticks_per_s();
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let kb = |field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let (rss_kb, anon_kb) = (kb("VmRSS:"), kb("RssAnon:"));
     let syscw = fs::read_to_string(format!("/proc/{pid}/io"))
         .ok()
         .and_then(|io| {
@@ -138,6 +145,7 @@ pub fn sample_process(pid: u32) -> Option<ProcSample> {
     Some(ProcSample {
         cpu_us,
         rss_kb,
+        anon_kb,
         syscw,
     })
 }
