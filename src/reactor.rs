@@ -398,8 +398,8 @@ impl<T: Source> Run<T> {
         Poll::Ready(())
     }
 
-    /// Before the task sleeps or yields: give back the slab's kept empty chunk once it has been empty for
-    /// `SPARE_CHUNK_HOLD` (a wave that left), with the room the lists grew to for it.
+    /// Before the task sleeps or yields: give back the slab's kept empty chunk once it has been
+    /// empty for `SPARE_CHUNK_HOLD` (a wave that left), with the room the lists grew to for it.
     fn release_spare_when_due(&mut self, cx: &mut Context<'_>) {
         let Some(since) = self.slab.spare_since() else {
             self.spare_timer = None;
