@@ -965,14 +965,14 @@ pub fn churn(target: &Target, c: &Common, a: &ChurnArgs) -> anyhow::Result<Repor
         "relay RSS 2 s after last wave (KiB)",
         end.rss_kb().map(|v| v as f64),
     );
-    let ratio = match (reference.rss_kb(), end.rss_kb()) {
+    let over = |a: Option<u64>, b: Option<u64>| match (a, b) {
         (Some(a0), Some(b)) if a0 > 0 => Some(b as f64 / a0 as f64),
         _ => None,
     };
     r.opt(
         "rss_end_over_reference",
         "RSS end / steady reference",
-        ratio,
+        over(reference.rss_kb(), end.rss_kb()),
     );
     // The same for the anonymous part alone (the heap and stacks, not the binary's pages).
     r.opt(
@@ -988,10 +988,7 @@ pub fn churn(target: &Target, c: &Common, a: &ChurnArgs) -> anyhow::Result<Repor
     r.opt(
         "anon_end_over_reference",
         "anonymous RSS end / steady reference",
-        match (reference.anon_kb(), end.anon_kb()) {
-            (Some(a0), Some(b)) if a0 > 0 => Some(b as f64 / a0 as f64),
-            _ => None,
-        },
+        over(reference.anon_kb(), end.anon_kb()),
     );
     // After the first wave the allocator has seen the peak working set once; growth past this
     // point across waves would be a leak, while the step from the reference is retention.
