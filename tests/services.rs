@@ -16,6 +16,19 @@ fn nodes_behind(origin: &str) -> RelayBuilder {
     Relay::builder().env("ALLOWED_ORIGINS", origin)
 }
 
+/// The defect: ports came from port 0, so from the kernel's ephemeral range, and a server
+/// restarted on its port could find it taken meanwhile as some connection's source port.
+#[test]
+fn free_ports_are_below_the_ephemeral_range_and_never_given_twice() {
+    let (low, _) = ephemeral_ports();
+    let ports: Vec<u16> = (0..200).map(|_| free_port()).collect();
+    assert!(ports.iter().all(|&p| p < low), "{ports:?} against {low}");
+    let mut unique = ports.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), ports.len(), "a port handed out twice");
+}
+
 #[test]
 fn redis_answers_ping_and_restarts_empty_on_the_same_port() {
     let mut redis = RedisServer::start();

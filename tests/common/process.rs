@@ -90,11 +90,51 @@ pub fn wait_for_child(child: &mut Child, timeout: Duration) -> bool {
     }
 }
 
-/// A loopback port nobody listens on right now: bind `127.0.0.1:0`, read the port, close. Another
-/// process may take it before ours binds it; starters retry with a new port when that happens.
+/// A loopback port nobody listens on right now: bind it, close. Another process may take it
+/// before ours binds it; starters retry with a new port when that happens.
+///
+/// The port is below the kernel's ephemeral range (`ip_local_port_range`), which port 0 would
+/// draw from: a test that stops a server and starts it again on its port (a rolling restart, a
+/// Redis failover) must not find the port taken in between as the source port of some outgoing
+/// connection (that made `cluster_nginx`'s rolling restart fail with "Address already in use").
+/// Ports are drawn at random and never handed out twice in one test binary.
 pub fn free_port() -> u16 {
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let ephemeral_low = ephemeral_ports().0;
+    let low = 10_000u16;
+    if ephemeral_low > low + 1_000 {
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        for _ in 0..1_000 {
+            let port = low + (random_u64() % u64::from(ephemeral_low - low)) as u16;
+            if given.contains(&port) {
+                continue;
+            }
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                given.push(port);
+                return port;
+            }
+        }
+    }
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
     listener.local_addr().expect("local address").port()
+}
+
+/// The kernel's range of source ports for outgoing connections (Linux's default if unreadable).
+pub fn ephemeral_ports() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|v| v.parse::<u16>());
+            Some((it.next()?.ok()?, it.next()?.ok()?))
+        })
+        .unwrap_or((32_768, 60_999))
+}
+
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id().into());
+    h.finish()
 }
 
 // ---------------------------------------------------------------------------------------------
