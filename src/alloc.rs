@@ -42,10 +42,17 @@ pub struct RelayAlloc;
 /// keeps until it closes: a block that is freed soon (or reallocated as it grows) belongs in the
 /// default heap, or it leaves holes where the lifelong blocks should pack.
 pub fn long_lived<R>(f: impl FnOnce() -> R) -> R {
-    let was = LONG_LIVED.with(|l| l.replace(true));
-    let r = f();
-    LONG_LIVED.with(|l| l.set(was));
-    r
+    /// Puts the thread's flag back even if `f` panics (a connection's panic is caught and the
+    /// thread goes on; it must not go on allocating everything in the lifelong heap).
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let was = self.0;
+            let _ = LONG_LIVED.try_with(|l| l.set(was));
+        }
+    }
+    let _restore = Restore(LONG_LIVED.with(|l| l.replace(true)));
+    f()
 }
 
 /// The heap of lifelong blocks, for the memory tests that walk mimalloc's pages.
@@ -196,6 +203,14 @@ mod tests {
             assert!(std::slice::from_raw_parts(zeroed, 112)
                 .iter()
                 .all(|b| *b == 0));
+            let _ = std::panic::catch_unwind(|| long_lived(|| panic!("a connection's bug")));
+            let after_panic = RelayAlloc.alloc(layout);
+            assert_ne!(
+                heap_of(after_panic),
+                long_lived_heap(),
+                "the flag is put back"
+            );
+            RelayAlloc.dealloc(after_panic, layout);
             for p in [lifelong, zeroed, short] {
                 RelayAlloc.dealloc(p, layout);
             }
