@@ -88,20 +88,35 @@ fn inside_long_lived() -> bool {
     LONG_LIVED.try_with(Cell::get).unwrap_or(false)
 }
 
+/// The alignment every mimalloc block has (`MI_MAX_ALIGN_SIZE` on 64-bit targets).
+const MI_MAX_ALIGN: usize = 16;
+
+/// Whether a plain mimalloc block already has the layout's alignment (the std allocator makes
+/// the same test before it calls `malloc`). Asking for an aligned block when it is not needed
+/// costs a size class: mimalloc's aligned path serves a size only from a page of that size that
+/// already has a free block, and otherwise over-allocates (`size + align - 1`) from the next
+/// class, and no page of the exact size is ever made. Every 112-B outbox took a 128-B block and
+/// every 48-B sender a 64-B one that way.
+fn plain(size: usize, align: usize) -> bool {
+    align <= MI_MAX_ALIGN && align <= size
+}
+
 #[allow(unsafe_code)]
-// SAFETY: each method forwards to mimalloc with the layout's size and alignment, as
-// `mimalloc::MiMalloc` does; mimalloc frees and reallocates a block of either heap from any
+// SAFETY: each method forwards to mimalloc with the layout's size, and its alignment unless a
+// plain block has it (`plain`); mimalloc frees and reallocates a block of either heap from any
 // thread.
 unsafe impl GlobalAlloc for RelayAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let (size, align) = (layout.size(), layout.align());
         // SAFETY: as for `MiMalloc::alloc`; the heap lives for the process.
         unsafe {
-            if inside_long_lived() {
-                mi::mi_heap_malloc_aligned(long_lived_heap(), size, align).cast()
-            } else {
-                mi::mi_malloc_aligned(size, align).cast()
+            match (inside_long_lived(), plain(size, align)) {
+                (true, true) => mi::mi_heap_malloc(long_lived_heap(), size),
+                (true, false) => mi::mi_heap_malloc_aligned(long_lived_heap(), size, align),
+                (false, true) => mi::mi_malloc(size),
+                (false, false) => mi::mi_malloc_aligned(size, align),
             }
+            .cast()
         }
     }
 
@@ -109,11 +124,13 @@ unsafe impl GlobalAlloc for RelayAlloc {
         let (size, align) = (layout.size(), layout.align());
         // SAFETY: as for `MiMalloc::alloc_zeroed`; the heap lives for the process.
         unsafe {
-            if inside_long_lived() {
-                mi::mi_heap_zalloc_aligned(long_lived_heap(), size, align).cast()
-            } else {
-                mi::mi_zalloc_aligned(size, align).cast()
+            match (inside_long_lived(), plain(size, align)) {
+                (true, true) => mi::mi_heap_zalloc(long_lived_heap(), size),
+                (true, false) => mi::mi_heap_zalloc_aligned(long_lived_heap(), size, align),
+                (false, true) => mi::mi_zalloc(size),
+                (false, false) => mi::mi_zalloc_aligned(size, align),
             }
+            .cast()
         }
     }
 
@@ -124,13 +141,18 @@ unsafe impl GlobalAlloc for RelayAlloc {
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let align = layout.align();
+        let ptr = ptr.cast();
         // SAFETY: as for `MiMalloc::realloc`; the heap lives for the process.
         unsafe {
-            if inside_long_lived() {
-                mi::mi_heap_realloc_aligned(long_lived_heap(), ptr.cast(), new_size, align).cast()
-            } else {
-                mi::mi_realloc_aligned(ptr.cast(), new_size, align).cast()
+            match (inside_long_lived(), plain(new_size, align)) {
+                (true, true) => mi::mi_heap_realloc(long_lived_heap(), ptr, new_size),
+                (true, false) => {
+                    mi::mi_heap_realloc_aligned(long_lived_heap(), ptr, new_size, align)
+                }
+                (false, true) => mi::mi_realloc(ptr, new_size),
+                (false, false) => mi::mi_realloc_aligned(ptr, new_size, align),
             }
+            .cast()
         }
     }
 }
@@ -177,6 +199,56 @@ mod tests {
     fn heap_of(p: *mut u8) -> *mut mi::mi_heap_t {
         // SAFETY: `p` is a live mimalloc block.
         unsafe { mi_heap_of(p.cast()) }
+    }
+
+    #[test]
+    #[allow(unsafe_code)]
+    fn a_block_takes_its_own_size_class_and_keeps_its_alignment() {
+        // Sizes whose class is not a power of two: the aligned path put each in the next class.
+        for size in [48, 80, 96, 112, 160, 192, 224, 320, 448] {
+            for align in [8, 16] {
+                let layout = Layout::from_size_align(size, align).expect("layout");
+                // SAFETY: each block is freed once, with its layout.
+                unsafe {
+                    let blocks: Vec<*mut u8> = (0..64)
+                        .flat_map(|_| {
+                            [
+                                RelayAlloc.alloc(layout),
+                                long_lived(|| RelayAlloc.alloc(layout)),
+                            ]
+                        })
+                        .collect();
+                    for &p in &blocks {
+                        assert_eq!(p as usize % MI_MAX_ALIGN, 0, "{size} B, align {align}");
+                        assert_eq!(
+                            mi::mi_usable_size(p.cast()),
+                            mi::mi_good_size(size),
+                            "{size} B, align {align}: a block of its own class"
+                        );
+                    }
+                    let grown = RelayAlloc.realloc(blocks[0], layout, size + 100);
+                    assert_eq!(grown as usize % MI_MAX_ALIGN, 0);
+                    assert_eq!(
+                        mi::mi_usable_size(grown.cast()),
+                        mi::mi_good_size(size + 100)
+                    );
+                    RelayAlloc.dealloc(grown, layout);
+                    for &p in &blocks[1..] {
+                        RelayAlloc.dealloc(p, layout);
+                    }
+                }
+            }
+        }
+        // Over-aligned layouts still get their alignment.
+        for align in [32, 64, 4096] {
+            let layout = Layout::from_size_align(200, align).expect("layout");
+            // SAFETY: freed once, with its layout.
+            unsafe {
+                let p = RelayAlloc.alloc(layout);
+                assert_eq!(p as usize % align, 0);
+                RelayAlloc.dealloc(p, layout);
+            }
+        }
     }
 
     #[test]
