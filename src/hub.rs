@@ -99,8 +99,6 @@ const DRAIN_PUSHES: usize = 16 * 1024;
 /// What one direct write (a `send` to an idle member's socket, `Outbox::push_or_write`) counts
 /// against `DRAIN_PUSHES`: a system call costs about as much as this many queue pushes.
 const DIRECT_WRITE_COST: usize = 16;
-/// A drained delivery queue keeps at most this capacity.
-const QUEUE_KEEP: usize = 16;
 /// Channel messages kept while a room waits for its snapshot; past it they are dropped (the
 /// snapshot and the next gap fill bring them back).
 const REMOTE_BUFFER_MAX: usize = 4 * DELIVERY_QUEUE_MAX;
@@ -1521,9 +1519,10 @@ fn next_queued(room: &Room) -> Option<Queued> {
     let next = st.queue.pop_front();
     if next.is_none() {
         st.delivering = false;
-        if st.queue.capacity() > QUEUE_KEEP {
-            st.queue = VecDeque::new();
-        }
+        // A drained queue gives its buffer back (384 B): over six nodes and 1,000 rooms the
+        // buffers an idle relay kept were ~23 B per connection. A busy room pays one allocation
+        // per delivery round, beside the frame's own.
+        st.queue = VecDeque::new();
     }
     next
 }
@@ -1963,6 +1962,31 @@ pub(crate) mod tests {
             .publish_now(&room, &sender("a", 1), &message("hi", None))
             .unwrap();
         assert!(room.lock().snapshot.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_room_with_nothing_to_deliver_keeps_no_queue_buffer() {
+        let hub = hub(10);
+        let broker = MemoryBroker::new(hub.clone());
+        let members: Vec<_> = (0..3).map(|_| member(&hub, "r", "n")).collect();
+        let room = members[0].1.room().clone();
+        // The joins' presence events went through the queue, and so does a message.
+        assert!(events(&members[0].0)
+            .iter()
+            .any(|e| e["type"] == "presence"));
+        assert_eq!(room.lock().queue.capacity(), 0);
+        let _ = events(&members[1].0);
+        broker
+            .publish_now(&room, &sender("a", 1), &message("hi", None))
+            .unwrap();
+        assert_eq!(events(&members[1].0)[0]["type"], "message");
+        let st = room.lock();
+        assert!(!st.delivering);
+        assert_eq!(
+            st.queue.capacity(),
+            0,
+            "a drained queue gives its buffer back"
+        );
     }
 
     #[tokio::test]
