@@ -520,7 +520,7 @@ async fn metrics_upkeep(relay: Arc<Relay>, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = interval.tick() => handle.run_upkeep(),
+            _ = interval.tick() => crate::metrics::upkeep(&handle),
         }
     }
 }
