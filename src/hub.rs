@@ -1947,16 +1947,23 @@ pub(crate) mod tests {
         assert!(outboxes.iter().all(|o| Arc::strong_count(o) == 1));
     }
 
+    /// Three members of room "r"; the first has heard of the others' joins (presence goes to
+    /// every member, through the room's queue).
+    fn three_announced(hub: &Arc<Hub>) -> (Vec<(Arc<Outbox>, Membership)>, Arc<Room>) {
+        let members: Vec<_> = (0..3).map(|_| member(hub, "r", "n")).collect();
+        let room = members[0].1.room().clone();
+        assert!(events(&members[0].0)
+            .iter()
+            .any(|e| e["type"] == "presence"));
+        (members, room)
+    }
+
     #[tokio::test]
     async fn only_a_room_that_publishes_keeps_a_member_snapshot() {
         let hub = hub(10);
         let broker = MemoryBroker::new(hub.clone());
-        let members: Vec<_> = (0..3).map(|_| member(&hub, "r", "n")).collect();
-        let room = members[0].1.room().clone();
-        // The joins were announced (presence goes to every member) without keeping a snapshot.
-        assert!(events(&members[0].0)
-            .iter()
-            .any(|e| e["type"] == "presence"));
+        // The joins were announced without keeping a snapshot.
+        let (_members, room) = three_announced(&hub);
         assert!(room.lock().snapshot.is_none());
         broker
             .publish_now(&room, &sender("a", 1), &message("hi", None))
@@ -1968,12 +1975,8 @@ pub(crate) mod tests {
     async fn a_room_with_nothing_to_deliver_keeps_no_queue_buffer() {
         let hub = hub(10);
         let broker = MemoryBroker::new(hub.clone());
-        let members: Vec<_> = (0..3).map(|_| member(&hub, "r", "n")).collect();
-        let room = members[0].1.room().clone();
         // The joins' presence events went through the queue, and so does a message.
-        assert!(events(&members[0].0)
-            .iter()
-            .any(|e| e["type"] == "presence"));
+        let (members, room) = three_announced(&hub);
         assert_eq!(room.lock().queue.capacity(), 0);
         let _ = events(&members[1].0);
         broker
