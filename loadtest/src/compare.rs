@@ -71,6 +71,7 @@ fn preset(size: &str) -> anyhow::Result<Preset> {
         frame_bytes: 200,
         batch: 4,
         warm_up_frames: 20,
+        stride: 1,
     };
     Ok(Preset {
         idle: IdleArgs {

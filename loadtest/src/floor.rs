@@ -70,6 +70,11 @@ pub struct FloorArgs {
     /// past its first sends and its receiver's quick-ACK start, as a relay's connections are.
     #[arg(long, default_value_t = 20)]
     pub warm_up_frames: usize,
+    /// Order the sockets are written in: 1 writes them in the order they were opened; N visits
+    /// every Nth first (0, N, 2N, ..., then 1, N+1, ...), the order in which a relay delivering
+    /// room by room reaches its members when `fanout` opened them round robin over N rooms.
+    #[arg(long, default_value_t = 1)]
+    pub stride: usize,
 }
 
 /// (internal) The receiving process: where to connect, how many sockets, and how long it may
@@ -264,6 +269,7 @@ fn run_mode(
     rx: &mut Receiver,
 ) -> anyhow::Result<FloorResult> {
     let (reader_cpu0, read0) = rx.mark("mark")?;
+    let order = visiting_order(senders.len(), a.stride);
     let sender = move || -> (u64, u64, u64, f64, u64) {
         let frame = server_frame(a.frame_bytes);
         let slices: Vec<IoSlice<'_>> = (0..batch).map(|_| IoSlice::new(&frame)).collect();
@@ -276,9 +282,8 @@ fn run_mode(
         while sent < total && t0.elapsed() < hard_stop {
             let due = ((t0.elapsed().as_secs_f64() * a.rate) as u64).min(total);
             while sent + batch as u64 <= due {
-                let count = senders.len();
-                let s = &mut senders[next];
-                next = (next + 1) % count;
+                let s = &mut senders[order[next]];
+                next = (next + 1) % order.len();
                 let ok = if batch == 1 {
                     s.write_all(&frame).is_ok()
                 } else {
@@ -326,6 +331,14 @@ fn run_mode(
         bytes_sent,
         bytes_read: read1 - read0,
     })
+}
+
+/// The order `run_mode` writes `n` sockets in: every `stride`th from 0, then from 1, and so on.
+fn visiting_order(n: usize, stride: usize) -> Vec<usize> {
+    let stride = stride.clamp(1, n.max(1));
+    (0..stride)
+        .flat_map(|start| (start..n).step_by(stride))
+        .collect()
 }
 
 fn write_all_vectored(s: &mut TcpStream, slices: &[IoSlice<'_>], total: usize) -> bool {
@@ -384,6 +397,7 @@ pub fn floor(a: &FloorArgs) -> anyhow::Result<Report> {
         "warm-up frames per socket",
         a.warm_up_frames as u64,
     );
+    r.int("stride", "visiting order: stride", a.stride as u64);
     r.num("rate_frames_per_s", "frames/s offered", a.rate);
     r.int(
         "frame_bytes",
@@ -582,4 +596,21 @@ pub fn receiver_main(a: &ReceiverArgs) -> anyhow::Result<()> {
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::visiting_order;
+
+    #[test]
+    fn the_visiting_order_takes_every_socket_once_stride_by_stride() {
+        assert_eq!(visiting_order(5, 1), [0, 1, 2, 3, 4]);
+        assert_eq!(visiting_order(7, 3), [0, 3, 6, 1, 4, 2, 5]);
+        // A stride past the count is the plain order.
+        assert_eq!(visiting_order(3, 10), [0, 1, 2]);
+        let mut all = visiting_order(10_000, 100);
+        assert_eq!(all[..3], [0, 100, 200]);
+        all.sort_unstable();
+        assert_eq!(all, (0..10_000).collect::<Vec<_>>());
+    }
 }
