@@ -1364,7 +1364,11 @@ impl Hub {
         let mut delivered = 0u64;
         let mut written = 0usize;
         let mut slow = 0u64;
-        for outbox in to {
+        for (i, outbox) in to.iter().enumerate() {
+            if let Some(next) = to.get(i + 1) {
+                // Each `send` takes microseconds: time enough for the next outbox to arrive.
+                next.prefetch();
+            }
             let pushed = if wake {
                 outbox.push_or_write(frame, max)
             } else {
