@@ -6,6 +6,7 @@
 //! (`increment(recipients)`), never once per recipient. Labels are bounded enums: close codes and
 //! reasons, never room or user ids.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram};
@@ -310,7 +311,7 @@ pub struct Metrics {
     pub slow_consumer_closes: Counter,
     pub rooms: Gauge,
     pub publish_recipients: Histogram,
-    pub publish_to_write_seconds: Histogram,
+    pub publish_to_write_seconds: Arc<LatencyHistogram>,
     pub outbox_queued_bytes: Gauge,
     dialects: Arc<[PerDialect; Dialect::ALL.len()]>,
     auth_failures: Arc<[Counter; AuthFailure::ALL.len()]>,
@@ -369,7 +370,7 @@ impl Metrics {
             slow_consumer_closes: metrics::counter!(SLOW_CONSUMER_CLOSES),
             rooms: metrics::gauge!(ROOMS),
             publish_recipients: metrics::histogram!(PUBLISH_RECIPIENTS),
-            publish_to_write_seconds: metrics::histogram!(PUBLISH_TO_WRITE_SECONDS),
+            publish_to_write_seconds: Arc::new(LatencyHistogram::default()),
             outbox_queued_bytes: metrics::gauge!(OUTBOX_QUEUED_BYTES),
             dialects: Arc::new(Dialect::ALL.map(|d| PerDialect {
                 connections: metrics::gauge!(DIALECT_CONNECTIONS, "dialect" => d.label()),
@@ -573,14 +574,78 @@ fn describe() {
         PUBLISH_RECIPIENTS,
         "Members on this relay whose queue took each published message."
     );
-    describe_histogram!(
-        PUBLISH_TO_WRITE_SECONDS,
-        "Time from a frame being queued to the write that sent it (oldest frame of each write; 0 for a frame written at once to an idle connection)."
-    );
     describe_gauge!(
         OUTBOX_QUEUED_BYTES,
         "Outbound bytes queued and not yet written, across all connections, each frame charged its length plus a fixed per-frame overhead."
     );
+}
+
+/// Upper bounds of `roomcast_publish_to_write_seconds`' buckets, in seconds.
+const PUBLISH_TO_WRITE_BUCKETS: [f64; 13] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+/// `roomcast_publish_to_write_seconds`, kept in fixed buckets of atomic counts rather than by
+/// the exporter. The exporter keeps every sample (16 B, with a timestamp read per sample) until
+/// its upkeep folds them into buckets once a second, and a fan-out records one sample per
+/// member it wrote to at once: at 100,000 deliveries/s that was 1.6 MB of samples a second and
+/// ~0.5 % of the relay's CPU. Here a fan-out's `record_many(0.0, n)` is two additions, and the
+/// histogram's memory is fixed. The relay appends it to `/metrics` (`render`).
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Observations per bucket (not cumulative); the last counts those above every bound. Their
+    /// total is the count: `+Inf` and `_count` cannot disagree in a scrape.
+    buckets: [AtomicU64; PUBLISH_TO_WRITE_BUCKETS.len() + 1],
+    /// The observations' sum, in nanoseconds.
+    sum_nanos: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// One observation of `seconds`.
+    pub fn record(&self, seconds: f64) {
+        self.record_many(seconds, 1);
+    }
+
+    /// `count` observations of `seconds`.
+    pub fn record_many(&self, seconds: f64, count: usize) {
+        if count == 0 {
+            return;
+        }
+        let count = count as u64;
+        let bucket = PUBLISH_TO_WRITE_BUCKETS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(PUBLISH_TO_WRITE_BUCKETS.len());
+        self.buckets[bucket].fetch_add(count, Ordering::Relaxed);
+        // `as` saturates: a negative or NaN latency adds nothing, an absurd one at most u64::MAX.
+        let nanos = (seconds.max(0.0) * 1e9) as u64;
+        if nanos > 0 {
+            self.sum_nanos
+                .fetch_add(nanos.saturating_mul(count), Ordering::Relaxed);
+        }
+    }
+
+    /// The histogram in the Prometheus text format, as the exporter writes its own.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let name = PUBLISH_TO_WRITE_SECONDS;
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time from a frame being queued to the write that sent it (oldest frame \
+             of each write; 0 for a frame written at once to an idle connection).\n\
+             # TYPE {name} histogram"
+        );
+        let mut cumulative = 0;
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let le = PUBLISH_TO_WRITE_BUCKETS
+                .get(i)
+                .map_or_else(|| "+Inf".to_owned(), f64::to_string);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
+    }
 }
 
 /// Install the Prometheus recorder for this process and return the handle that renders it.
@@ -601,13 +666,6 @@ pub fn install_recorder() -> Result<PrometheusHandle, metrics_exporter_prometheu
                 1.0, 2.0,
             ],
         )?
-        .set_buckets_for_metric(
-            Matcher::Full(PUBLISH_TO_WRITE_SECONDS.to_string()),
-            &[
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                1.0,
-            ],
-        )?
         .install_recorder()
 }
 
@@ -625,9 +683,11 @@ const RELEASE_STEPS: usize = 8;
 /// The exporter keeps each histogram sample (16 B, in blocks of 64: a 1,280-B allocation) until
 /// the upkeep, then hands the drained blocks to crossbeam's epoch-based collector, which frees
 /// them only once its global epoch has advanced twice, a step per so many pins. An idle relay
-/// pins rarely, so the blocks a join burst filled (a latency sample per presence delivery)
-/// stayed resident for tens of seconds: ~125 B per connection at the idle point after 15,000
-/// joined. A few pins and flushes here let the collector run them now.
+/// pins rarely, so drained blocks stayed resident for tens of seconds: when the exporter still
+/// kept `roomcast_publish_to_write_seconds` (a sample per presence delivery of a join burst),
+/// ~125 B per connection at the idle point after 15,000 joined. The exporter's histograms left
+/// (Redis round trips, publish recipients) take a sample per publish; a few pins and flushes
+/// here let the collector free their blocks now.
 fn release_drained_samples() {
     for _ in 0..RELEASE_STEPS {
         crossbeam_epoch::pin().flush();
@@ -711,4 +771,52 @@ pub fn render_process_metrics(out: &mut String) {
         "Start time of the process since unix epoch in seconds.",
         start,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LatencyHistogram;
+
+    /// The rendered series, `(name with labels, value)`, in order.
+    fn series(h: &LatencyHistogram) -> Vec<(String, f64)> {
+        let mut out = String::new();
+        h.render(&mut out);
+        out.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| {
+                let (name, value) = l.rsplit_once(' ').expect("name value");
+                (name.to_owned(), value.parse().expect("a number"))
+            })
+            .collect()
+    }
+
+    fn get(s: &[(String, f64)], name: &str) -> f64 {
+        s.iter().find(|(n, _)| n == name).expect(name).1
+    }
+
+    #[test]
+    fn the_latency_histogram_renders_cumulative_buckets_its_sum_and_count() {
+        let h = LatencyHistogram::default();
+        h.record_many(0.0, 100); // a fan-out's direct writes
+        h.record(0.002); // a queued write, 2 ms
+        h.record(3.0); // above every bound
+        h.record_many(0.5, 0); // nothing
+        h.record(f64::NAN); // counted above every bound, adds nothing to the sum
+        let s = series(&h);
+        let name = super::PUBLISH_TO_WRITE_SECONDS;
+        assert_eq!(get(&s, &format!("{name}_bucket{{le=\"0.0001\"}}")), 100.0);
+        assert_eq!(get(&s, &format!("{name}_bucket{{le=\"0.001\"}}")), 100.0);
+        assert_eq!(get(&s, &format!("{name}_bucket{{le=\"0.0025\"}}")), 101.0);
+        assert_eq!(get(&s, &format!("{name}_bucket{{le=\"1\"}}")), 101.0);
+        assert_eq!(get(&s, &format!("{name}_bucket{{le=\"+Inf\"}}")), 103.0);
+        assert_eq!(get(&s, &format!("{name}_count")), 103.0);
+        assert!((get(&s, &format!("{name}_sum")) - 3.002).abs() < 1e-9);
+        let buckets: Vec<f64> = s
+            .iter()
+            .filter(|(n, _)| n.contains("_bucket"))
+            .map(|(_, v)| *v)
+            .collect();
+        assert_eq!(buckets.len(), 14);
+        assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
+    }
 }

@@ -431,6 +431,7 @@ impl Relay {
             .as_ref()
             .map(|h| h.render())
             .unwrap_or_default();
+        self.metrics.publish_to_write_seconds.render(&mut out);
         let mut cache = self
             .process_metrics
             .lock()
