@@ -589,7 +589,7 @@ const PUBLISH_TO_WRITE_BUCKETS: [f64; 13] = [
 /// the exporter. The exporter keeps every sample (16 B, with a timestamp read per sample) until
 /// its upkeep folds them into buckets once a second, and a fan-out records one sample per
 /// member it wrote to at once: at 100,000 deliveries/s that was 1.6 MB of samples a second and
-/// ~0.5 % of the relay's CPU. Here a fan-out's `record_many(0.0, n)` is two additions, and the
+/// ~0.5 % of the relay's CPU. Here a fan-out's `record_many(0.0, n)` is one addition, and the
 /// histogram's memory is fixed. The relay appends it to `/metrics` (`render`).
 #[derive(Debug, Default)]
 pub struct LatencyHistogram {
